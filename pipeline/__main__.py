@@ -1,0 +1,125 @@
+"""`python -m pipeline <verb>` (also installed as `anytime-pipeline`).
+
+    prepare fashion-mnist --out data/fashion-mnist     real JPEGs in the ImageNet folder layout
+    train --config configs/demo_fmnist_resnet_ann.yaml train.epochs=3 loss.scheme=sieve
+    describe --model resnet_ann_cifar20 --scheme sieve [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("prepare", help="convert a small real data set to the ImageNet layout")
+    p.add_argument("dataset", choices=["fashion-mnist", "digits"])
+    p.add_argument("--out", required=True, type=Path, help="folder to create")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images per split")
+
+    p = verbs.add_parser("train", help="train (or resume, with resume=auto) a run")
+    p.add_argument("--config", required=True, help="YAML file, e.g. configs/demo_*.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides: train.epochs=3 ...")
+
+    p = verbs.add_parser("describe", help="table of a model's exits: cost, parameters, weights")
+    p.add_argument("--config", help="YAML run config (its model, data and loss sections)")
+    p.add_argument("--model", help="registered model name, e.g. resnet_ann_cifar20")
+    p.add_argument("--scheme", help="loss-weight scheme, e.g. sieve")
+    p.add_argument("--image-size", type=int, help="input height = width")
+    p.add_argument("--num-classes", type=int, help="classes (default: config, or 1000)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout)
+    try:
+        if args.verb == "prepare":
+            return prepare(args)
+        if args.verb == "train":
+            return train(args)
+        if args.verb == "describe":
+            return describe(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def prepare(args: argparse.Namespace) -> int:
+    from pipeline.data.prepare import prepare_digits, prepare_fashion_mnist
+
+    if args.dataset == "fashion-mnist":
+        summary = prepare_fashion_mnist(args.out, limit=args.limit)
+    else:
+        summary = prepare_digits(args.out)
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before the heavy imports: fail fast
+    from pipeline.train.trainer import train as run_training
+
+    run_training(cfg)
+    return 0
+
+
+def describe(args: argparse.Namespace) -> int:
+    import timm
+
+    import pipeline.models  # noqa: F401  (registers the models)
+    from pipeline.anytime.weights import static_weights
+    from pipeline.config import load_config
+    from pipeline.models import exit_costs
+    from pipeline.report import format_table
+    from pipeline.train.trainer import create_anytime_model
+
+    if not args.config and not args.model:
+        raise UserError("describe needs --config FILE or --model NAME")
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model.name={args.model}")
+    if args.scheme:
+        overrides.append(f"loss.scheme={args.scheme}")
+    if args.image_size:
+        overrides.append(f"data.image_size={args.image_size}")
+    cfg = load_config(args.config, overrides)
+    num_classes = args.num_classes or cfg.model.num_classes or 1000
+    model = create_anytime_model(cfg, num_classes)
+    if not hasattr(model, "num_exits"):
+        anytime = timm.list_models("*ann*") + timm.list_models("msdnet*")
+        raise UserError(f"{cfg.model.name} is a timm model but not an anytime network; "
+                        f"anytime models: {', '.join(anytime)}")
+    weights = static_weights(cfg.loss.scheme, model.num_exits, cfg.loss.opt_exit)
+    costs = exit_costs(model, (3, cfg.data.image_size, cfg.data.image_size))
+    rows = [{**c.to_dict(), "weight": w} for c, w in zip(costs, weights)]
+    if args.json:
+        print(json.dumps({"model": cfg.model.name, "image_size": cfg.data.image_size,
+                          "num_classes": num_classes, "scheme": cfg.loss.scheme,
+                          "total_params": sum(p.numel() for p in model.parameters()),
+                          "exits": rows}, indent=1))
+        return 0
+    table = [{"exit": r["index"], "position": r["position"], "MMACs": r["macs"] / 1e6,
+              "MMACs (own head)": r["macs_own_head"] / 1e6, "params": r["params"],
+              "weight": r["weight"]} for r in rows]
+    print(f"{cfg.model.name} at {cfg.data.image_size}x{cfg.data.image_size}, {num_classes} "
+          f"classes, {cfg.loss.scheme} weights. MACs are cumulative, every earlier head "
+          f"included; 'own head' counts only this exit's head.")
+    print(format_table(table, list(table[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

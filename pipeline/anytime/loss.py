@@ -1,0 +1,146 @@
+"""The anytime training loss: a weighted sum of every exit's cross-entropy (SPEC section 2).
+
+Adds the two dynamic parts on top of the static schemes in ``weights.py``: ALTERNATING (one extra
+randomly drawn exit per training call) and ADALOSS (weights from a moving average of the losses).
+Everything the next call depends on (weights, averages, step count, the draw generator) is in
+``state_dict()`` so a resumed run continues exactly as an uninterrupted one.
+
+The forward pass never moves a value from the accelerator to the host, so it adds no sync point
+to the training step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.anytime.weights import check_scheme, static_weights
+from pipeline.errors import UserError
+
+
+class AnytimeLoss(nn.Module):
+    """total = sum_i B_i * CE(logits_i, target), plus the ALTERNATING and ADALOSS extensions."""
+
+    def __init__(
+        self,
+        num_exits: int,
+        scheme: str = "sieve",
+        *,
+        opt_exit: int = 0,
+        alternating: bool = False,
+        seed: int = 0,
+        adaloss_update_every: int = 100,
+        adaloss_momentum: float = 0.9,
+        adaloss_gamma: float = 0.07,
+        adaloss_final_boost: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_scheme(scheme)
+        if adaloss_update_every < 1:
+            raise UserError(f"adaloss_update_every must be >= 1, got {adaloss_update_every}")
+        if not 0.0 <= adaloss_momentum < 1.0:
+            raise UserError(f"adaloss_momentum must be in [0, 1), got {adaloss_momentum}")
+        if not 0.0 <= adaloss_gamma <= 1.0:
+            raise UserError(f"adaloss_gamma must be in [0, 1], got {adaloss_gamma}")
+        if adaloss_final_boost < 0.0:
+            raise UserError(f"adaloss_final_boost must be >= 0, got {adaloss_final_boost}")
+        self.num_exits = num_exits
+        self.scheme = scheme
+        self.opt_exit = opt_exit
+        self.alternating = alternating
+        self.seed = seed
+        self.update_every = adaloss_update_every
+        self.momentum = adaloss_momentum
+        self.gamma = adaloss_gamma
+        self.final_boost = adaloss_final_boost
+
+        init = static_weights(scheme, num_exits, opt_exit)
+        self.register_buffer("loss_weights", torch.tensor(init, dtype=torch.float32))
+        self.register_buffer("loss_ema", torch.zeros(num_exits, dtype=torch.float32))
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64))
+        # A private CPU generator: draws must not depend on (or disturb) the global RNG, which the
+        # model and data pipeline also consume, so that they replay exactly after a resume.
+        self._generator = torch.Generator().manual_seed(seed)
+        # The exit drawn by the last ALTERNATING call (0-based, on the weights' device), for logs.
+        self.last_drawn: Tensor | None = None
+
+    @property
+    def weights(self) -> list[float]:
+        """The current B_1..B_L (final exit last)."""
+        return [float(b) for b in self.loss_weights.tolist()]
+
+    def forward(self, logits: list[Tensor], target: Tensor) -> tuple[Tensor, Tensor]:
+        """Return (total loss, detached float32 per-exit losses of shape [L])."""
+        if len(logits) != self.num_exits:
+            raise ValueError(f"expected {self.num_exits} exit logits, got {len(logits)}")
+        # float32 CE: bf16 logits under autocast lose too much precision in log-softmax.
+        losses = torch.stack([F.cross_entropy(y.float(), target) for y in logits])
+        # Clone: the buffer is updated in place below, and autograd saved it for the backward.
+        w = self.loss_weights.clone()
+        # Multiply even zero weights so every head stays in the graph (DDP unused-parameter check).
+        total = (w * losses).sum()
+        if self.training:
+            if self.alternating:
+                j = self._draw(w)
+                self.last_drawn = j
+                total = total + w[-1] * losses[j]
+            self._step(losses.detach())
+        return total, losses.detach()
+
+    def _draw(self, w: Tensor) -> Tensor:
+        # u comes from the CPU generator and the comparison runs on the weights' device, so the
+        # draw needs no device-to-host copy. P(j) = w_j / sum(w); zero weights are never drawn.
+        u = torch.rand((), generator=self._generator, dtype=torch.float64).item()
+        cdf = torch.cumsum(w, 0)
+        j = (cdf <= u * cdf[-1]).sum()
+        return j.clamp(max=self.num_exits - 1)
+
+    @torch.no_grad()
+    def _step(self, losses: Tensor) -> None:
+        if self.scheme == "adaloss":
+            if dist.is_available() and dist.is_initialized():
+                # Same averages on every rank, hence the same weights and the same gradients.
+                losses = losses.clone()
+                dist.all_reduce(losses)
+                losses /= dist.get_world_size()
+            first = self.num_steps == 0
+            ema = self.momentum * self.loss_ema + (1.0 - self.momentum) * losses
+            self.loss_ema.copy_(torch.where(first, losses, ema))
+            due = (self.num_steps + 1) % self.update_every == 0
+            self.loss_weights.copy_(torch.where(due, self._adaloss_weights(), self.loss_weights))
+        self.num_steps += 1
+
+    def _adaloss_weights(self) -> Tensor:
+        # A memorised exit can average a loss of exactly 0; 1/0 would turn every weight into NaN.
+        w = 1.0 / self.loss_ema.clamp_min(1e-12)
+        w = w / w.max()
+        if self.final_boost > 0:
+            w[-1] += self.final_boost
+            w = w / w.max()
+        return (1.0 - self.gamma) * w + self.gamma
+
+    def get_extra_state(self) -> dict[str, Any]:
+        # Only tensors and plain types, so checkpoints load with torch.load(weights_only=True).
+        return {
+            "generator": self._generator.get_state(),
+            "scheme": self.scheme,
+            "num_exits": self.num_exits,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("scheme") != self.scheme or state.get("num_exits") != self.num_exits:
+            # The checkpoint's weights would silently override the configured scheme.
+            raise UserError(
+                f"checkpoint loss was trained with scheme {state.get('scheme')!r} and "
+                f"{state.get('num_exits')} exits, but this run uses {self.scheme!r} and "
+                f"{self.num_exits} exits; resume with the original loss settings"
+            )
+        # map_location may have moved it to an accelerator; the generator lives on the CPU.
+        self._generator.set_state(state["generator"].to("cpu", torch.uint8))
+
+    def extra_repr(self) -> str:
+        return f"num_exits={self.num_exits}, scheme={self.scheme!r}, alternating={self.alternating}"

@@ -1,0 +1,45 @@
+"""Who am I in the job: rank, local rank and world size from the launcher's environment.
+
+torchrun (and Ray Train, which sets the same variables) give RANK/LOCAL_RANK/WORLD_SIZE and
+MASTER_ADDR/PORT; SLURM's srun gives SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group when the launcher started several processes; else a single one."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        info = DistInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
+    elif "SLURM_PROCID" in env and "MASTER_ADDR" in env:
+        info = DistInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
+                        int(env["SLURM_NTASKS"]))
+    else:
+        return DistInfo()
+    if info.world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)
+    return info
+
+
+def close_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,239 @@
+"""The training loop. Reads top to bottom: set up, maybe resume, then epochs of train + validate +
+checkpoint, then the per-exit results.
+
+    results = train(load_config("configs/demo_fmnist_resnet_ann.yaml"))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import timm
+import torch
+import yaml
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch.nn.parallel import DistributedDataParallel
+
+import pipeline.models  # noqa: F401  (registers the anytime models with timm)
+from pipeline.anytime.loss import AnytimeLoss
+from pipeline.anytime.metrics import ExitErrors
+from pipeline.config import Config
+from pipeline.data import build_loader
+from pipeline.errors import UserError
+from pipeline.models import exit_costs
+from pipeline.report import format_table, plot_anytime_curve
+from pipeline.storage.checkpoints import CheckpointStore
+from pipeline.train.distributed import DistInfo, close_distributed, init_distributed
+from pipeline.train.progress import MetricsWriter, Progress, format_duration
+from pipeline.train.state import capture_rng, restore_rng, seed_everything
+
+log = logging.getLogger("pipeline.train")
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Train `cfg` to the end (or continue it, with resume=auto); returns the final results."""
+    started = time.perf_counter()
+    device = pick_device(cfg.train.device)
+    dist_info = init_distributed(device)
+    seed_everything(cfg.seed + dist_info.rank)
+
+    store = CheckpointStore(cfg.checkpoint_url, keep_last=cfg.checkpoint.keep_last)
+    resume_from = check_run_folder(cfg, store)
+    if dist_info.is_main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    train_loader = build_loader(cfg.data, "train", train=True, rank=dist_info.rank,
+                                world_size=dist_info.world_size, seed=cfg.seed)
+    val_loader = build_loader(cfg.data, "val", train=False, rank=dist_info.rank,
+                              world_size=dist_info.world_size, seed=cfg.seed)
+    num_classes = cfg.model.num_classes or len(train_loader.classes)
+
+    model = create_anytime_model(cfg, num_classes).to(device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    criterion = AnytimeLoss(
+        model.num_exits, cfg.loss.scheme, opt_exit=cfg.loss.opt_exit,
+        alternating=cfg.loss.alternating, seed=cfg.seed,
+        adaloss_update_every=cfg.loss.adaloss_update_every,
+        adaloss_momentum=cfg.loss.adaloss_momentum, adaloss_gamma=cfg.loss.adaloss_gamma,
+        adaloss_final_boost=cfg.loss.adaloss_final_boost,
+    ).to(device)
+
+    global_batch = cfg.data.batch_size * dist_info.world_size
+    optimizer = create_optimizer_v2(
+        model, opt=cfg.optim.name, lr=cfg.optim.lr * global_batch / 256,
+        weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
+    )
+    steps_per_epoch = len(train_loader)
+    if cfg.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.schedule.name, num_epochs=cfg.train.epochs,
+        decay_milestones=cfg.schedule.decay_epochs, decay_rate=cfg.schedule.decay_rate,
+        warmup_epochs=cfg.schedule.warmup_epochs, warmup_lr=cfg.schedule.warmup_lr,
+        min_lr=cfg.schedule.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+
+    epoch, step = 0, 0
+    if resume_from is not None:
+        state = store.load(resume_from)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        criterion.load_state_dict(state["loss"])
+        restore_rng(state["rng"])
+        epoch, step = state["epoch"], state["step"]
+        log.info("resumed from %s/%s at epoch %d, step %d", store.url, resume_from.name,
+                 epoch, step)
+
+    ddp_model = model
+    if dist_info.world_size > 1:
+        ddp_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = amp_context(device, cfg.train.amp)
+    metrics = MetricsWriter(cfg.run_dir, enabled=dist_info.is_main)
+    progress = Progress(cfg.train.epochs * steps_per_epoch, step, cfg.train.log_every,
+                        enabled=dist_info.is_main)
+    log.info("training %s (%d exits, %s loss%s) on %s: %d epochs x %d steps, batch %d x %d",
+             cfg.model.name, model.num_exits, cfg.loss.scheme,
+             " + alternating" if cfg.loss.alternating else "", device, cfg.train.epochs,
+             steps_per_epoch, cfg.data.batch_size, dist_info.world_size)
+
+    val_errors = None
+    while epoch < cfg.train.epochs:
+        model.train()
+        criterion.train()
+        train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
+        for images, labels in train_loader:
+            if step >= (epoch + 1) * steps_per_epoch:
+                break
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            labels = labels.to(device, non_blocking=True)
+            with autocast:
+                logits = ddp_model(images)
+            loss, exit_losses = criterion(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.optim.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            scheduler.step_update(step)
+            progress.step(step, images.shape[0] * dist_info.world_size, epoch, cfg.train.epochs,
+                          loss=loss.item(), final=exit_losses[-1].item(),
+                          lr=optimizer.param_groups[0]["lr"])
+        epoch += 1
+
+        val_errors = evaluate(model, val_loader, device, memory_format, autocast)
+        metrics.write("val", step, {"epoch": epoch, "top1": val_errors["top1"],
+                                    "top5": val_errors["top5"], "weights": criterion.weights,
+                                    "bad_images": len(train_loader.bad_files)})
+        log.info("epoch %d/%d  val top-1 error per exit: %s", epoch, cfg.train.epochs,
+                 " ".join(f"{e:.2f}" for e in val_errors["top1"]))
+        if dist_info.is_main:
+            store.save(step, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "loss": criterion.state_dict(), "rng": capture_rng(),
+                "epoch": epoch, "step": step,
+            }, meta={"epoch": epoch, "config": cfg.to_dict()})
+
+    if val_errors is None:  # resumed a finished run: report it again
+        val_errors = evaluate(model, val_loader, device, memory_format, autocast)
+    results = report(cfg, model, val_errors, time.perf_counter() - started, dist_info)
+    metrics.close()
+    close_distributed()
+    return results
+
+
+def create_anytime_model(cfg: Config, num_classes: int) -> torch.nn.Module:
+    try:
+        return timm.create_model(cfg.model.name, num_classes=num_classes, **cfg.model.kwargs)
+    except RuntimeError as e:  # timm's "Unknown model (...)"
+        near = timm.list_models(f"*{cfg.model.name.split('_')[0]}*")[:8]
+        raise UserError(f"model.name={cfg.model.name!r}: {e}; anytime models include "
+                        f"{', '.join(near) or ', '.join(timm.list_models('*ann*'))}") from e
+    except TypeError as e:
+        raise UserError(f"model.kwargs {cfg.model.kwargs} do not fit {cfg.model.name}: {e}") from e
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device,
+             memory_format: torch.memory_format, autocast) -> dict[str, list[float]]:
+    model.eval()
+    errors = ExitErrors(model.num_exits, device)
+    loader.set_epoch(0)
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        with autocast:
+            logits = model(images)
+        errors.update(logits, labels.to(device))
+    return errors.compute()
+
+
+def report(cfg: Config, model: torch.nn.Module, val_errors: dict, seconds: float,
+           dist_info: DistInfo) -> dict[str, Any]:
+    """Print the per-exit table, write results.json and the anytime-curve plot."""
+    costs = exit_costs(model, (3, cfg.data.image_size, cfg.data.image_size))
+    rows = [{"exit": c.index, "position": c.position, "MMACs": c.macs / 1e6,
+             "top1_err%": val_errors["top1"][i], "top5_err%": val_errors["top5"][i]}
+            for i, c in enumerate(costs)]
+    results = {"name": cfg.name, "seconds": seconds, "val_samples": val_errors["samples"],
+               "exits": [{**c.to_dict(), "top1_error": val_errors["top1"][i],
+                          "top5_error": val_errors["top5"][i]} for i, c in enumerate(costs)]}
+    if dist_info.is_main:
+        (cfg.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        plot = plot_anytime_curve([c.macs for c in costs],
+                                  {"top-1": val_errors["top1"], "top-5": val_errors["top5"]},
+                                  cfg.run_dir / "anytime_curve.png",
+                                  title=f"{cfg.name}: {cfg.model.name}, {cfg.loss.scheme}")
+        print(f"\nper-exit validation error of {cfg.name} ({val_errors['samples']} images), "
+              f"after {format_duration(seconds)}:")
+        print(format_table(rows, ["exit", "position", "MMACs", "top1_err%", "top5_err%"]))
+        print(f"results: {cfg.run_dir / 'results.json'}  plot: {plot}  "
+              f"checkpoints: {cfg.checkpoint_url}")
+    return results
+
+
+def check_run_folder(cfg: Config, store: CheckpointStore):
+    """The checkpoint to resume from, or None; refuses to mix two runs in one folder."""
+    previous = store.list() or (cfg.run_dir / "metrics.jsonl").exists()
+    if cfg.resume == "never":
+        if previous:
+            raise UserError(f"run folder {cfg.run_dir} already holds a run; pass resume=auto to "
+                            f"continue it, or name=NEW_NAME to start a new one")
+        return None
+    latest = store.latest_valid()
+    if latest is None and previous:
+        log.warning("resume=auto: no valid checkpoint in %s; starting from scratch", store.url)
+    return latest
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=auto "
+                        "or cpu")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def amp_context(device: torch.device, amp: str):
+    if amp == "none":
+        return nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("train.amp=fp16 needs a CUDA GPU; use train.amp=bf16 on the CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)

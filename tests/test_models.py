@@ -1,0 +1,81 @@
+import io
+
+import pytest
+import timm
+import torch
+
+import pipeline.models  # noqa: F401
+from pipeline.models import AnytimeNet, exit_costs
+
+
+def test_registered_with_timm():
+    names = timm.list_models("resnet_ann_cifar*")
+    assert {"resnet_ann_cifar", "resnet_ann_cifar20", "resnet_ann_cifar110"} <= set(names)
+
+
+@pytest.mark.parametrize("depth, exit_every, exits", [(20, 1, 9), (32, 1, 15), (20, 2, 5),
+                                                       (56, 3, 9)])
+def test_exit_layout(depth, exit_every, exits):
+    model = timm.create_model("resnet_ann_cifar", depth=depth, exit_every=exit_every,
+                              num_classes=7)
+    assert isinstance(model, AnytimeNet)
+    assert model.num_exits == exits == len(model.exit_positions)
+    assert model.exit_positions[-1] == f"stage3.unit{(depth - 2) // 6}"  # last unit has an exit
+    out = model(torch.randn(2, 3, 32, 32))
+    assert len(out) == exits and all(o.shape == (2, 7) for o in out)
+
+
+def test_until_stops_early_and_matches_full_forward():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet_ann_cifar20", num_classes=10).eval()
+    x = torch.randn(3, 3, 28, 28)
+    full = model(x)
+    for k in (1, 4, 9):
+        part = model(x, until=k)
+        assert len(part) == k
+        torch.testing.assert_close(part[-1], full[k - 1])
+    with pytest.raises(ValueError, match="until=10"):
+        model(x, until=10)
+
+
+def test_exit_costs_grow_and_match_a_hand_count():
+    model = timm.create_model("resnet_ann_cifar20", num_classes=10, width=16)
+    costs = exit_costs(model, (3, 32, 32))
+    macs = [c.macs for c in costs]
+    assert macs == sorted(macs) and len(set(macs)) == len(macs)
+    # Hand count at 32x32: stem 3x3x3x16 per pixel, each stage-1 conv 3x3x16x16 per pixel,
+    # first exit's head a 16x10 linear layer.
+    stem = 32 * 32 * 27 * 16
+    unit1 = 2 * 32 * 32 * 9 * 16 * 16
+    assert costs[0].macs == stem + unit1 + 16 * 10
+    assert costs[1].macs == stem + 2 * unit1 + 2 * 160
+    assert costs[1].macs_own_head == costs[1].macs - 160
+    assert costs[-1].params == sum(p.numel() for p in model.parameters())
+    assert costs[-1].flops == 2 * costs[-1].macs
+
+
+def test_every_exit_gets_gradients_and_bf16_channels_last_work():
+    model = timm.create_model("resnet_ann_cifar20", num_classes=10)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 28, 28).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    sum(o.float().mean() for o in out).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+
+
+def test_state_dict_round_trip_weights_only():
+    model = timm.create_model("resnet_ann_cifar20", num_classes=10).eval()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    other = timm.create_model("resnet_ann_cifar20", num_classes=10).eval()
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    x = torch.randn(2, 3, 28, 28)
+    torch.testing.assert_close(model(x)[-1], other(x)[-1])
+
+
+def test_bad_depth_is_explained():
+    with pytest.raises(ValueError, match="6n\\+2"):
+        timm.create_model("resnet_ann_cifar", depth=21)
