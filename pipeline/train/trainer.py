@@ -41,6 +41,8 @@ def train(cfg: Config) -> dict[str, Any]:
     started = time.perf_counter()
     device = pick_device(cfg.train.device)
     dist_info = init_distributed(device)
+    if not dist_info.is_main:  # one voice per job: other ranks report only problems
+        logging.getLogger("pipeline").setLevel(logging.WARNING)
     seed_everything(cfg.seed + dist_info.rank)
 
     store = CheckpointStore(cfg.checkpoint_url, keep_last=cfg.checkpoint.keep_last)

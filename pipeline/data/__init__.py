@@ -1,0 +1,36 @@
+"""One loader interface over several back ends; `build_loader` picks one from `data.backend`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline.config import DataConfig
+from pipeline.data.folder import compare_classes, index_split, list_classes
+from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.data.torch import TorchLoader
+
+
+def build_loader(
+    cfg: DataConfig,
+    split: str,
+    *,
+    train: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+) -> TorchLoader:
+    """The loader of root/split for one rank: batches of (float32 NCHW images, int64 labels)."""
+    index = index_split(cfg.root, split)
+    train_dir = index.root / "train"
+    if split != "train" and train_dir.is_dir():
+        # Labels are positions in the sorted class list: a split with other class folders than
+        # train would be scored against the wrong labels without any error.
+        train_classes = list_classes(index.root, "train")
+        compare_classes(train_classes, index.classes, train_dir, index.split_dir)
+    if cfg.backend == "torch":
+        from pipeline.data.torch import TorchLoader
+
+        return TorchLoader(cfg, index, train=train, rank=rank, world_size=world_size, seed=seed)
+    raise UserError(f"data.backend={cfg.backend!r} is not available; use data.backend=torch")

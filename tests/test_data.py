@@ -1,0 +1,349 @@
+"""The folder index, the resumable sampler and the torch loader, on real JPEG files."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pipeline.data.torch as data_torch
+from pipeline.config import DataConfig
+from pipeline.data import build_loader
+from pipeline.data.folder import check_same_classes, index_split
+from pipeline.data.torch import ResumableSampler, TorchLoader
+from pipeline.errors import UserError
+
+
+def small_cfg(root: Path, **kw) -> DataConfig:
+    base = dict(root=str(root), image_size=32, augment="small", batch_size=4, workers=0)
+    return DataConfig(**{**base, **kw})
+
+
+# --- folder index -------------------------------------------------------------------------------
+
+
+def test_index_is_sorted_and_ignores_non_images(image_folder: Path) -> None:
+    (image_folder / "train" / "bee" / "notes.txt").write_text("not an image")
+    (image_folder / "train" / "bee" / "._bee_000.JPEG").write_bytes(b"macOS metadata")
+    Image.new("RGB", (8, 8)).save(image_folder / "train" / "ant" / "extra.png")
+
+    index = index_split(image_folder, "train")
+
+    assert index.classes == ["ant", "bee", "cat"]
+    assert len(index) == 37
+    assert index.samples[0] == ("ant/ant_000.JPEG", 0)
+    assert index.samples[12] == ("ant/extra.png", 0)  # sorted by name within the class
+    assert index.samples[13] == ("bee/bee_000.JPEG", 1)
+    assert index.samples[-1] == ("cat/cat_011.JPEG", 2)
+    assert all(not rel.endswith(".txt") and ".hidden" not in rel for rel, _ in index.samples)
+    assert index.path(0) == image_folder / "train" / "ant" / "ant_000.JPEG"
+
+
+def test_missing_root_suggests_prepare(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as e:
+        index_split(tmp_path / "nope", "train")
+    assert str(tmp_path / "nope") in str(e.value)
+    assert f"python -m pipeline prepare fashion-mnist --out {tmp_path / 'nope'}" in str(e.value)
+
+
+def test_missing_split_names_the_folder(image_folder: Path) -> None:
+    expected = r"split folder .*test does not exist \(found: train, val\)"
+    with pytest.raises(UserError, match=expected):
+        index_split(image_folder, "test")
+
+
+def test_split_without_class_folders(tmp_path: Path) -> None:
+    (tmp_path / "train").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "loose.JPEG")
+    with pytest.raises(UserError, match=r"no class folders \(1 images lie directly in it\)"):
+        index_split(tmp_path, "train")
+
+
+def test_empty_class_folder_is_named(image_folder: Path) -> None:
+    (image_folder / "train" / "dog").mkdir()
+    (image_folder / "train" / "dog" / "readme.txt").write_text("no images here")
+    with pytest.raises(UserError) as e:
+        index_split(image_folder, "train")
+    assert str(image_folder / "train" / "dog") in str(e.value)
+    assert "holds no images" in str(e.value)
+
+
+def test_different_classes_are_named(make_image_folder: Callable[..., Path]) -> None:
+    root = make_image_folder(counts={"train": 1})
+    make_image_folder(classes=("ant", "bee", "dog"), counts={"val": 1})
+    train, val = index_split(root, "train"), index_split(root, "val")
+    with pytest.raises(UserError, match=r"only in train: cat; only in val: dog"):
+        check_same_classes(train, val)
+    # build_loader checks a val split against train on its own
+    with pytest.raises(UserError, match=r"only in train: cat; only in val: dog"):
+        build_loader(small_cfg(root), "val", train=False)
+
+
+# --- sampler ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,world", [(10, 1), (10, 3), (12, 4), (5, 8)])
+def test_sampler_shards_cover_everything_with_equal_counts(n: int, world: int) -> None:
+    for epoch in range(3):
+        shards = []
+        for rank in range(world):
+            s = ResumableSampler(n, shuffle=True, seed=7, rank=rank, world_size=world)
+            s.set_epoch(epoch)
+            shards.append(list(s))
+        assert {len(x) for x in shards} == {-(-n // world)}  # ceil: padded by wrapping
+        assert len(shards[0]) == len(s)
+        assert set().union(*shards) == set(range(n))
+        flat = sorted(i for x in shards for i in x)
+        assert len(flat) - len(set(flat)) == len(shards[0]) * world - n  # only the padding repeats
+
+
+def test_sampler_order_depends_on_seed_and_epoch_only() -> None:
+    def order(seed: int, epoch: int) -> list[int]:
+        s = ResumableSampler(100, shuffle=True, seed=seed)
+        s.set_epoch(epoch)
+        return list(s)
+
+    assert order(0, 0) == order(0, 0)
+    assert sorted(order(0, 0)) == list(range(100))
+    assert order(0, 0) != order(0, 1)
+    assert order(0, 0) != order(1, 0)
+    assert order(0, 1) != order(1, 0)  # not seed + epoch
+    unshuffled = ResumableSampler(10, shuffle=False, rank=1, world_size=2)
+    assert list(unshuffled) == [1, 3, 5, 7, 9]
+
+
+@pytest.mark.parametrize("start", [0, 1, 5, 16, 17])
+def test_sampler_resume_yields_the_tail(start: int) -> None:
+    full = ResumableSampler(50, shuffle=True, seed=3, rank=1, world_size=3)
+    full.set_epoch(4)
+    whole = list(full)
+
+    resumed = ResumableSampler(50, shuffle=True, seed=3, rank=1, world_size=3)
+    resumed.load_state_dict({"epoch": 4, "start": start, "world_size": 3})
+    assert list(resumed) == whole[start:]
+    assert len(resumed) == len(whole) - start
+    assert resumed.state_dict() == {"epoch": 4, "start": start, "world_size": 3}
+
+
+def test_sampler_resume_on_another_world_size_skips_nothing() -> None:
+    n, old_world, new_world, start = 60, 4, 3, 5
+    consumed = set()
+    for rank in range(old_world):
+        s = ResumableSampler(n, shuffle=True, seed=1, rank=rank, world_size=old_world)
+        s.set_epoch(2)
+        consumed |= set(s.indices()[:start])
+    rest = set()
+    for rank in range(new_world):
+        s = ResumableSampler(n, shuffle=True, seed=1, rank=rank, world_size=new_world)
+        s.load_state_dict({"epoch": 2, "start": start, "world_size": old_world})
+        rest |= set(s)
+    assert consumed | rest == set(range(n))
+    assert len(consumed & rest) < new_world
+
+
+# --- loader -------------------------------------------------------------------------------------
+
+
+def test_import_module_named_torch() -> None:
+    import pipeline.data.torch
+
+    assert pipeline.data.torch.torch is torch  # the real torch, not the module itself
+
+
+def test_train_loader_shapes_and_epoch(image_folder: Path) -> None:
+    loader = build_loader(small_cfg(image_folder, batch_size=5), "train", train=True)
+
+    assert isinstance(loader, TorchLoader)
+    assert loader.classes == ["ant", "bee", "cat"]
+    assert loader.num_samples == 36
+    assert len(loader) == 7  # drop_last: 36 // 5
+    batches = list(loader)
+    assert len(batches) == 7
+    for images, labels in batches:
+        assert images.shape == (5, 3, 32, 32) and images.dtype == torch.float32
+        assert labels.shape == (5,) and labels.dtype == torch.int64
+    labels = torch.cat([y for _, y in batches]).tolist()
+    assert set(labels) == {0, 1, 2}
+    assert labels != sorted(labels)  # shuffled
+    assert loader.seen == 35 and loader.bad_files == []
+
+
+def test_val_loader_keeps_the_last_partial_batch(image_folder: Path) -> None:
+    loader = build_loader(small_cfg(image_folder, batch_size=5), "val", train=False)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 3
+    assert [len(y) for _, y in batches] == [5, 5, 2]
+    assert torch.cat([y for _, y in batches]).tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_imagenet_transforms_give_image_size(image_folder: Path) -> None:
+    cfg = small_cfg(image_folder, augment="imagenet", image_size=24, batch_size=4)
+    images, _ = next(iter(build_loader(cfg, "train", train=True)))
+    assert images.shape == (4, 3, 24, 24)
+    images, _ = next(iter(build_loader(cfg, "val", train=False)))
+    assert images.shape == (4, 3, 24, 24)
+
+
+def test_normalisation_and_grayscale_become_three_channels(tmp_path: Path) -> None:
+    # PNG is lossless, so the expected values are exact; "L" images must come out as RGB.
+    for split in ("train", "val"):
+        for c, colour in (("a", (255, 0, 128)), ("b", (10, 200, 30))):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (16, 16), colour).save(tmp_path / split / c / f"{i}.png")
+        Image.new("L", (16, 16), 77).save(tmp_path / split / "a" / "gray.png")
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+    cfg = small_cfg(tmp_path, image_size=16, batch_size=8, mean=mean, std=std)
+    images, labels = next(iter(build_loader(cfg, "val", train=False)))
+
+    assert images.shape == (5, 3, 16, 16)
+    expected = {
+        "a/0.png": (255, 0, 128), "a/1.png": (255, 0, 128), "a/gray.png": (77, 77, 77),
+        "b/0.png": (10, 200, 30), "b/1.png": (10, 200, 30),
+    }  # fmt: skip
+    for image, colour in zip(images, expected.values(), strict=True):
+        want = (torch.tensor(colour) / 255 - torch.tensor(mean)) / torch.tensor(std)
+        torch.testing.assert_close(image, want[:, None, None].expand(3, 16, 16))
+    assert labels.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_loader_resume_mid_epoch_yields_the_rest(image_folder: Path) -> None:
+    cfg = small_cfg(image_folder, batch_size=3)
+    first = build_loader(cfg, "train", train=True, seed=5)
+    first.set_epoch(2)
+    whole = [y for _, y in first]
+    assert len(whole) == 12
+
+    interrupted = build_loader(cfg, "train", train=True, seed=5)
+    interrupted.set_epoch(2)
+    it = iter(interrupted)
+    taken = [next(it)[1] for _ in range(4)]
+    state = interrupted.state_dict()
+    assert state["epoch"] == 2 and state["batch"] == 4
+
+    resumed = build_loader(cfg, "train", train=True, seed=5)
+    resumed.load_state_dict(state)
+    rest = [y for _, y in resumed]
+    assert len(rest) == 8
+    assert torch.equal(torch.cat(taken + rest), torch.cat(whole))
+    other_epoch = build_loader(cfg, "train", train=True, seed=5)
+    other_epoch.set_epoch(3)
+    assert not torch.equal(torch.cat([y for _, y in other_epoch]), torch.cat(whole))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_augmentation_is_identical(image_folder: Path, workers: int) -> None:
+    # Random crops and flips, not just the sample order, must repeat after a mid-epoch resume,
+    # whatever the worker count of either run.
+    cfg = small_cfg(image_folder, augment="imagenet", image_size=24, batch_size=4,
+                    workers=workers)
+    whole = build_loader(cfg, "train", train=True, seed=1)
+    whole.set_epoch(1)
+    images = [x for x, _ in whole]
+    resumed = build_loader(DataConfig(**{**cfg.__dict__, "workers": 2 - workers}), "train",
+                           train=True, seed=1)
+    resumed.set_epoch(1, start_batch=3)
+    torch.testing.assert_close(torch.cat([x for x, _ in resumed]), torch.cat(images[3:]),
+                               rtol=0, atol=0)
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    torch.manual_seed(0)
+    list(whole)  # iterating must not consume the caller's RNG
+    assert torch.equal(torch.rand(3), before)
+
+
+def test_loader_shards_across_ranks(image_folder: Path) -> None:
+    cfg = small_cfg(image_folder, batch_size=2)
+    per_rank = [
+        torch.cat([y for _, y in build_loader(cfg, "val", train=False, rank=r, world_size=2)])
+        for r in range(2)
+    ]
+    assert [len(y) for y in per_rank] == [6, 6]
+    assert sorted(torch.cat(per_rank).tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_too_few_images_for_a_batch(image_folder: Path) -> None:
+    with pytest.raises(UserError, match=r"fewer than one batch of data.batch_size=64"):
+        build_loader(small_cfg(image_folder, batch_size=64), "train", train=True)
+
+
+def test_bad_config_value_is_named(image_folder: Path) -> None:
+    with pytest.raises(UserError, match=r"data.max_bad_fraction=2.0 is invalid"):
+        build_loader(small_cfg(image_folder, max_bad_fraction=2.0), "train", train=True)
+
+
+def add_bad_files(root: Path) -> list[Path]:
+    """A JPEG cut in half and a text file named .JPEG, in the train split."""
+    truncated = root / "train" / "bee" / "bee_truncated.JPEG"
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(truncated, quality=90)
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = root / "train" / "cat" / "cat_garbage.JPEG"
+    garbage.write_bytes(b"this is not a JPEG at all\n" * 10)
+    return [truncated, garbage]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_files_are_skipped_counted_and_logged(
+    image_folder: Path, workers: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = add_bad_files(image_folder)
+    cfg = small_cfg(image_folder, batch_size=38, workers=workers, max_bad_fraction=0.1)
+    loader = build_loader(cfg, "train", train=True)  # 38 files: one batch holds them all
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.torch"):
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert len(batches) == 1
+            images, labels = batches[0]
+            assert images.shape == (36, 3, 32, 32) and len(labels) == 36
+
+    assert sorted(loader.bad_files) == sorted(str(p) for p in bad)
+    assert loader.seen == 76
+    for path in bad:  # named once, although met in both epochs
+        assert sum(str(path) in r.getMessage() for r in caplog.records) == 1
+
+
+def test_too_many_bad_files_raise(image_folder: Path) -> None:
+    bad = add_bad_files(image_folder)
+    cfg = small_cfg(image_folder, batch_size=2, max_bad_fraction=0.01)
+    loader = build_loader(cfg, "train", train=True)
+    good = 0
+    with pytest.raises(UserError) as e:
+        for _, labels in loader:
+            good += len(labels)
+    message = str(e.value)
+    assert "failed to decode" in message and "data.max_bad_fraction=0.01" in message
+    assert "remove or re-encode them, or raise data.max_bad_fraction" in message
+    assert any(str(p) in message for p in bad)
+    # 38 images, one epoch of 19 batches: the check waits for the whole epoch's 38, and the
+    # last batch is not handed out
+    assert loader.seen == 38 and 34 <= good < 36
+    assert message.startswith("2 of 38 images (5.3%)")
+
+
+@pytest.mark.parametrize("min_seen", [1, 10, 30])
+def test_bad_check_waits_for_enough_images(image_folder: Path, monkeypatch, min_seen: int) -> None:
+    bad = {str(p) for p in add_bad_files(image_folder)}
+    monkeypatch.setattr(data_torch, "MIN_SEEN_FOR_BAD_CHECK", min_seen)
+    cfg = small_cfg(image_folder, batch_size=2, max_bad_fraction=0.05)
+    loader = build_loader(cfg, "train", train=True)
+    # Where the policy says it must fail, from the sampler's order: after the first batch with
+    # at least min_seen images seen and more than 5% of them bad.
+    order = [str(loader.dataset.index.path(i)) for i in loader.sampler.indices()]
+    expected = next(
+        seen
+        for seen in range(2, 39, 2)
+        if seen >= min_seen and 0 < len(bad & set(order[:seen])) > 0.05 * seen
+    )
+    with pytest.raises(UserError):
+        for _ in loader:
+            pass
+    assert loader.seen == expected
