@@ -102,6 +102,13 @@ def test_sampler_shards_cover_everything_with_equal_counts(n: int, world: int) -
         assert len(flat) - len(set(flat)) == len(shards[0]) * world - n  # only the padding repeats
 
 
+@pytest.mark.parametrize("n,world", [(10, 3), (5, 8), (12, 4)])
+def test_unpadded_sampler_sees_every_sample_exactly_once(n: int, world: int) -> None:
+    shards = [list(ResumableSampler(n, shuffle=True, rank=r, world_size=world, pad=False))
+              for r in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(n))
+
+
 def test_sampler_order_depends_on_seed_and_epoch_only() -> None:
     def order(seed: int, epoch: int) -> list[int]:
         s = ResumableSampler(100, shuffle=True, seed=seed)

@@ -41,6 +41,10 @@ def small_run(fmnist: Path, out: Path, *extra: str) -> list[str]:
             "data.batch_size=50", "train.log_every=5", *extra]
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_cli_trains_learns_reports_and_resumes(fmnist, tmp_path):
     run = small_run(fmnist, tmp_path, "train.epochs=3")
     proc = cli(*run)
@@ -57,8 +61,11 @@ def test_cli_trains_learns_reports_and_resumes(fmnist, tmp_path):
     assert "top1_err%" in proc.stdout  # the per-exit table
     assert (run_dir / "anytime_curve.png").stat().st_size > 10_000
     assert list((run_dir / "tensorboard").iterdir())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2, 3]
+    records = read_metrics(run_dir)
+    assert [r["epoch"] for r in records if r["kind"] == "val"] == [1, 2, 3]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == list(range(5, 61, 5))
+    assert all(r["images_per_s"] > 0 and r["loss"] > 0 for r in train_records)
     assert [c.step for c in CheckpointStore(str(run_dir / "checkpoints")).list()] == [20, 40, 60]
 
     refused = cli(*run)
@@ -68,8 +75,7 @@ def test_cli_trains_learns_reports_and_resumes(fmnist, tmp_path):
     resumed = cli(*run[:-1], "train.epochs=4", "resume=auto")
     assert resumed.returncode == 0, resumed.stderr + resumed.stdout
     assert "resumed from" in resumed.stdout and "step 60" in resumed.stdout
-    records = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["epoch"] for r in records] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in read_metrics(run_dir) if r["kind"] == "val"] == [1, 2, 3, 4]
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(fmnist, tmp_path):
@@ -116,7 +122,7 @@ def test_corrupt_jpegs_are_skipped_and_counted(fmnist, tmp_path):
     proc = cli(*small_run(data, tmp_path, "train.epochs=1"))
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert victim.name in proc.stdout + proc.stderr
-    record = json.loads((tmp_path / "demo_fmnist" / "metrics.jsonl").read_text())
+    [record] = [r for r in read_metrics(tmp_path / "demo_fmnist") if r["kind"] == "val"]
     assert record["bad_images"] == 1
 
 

@@ -117,12 +117,15 @@ class ResumableSampler(Sampler[int]):
     """DistributedSampler's sharding with a mid-epoch start.
 
     Epoch e's order is a permutation seeded by (seed, epoch), padded by wrapping to a multiple of
-    world_size; rank r takes every world_size-th index from position r. `set_epoch(e, start)`
-    skips this rank's first `start` indices, so a resumed epoch yields exactly what was left.
+    world_size (with `pad`, so every rank runs the same number of steps); rank r takes every
+    world_size-th index from position r. Without `pad` (evaluation) ranks may differ by one
+    sample and every sample is seen exactly once. `set_epoch(e, start)` skips this rank's first
+    `start` indices, so a resumed epoch yields exactly what was left.
     """
 
     def __init__(
-        self, num_samples: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1
+        self, num_samples: int, *, shuffle: bool, seed: int = 0, rank: int = 0,
+        world_size: int = 1, pad: bool = True,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -131,7 +134,9 @@ class ResumableSampler(Sampler[int]):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.per_rank = math.ceil(num_samples / world_size)
+        self.pad = pad
+        self.per_rank = (math.ceil(num_samples / world_size) if pad
+                         else len(range(rank, num_samples, world_size)))
         self.epoch = 0
         self.start = 0
 
@@ -149,6 +154,8 @@ class ResumableSampler(Sampler[int]):
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
+        if not self.pad:
+            return order[self.rank :: self.world_size]
         total = self.per_rank * self.world_size
         if total > n:  # wrap, repeatedly if there are fewer samples than ranks
             order += (order * math.ceil((total - n) / max(n, 1)))[: total - n]
@@ -206,7 +213,7 @@ class TorchLoader:
         self.drop_last = train
         self.max_bad_fraction = cfg.max_bad_fraction
         self.sampler = ResumableSampler(
-            len(index), shuffle=train, seed=seed, rank=rank, world_size=world_size
+            len(index), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=train
         )
         self.dataset = FolderDataset(index, build_transform(cfg, train))
         if len(self) == 0:

@@ -42,7 +42,11 @@ class MetricsWriter:
 
 
 class Progress:
-    """Logs `step, loss, lr, images/s, ETA` every `every` steps; rates cover the last interval."""
+    """Counts images and, when `due`, logs `step, values, images/s, ETA` for the last interval.
+
+    Values are read only when a line is due, so the training step never waits on the device
+    just to be logged.
+    """
 
     def __init__(self, total_steps: int, done_steps: int, every: int, enabled: bool = True):
         self.total_steps = total_steps
@@ -51,18 +55,23 @@ class Progress:
         self.last_time = time.perf_counter()
         self.last_step = done_steps
         self.images = 0
+        self.rate = 0.0  # images/s over the last logged interval
 
-    def step(self, step: int, batch_images: int, epoch: int, epochs: int, **values: float) -> None:
+    def advance(self, batch_images: int) -> None:
         self.images += batch_images
-        if not self.enabled or (step % self.every and step != self.total_steps):
-            return
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total_steps
+
+    def log(self, step: int, epoch: int, epochs: int, values: dict[str, float]) -> None:
         now = time.perf_counter()
         elapsed = max(now - self.last_time, 1e-9)
-        rate = self.images / elapsed
+        self.rate = self.images / elapsed
         eta = (self.total_steps - step) * elapsed / max(step - self.last_step, 1)
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
-        log.info("epoch %d/%d  step %d/%d  %s  %.0f img/s  eta %s", epoch + 1, epochs, step,
-                 self.total_steps, shown, rate, format_duration(eta))
+        if self.enabled:
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
+            log.info("epoch %d/%d  step %d/%d  %s  %.0f img/s  eta %s", epoch + 1, epochs, step,
+                     self.total_steps, shown, self.rate, format_duration(eta))
         self.last_time, self.last_step, self.images = now, step, 0
 
 

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import timm
@@ -25,10 +25,11 @@ from pipeline.anytime.loss import AnytimeLoss
 from pipeline.anytime.metrics import ExitErrors
 from pipeline.config import Config
 from pipeline.data import build_loader
+from pipeline.data.torch import TorchLoader
 from pipeline.errors import UserError
 from pipeline.models import exit_costs
 from pipeline.report import format_table, plot_anytime_curve
-from pipeline.storage.checkpoints import CheckpointStore
+from pipeline.storage.checkpoints import CheckpointInfo, CheckpointStore
 from pipeline.train.distributed import DistInfo, close_distributed, init_distributed
 from pipeline.train.progress import MetricsWriter, Progress, format_duration
 from pipeline.train.state import capture_rng, restore_rng, seed_everything
@@ -132,9 +133,12 @@ def train(cfg: Config) -> dict[str, Any]:
             scaler.update()
             step += 1
             scheduler.step_update(step)
-            progress.step(step, images.shape[0] * dist_info.world_size, epoch, cfg.train.epochs,
-                          loss=loss.item(), final=exit_losses[-1].item(),
-                          lr=optimizer.param_groups[0]["lr"])
+            progress.advance(images.shape[0] * dist_info.world_size)
+            if progress.due(step):
+                values = {"loss": loss.item(), "final_exit_loss": exit_losses[-1].item(),
+                          "lr": optimizer.param_groups[0]["lr"]}
+                progress.log(step, epoch, cfg.train.epochs, values)
+                metrics.write("train", step, {**values, "images_per_s": progress.rate})
         epoch += 1
 
         val_errors = evaluate(model, val_loader, device, memory_format, autocast)
@@ -171,8 +175,9 @@ def create_anytime_model(cfg: Config, num_classes: int) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, device: torch.device,
-             memory_format: torch.memory_format, autocast) -> dict[str, list[float]]:
+def evaluate(model: torch.nn.Module, loader: TorchLoader, device: torch.device,
+             memory_format: torch.memory_format,
+             autocast: AbstractContextManager) -> dict[str, list[float]]:
     model.eval()
     errors = ExitErrors(model.num_exits, device)
     loader.set_epoch(0)
@@ -208,7 +213,7 @@ def report(cfg: Config, model: torch.nn.Module, val_errors: dict, seconds: float
     return results
 
 
-def check_run_folder(cfg: Config, store: CheckpointStore):
+def check_run_folder(cfg: Config, store: CheckpointStore) -> CheckpointInfo | None:
     """The checkpoint to resume from, or None; refuses to mix two runs in one folder."""
     previous = store.list() or (cfg.run_dir / "metrics.jsonl").exists()
     if cfg.resume == "never":
@@ -233,7 +238,7 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def amp_context(device: torch.device, amp: str):
+def amp_context(device: torch.device, amp: str) -> AbstractContextManager:
     if amp == "none":
         return nullcontext()
     if amp == "fp16" and device.type != "cuda":
