@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError
@@ -60,3 +61,22 @@ def test_cli_bad_key_is_one_line_exit_2():
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "train.epochs" in proc.stderr
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    # (epoch, lr) pairs; steps_per_epoch = 10, base lr 0.1 x batch 256 / 256. timm's warmup
+    # runs inside the cosine (its default), so the cosine is at half height at epoch 2 of 4.
+    (["schedule.name=step", "schedule.decay_epochs=[2,4]", "train.epochs=6"],
+     [(0, 0.1), (1.5, 0.1), (2.5, 0.01), (3.5, 0.01), (4.5, 0.001)]),
+    (["schedule.name=cosine", "train.epochs=4", "schedule.warmup_epochs=1",
+      "schedule.warmup_lr=0.0"], [(0, 0.0), (0.5, 0.05), (2, 0.05), (4, 0.0)]),
+])
+def test_schedules(overrides, expect):
+    from pipeline.train.trainer import build_scheduler
+
+    cfg = load_config(None, ["optim.lr=0.1", "data.batch_size=256", *overrides])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=10)
+    for epoch, lr in expect:
+        scheduler.step_update(round(epoch * 10))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(lr, abs=1e-3), (epoch, lr)

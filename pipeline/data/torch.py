@@ -95,11 +95,16 @@ class FolderDataset(Dataset):
         except Exception as e:
             return BadImage(str(path), f"{type(e).__name__}: {e}")
         # Each sample's augmentation draws from its own seed, so a resumed run repeats the exact
-        # crops and flips of an uninterrupted one whatever the worker count. fork_rng keeps the
-        # caller's RNG untouched when there are no worker processes.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+        # crops and flips of an uninterrupted one whatever the worker count. The caller's RNG
+        # state is put back for workers=0. (torch.manual_seed and fork_rng cost ~120 us here,
+        # the CPU generator's own methods ~2 us.)
+        rng = torch.default_generator
+        state = rng.get_state()
+        rng.manual_seed(sample_seed)
+        try:
             return self.transform(image), self.index.samples[i][1]
+        finally:
+            rng.set_state(state)
 
 
 def collate_skip_bad(

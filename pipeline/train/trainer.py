@@ -18,6 +18,7 @@ import torch
 import yaml
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
 from torch.nn.parallel import DistributedDataParallel
 
 import pipeline.models  # noqa: F401  (registers the anytime models with timm)
@@ -77,12 +78,7 @@ def train(cfg: Config) -> dict[str, Any]:
     steps_per_epoch = len(train_loader)
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.schedule.name, num_epochs=cfg.train.epochs,
-        decay_milestones=cfg.schedule.decay_epochs, decay_rate=cfg.schedule.decay_rate,
-        warmup_epochs=cfg.schedule.warmup_epochs, warmup_lr=cfg.schedule.warmup_lr,
-        min_lr=cfg.schedule.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
-    )
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
 
     epoch, step = 0, 0
@@ -161,6 +157,19 @@ def train(cfg: Config) -> dict[str, Any]:
     metrics.close()
     close_distributed()
     return results
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer,
+                    steps_per_epoch: int) -> Scheduler:
+    """timm's scheduler, updated every step (`step_update`), with epochs given in the config."""
+    sched = {"cosine": "cosine", "step": "multistep"}[cfg.schedule.name]
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=sched, num_epochs=cfg.train.epochs,
+        decay_milestones=cfg.schedule.decay_epochs, decay_rate=cfg.schedule.decay_rate,
+        warmup_epochs=cfg.schedule.warmup_epochs, warmup_lr=cfg.schedule.warmup_lr,
+        min_lr=cfg.schedule.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+    )
+    return scheduler
 
 
 def create_anytime_model(cfg: Config, num_classes: int) -> torch.nn.Module:
