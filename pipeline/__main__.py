@@ -70,10 +70,11 @@ def train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: fail fast
+    from pipeline.train.preemption import EXIT_PREEMPTED
     from pipeline.train.trainer import train as run_training
 
-    run_training(cfg)
-    return 0
+    results = run_training(cfg)
+    return EXIT_PREEMPTED if results.get("preempted") else 0
 
 
 def describe(args: argparse.Namespace) -> int:

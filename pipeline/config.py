@@ -89,8 +89,15 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    url: str = ""  # fsspec URL or path; "" = <out_dir>/<name>/checkpoints
+    url: str = ""  # fsspec URL or path (s3://bucket/prefix, gs://..., file://...); "" = run folder
+    endpoint_url: str = ""  # an S3-compatible server (MinIO, Ceph, ...); "" = AWS
+    every_steps: int = 0  # also save every N steps within an epoch; 0 = at epoch ends only
+    async_save: bool = True  # write in a background thread; preemption saves are always blocking
     keep_last: int = 3
+    keep_every_epochs: int = 0  # also keep every N-th epoch's checkpoint; 0 = none
+    retries: int = 4  # per storage call, with exponential backoff from retry_delay seconds
+    retry_delay: float = 1.0
+    max_failed_saves: int = 3  # stop the run after this many failed saves in a row
 
 
 @dataclass

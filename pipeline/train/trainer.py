@@ -6,11 +6,15 @@ checkpoint, then the per-exit results.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import logging
 import os
+import subprocess
 import time
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -31,7 +35,9 @@ from pipeline.errors import UserError
 from pipeline.models import exit_costs
 from pipeline.report import format_table, plot_anytime_curve
 from pipeline.storage.checkpoints import CheckpointInfo, CheckpointStore
+from pipeline.train.checkpointing import Checkpointer
 from pipeline.train.distributed import DistInfo, close_distributed, init_distributed
+from pipeline.train.preemption import PreemptionFlag
 from pipeline.train.progress import MetricsWriter, Progress, format_duration
 from pipeline.train.state import capture_rng, restore_rng, seed_everything
 
@@ -47,7 +53,12 @@ def train(cfg: Config) -> dict[str, Any]:
         logging.getLogger("pipeline").setLevel(logging.WARNING)
     seed_everything(cfg.seed + dist_info.rank)
 
-    store = CheckpointStore(cfg.checkpoint_url, keep_last=cfg.checkpoint.keep_last)
+    store = CheckpointStore(
+        cfg.checkpoint_url, keep_last=cfg.checkpoint.keep_last,
+        keep_every_epochs=cfg.checkpoint.keep_every_epochs,
+        endpoint_url=cfg.checkpoint.endpoint_url, retries=cfg.checkpoint.retries,
+        retry_delay=cfg.checkpoint.retry_delay,
+    )
     resume_from = check_run_folder(cfg, store)
     if dist_info.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,6 +118,20 @@ def train(cfg: Config) -> dict[str, Any]:
              " + alternating" if cfg.loss.alternating else "", device, cfg.train.epochs,
              steps_per_epoch, cfg.data.batch_size, dist_info.world_size)
 
+    checkpointer = Checkpointer(store, writer=dist_info.is_main,
+                                async_save=cfg.checkpoint.async_save,
+                                max_failed_saves=cfg.checkpoint.max_failed_saves)
+
+    def save(end_of_epoch: bool, blocking: bool = False) -> None:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                 "loss": criterion.state_dict(), "rng": capture_rng(),
+                 "epoch": epoch, "step": step}
+        meta = {"epoch": epoch, "end_of_epoch": end_of_epoch, "config": cfg.to_dict(),
+                "code_version": code_version()}
+        checkpointer.save(step, state, meta, blocking=blocking)
+
+    preemption = PreemptionFlag()
     val_errors = None
     while epoch < cfg.train.epochs:
         model.train()
@@ -135,6 +160,16 @@ def train(cfg: Config) -> dict[str, Any]:
                           "lr": optimizer.param_groups[0]["lr"]}
                 progress.log(step, epoch, cfg.train.epochs, values)
                 metrics.write("train", step, {**values, "images_per_s": progress.rate})
+            if preemption.requested(step, device):
+                save(end_of_epoch=False, blocking=True)
+                log.warning("preempted (%s): checkpoint at step %d saved; exiting",
+                            preemption.signal_name, step)
+                checkpointer.close()
+                close_distributed()
+                return {"name": cfg.name, "preempted": True, "step": step}
+            every = cfg.checkpoint.every_steps
+            if every and step % every == 0 and step % steps_per_epoch:
+                save(end_of_epoch=False)
         epoch += 1
 
         val_errors = evaluate(model, val_loader, device, memory_format, autocast)
@@ -143,14 +178,10 @@ def train(cfg: Config) -> dict[str, Any]:
                                     "bad_images": len(train_loader.bad_files)})
         log.info("epoch %d/%d  val top-1 error per exit: %s", epoch, cfg.train.epochs,
                  " ".join(f"{e:.2f}" for e in val_errors["top1"]))
-        if dist_info.is_main:
-            store.save(step, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "loss": criterion.state_dict(), "rng": capture_rng(),
-                "epoch": epoch, "step": step,
-            }, meta={"epoch": epoch, "config": cfg.to_dict()})
+        save(end_of_epoch=True, blocking=epoch == cfg.train.epochs)
 
+    checkpointer.close()
+    preemption.restore()
     if val_errors is None:  # resumed a finished run: report it again
         val_errors = evaluate(model, val_loader, device, memory_format, autocast)
     results = report(cfg, model, val_errors, time.perf_counter() - started, dist_info)
@@ -234,6 +265,18 @@ def check_run_folder(cfg: Config, store: CheckpointStore) -> CheckpointInfo | No
     if latest is None and previous:
         log.warning("resume=auto: no valid checkpoint in %s; starting from scratch", store.url)
     return latest
+
+
+@functools.cache
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    version = importlib.metadata.version("anytime-pipeline")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+{commit}" if commit else version
 
 
 def pick_device(requested: str) -> torch.device:

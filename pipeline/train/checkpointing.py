@@ -1,0 +1,88 @@
+"""When and how the trainer saves: a host-memory snapshot at a step boundary, written by one
+background thread so training goes on; synchronous when asked (preemption, the last save).
+
+Storage outages are absorbed: a failed save is logged and the next one tries again, until
+`max_failed_saves` saves in a row have failed; then the run stops rather than train on without
+a safety net.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.storage.checkpoints import CheckpointStore
+
+log = logging.getLogger("pipeline.train")
+
+
+class Checkpointer:
+    def __init__(self, store: CheckpointStore, *, writer: bool, async_save: bool = True,
+                 max_failed_saves: int = 3):
+        self.store = store
+        self.writer = writer  # only one rank writes; the others just take part in the schedule
+        self.async_save = async_save
+        self.max_failed_saves = max_failed_saves
+        self.failed_in_a_row = 0
+        self.last_error = ""
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._in_flight: Future | None = None
+
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any],
+             blocking: bool = False) -> None:
+        """Snapshot `state` now; write it in the background, or before returning if `blocking`."""
+        if not self.writer:
+            return
+        self.wait()  # one save at a time: keeps memory bounded and checkpoints in step order
+        snapshot = to_host(state)
+        self._in_flight = self._pool.submit(self._write, step, snapshot, meta)
+        if blocking or not self.async_save:
+            self.wait()
+            if self.failed_in_a_row:
+                raise UserError(f"could not save checkpoint step {step} to {self.store.url}: "
+                                f"{self.last_error}")
+
+    def wait(self) -> None:
+        """Let the save in flight finish; stop the run once too many saves failed in a row."""
+        if self._in_flight is not None:
+            self._in_flight.result()
+            self._in_flight = None
+        if self.failed_in_a_row >= self.max_failed_saves:
+            raise UserError(
+                f"{self.failed_in_a_row} checkpoint saves in a row to {self.store.url} failed "
+                f"(last: {self.last_error}); stopping so no more unsaved work piles up. Check "
+                "the storage and its credentials, then rerun with resume=auto"
+            )
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _write(self, step: int, snapshot: dict[str, Any], meta: dict[str, Any]) -> None:
+        try:
+            name = self.store.save(step, snapshot, meta)
+        except Exception as e:  # logged and counted; the training thread decides what follows
+            self.failed_in_a_row += 1
+            self.last_error = f"{type(e).__name__}: {e}"
+            log.error("checkpoint step %d to %s failed (%d in a row): %s", step, self.store.url,
+                      self.failed_in_a_row, self.last_error)
+            return
+        self.failed_in_a_row = 0
+        log.info("checkpoint %s/%s saved", self.store.url, name)
+
+
+def to_host(obj: Any) -> Any:
+    """A deep copy with every tensor on the CPU, detached from the training state it came from."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
