@@ -3,6 +3,7 @@
     prepare fashion-mnist --out data/fashion-mnist     real JPEGs in the ImageNet folder layout
     train --config configs/demo_fmnist_resnet_ann.yaml train.epochs=3 loss.scheme=sieve
     describe --model resnet_ann_cifar20 --scheme sieve [--json]
+    checkpoints list|verify s3://bucket/runs/demo/checkpoints [--endpoint-url URL]
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
 
+    p = verbs.add_parser("checkpoints", help="list or verify the checkpoints at a URL")
+    p.add_argument("action", choices=["list", "verify"],
+                   help="list: read manifests only; verify: also check every payload's sha256")
+    p.add_argument("url", help="checkpoint folder: a path, file://, s3://, gs:// ...")
+    p.add_argument("--endpoint-url", default="", help="S3-compatible server, e.g. MinIO")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
@@ -49,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             return train(args)
         if args.verb == "describe":
             return describe(args)
+        if args.verb == "checkpoints":
+            return checkpoints(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -120,6 +130,26 @@ def describe(args: argparse.Namespace) -> int:
           f"included; 'own head' counts only this exit's head.")
     print(format_table(table, list(table[0])))
     return 0
+
+
+def checkpoints(args: argparse.Namespace) -> int:
+    from pipeline.report import format_table
+    from pipeline.storage.checkpoints import CheckpointStore
+
+    store = CheckpointStore(args.url, endpoint_url=args.endpoint_url)
+    rows = []
+    for info in store.list():
+        status = "manifest ok" if args.action == "list" else (store.verify(info) or "valid")
+        rows.append({"name": info.name, "step": info.step, "epoch": info.meta.get("epoch", ""),
+                     "MB": info.size / 1e6, "status": status})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    elif rows:
+        print(format_table(rows, list(rows[0])))
+    else:
+        print(f"no checkpoints at {args.url}")
+    broken = [r for r in rows if r["status"] not in ("manifest ok", "valid")]
+    return 1 if broken else 0
 
 
 if __name__ == "__main__":

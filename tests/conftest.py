@@ -1,8 +1,15 @@
-"""Shared fixtures: tiny ImageNet-layout folders of real JPEG files."""
+"""Shared fixtures: tiny ImageNet-layout folders of real JPEG files; a real S3 server."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +50,107 @@ def make_image_folder(tmp_path: Path) -> Callable[..., Path]:
         return write_image_folder(tmp_path / name, **kwargs)
 
     return make
+
+
+# --- a real S3-compatible server (moto_server) on 127.0.0.1, reached through s3fs -------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 server in its own process; yields its endpoint URL. Credentials are dummies
+    given the standard way (AWS_* variables), as production would."""
+    if shutil.which("moto_server") is None:
+        pytest.skip("moto_server is not installed (pip install 'anytime-pipeline[dev]')")
+    port = free_port()
+    proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in AWS_ENV}
+    os.environ.update(AWS_ENV)
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A fresh, empty bucket per test; yields its s3:// URL."""
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(endpoint_url=s3_server).mkdir(name)
+    return f"s3://{name}"
+
+
+class Proxy:
+    """A TCP forwarder process in front of a server: stop() cuts every connection for real."""
+
+    def __init__(self, target_port: int, rate: float = 0.0):
+        self.port = free_port()
+        self.target_port = target_port
+        self.rate = rate  # bytes/s per direction and connection; 0 = as fast as it goes
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "tcp_proxy.py"), str(self.port),
+             str(self.target_port), str(self.rate)], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def s3_proxy(s3_server: str) -> Iterator[Proxy]:
+    proxy = Proxy(int(s3_server.rsplit(":", 1)[1]))
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def fmnist(tmp_path_factory) -> Path:
+    """1,000 training and 1,000 validation images of Fashion-MNIST as real JPEGs."""
+    from pipeline.data.prepare import prepare_fashion_mnist
+
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        message = "needs Debian's dataset-fashion-mnist (make install)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    root = tmp_path_factory.mktemp("fmnist") / "data"
+    prepare_fashion_mnist(root, limit=1000)
+    return root

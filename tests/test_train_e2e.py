@@ -12,23 +12,11 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data.prepare import prepare_fashion_mnist
 from pipeline.storage.checkpoints import CheckpointStore
 from pipeline.train.trainer import train
 
 DEMO = "configs/demo_fmnist_resnet_ann.yaml"
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist"),
-]
-
-
-@pytest.fixture(scope="module")
-def fmnist(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fmnist") / "data"
-    prepare_fashion_mnist(root, limit=1000)
-    return root
+pytestmark = pytest.mark.slow
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

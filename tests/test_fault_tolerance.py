@@ -1,0 +1,146 @@
+"""Training against a real S3 server while things go wrong for real: SIGKILL, SIGUSR1, storage
+cut off and restored, storage down for good."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pipeline.storage.checkpoints import CheckpointStore
+
+DEMO = "configs/demo_fmnist_resnet_ann.yaml"
+pytestmark = pytest.mark.slow
+
+
+def run_args(fmnist, out, url, endpoint, *extra) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "train", "--config", DEMO,
+            f"data.root={fmnist}", f"out_dir={out}", "data.batch_size=50", "train.epochs=2",
+            "train.log_every=5", f"checkpoint.url={url}", f"checkpoint.endpoint_url={endpoint}",
+            "checkpoint.every_steps=4", "checkpoint.retry_delay=0.3", *extra]
+
+
+def final_weights(url: str, endpoint: str) -> tuple[int, dict]:
+    store = CheckpointStore(url, endpoint_url=endpoint)
+    state = store.load(store.latest_valid())
+    return state["step"], state["model"]
+
+
+def wait_for_checkpoint(url: str, endpoint: str, proc: subprocess.Popen, min_step: int) -> int:
+    store = CheckpointStore(url, endpoint_url=endpoint)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        valid = store.latest_valid()
+        if valid is not None and valid.step >= min_step:
+            return valid.step
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint at step >= {min_step}; exit code {proc.poll()}")
+
+
+def test_sigkill_then_resume_is_bitwise_identical(fmnist, tmp_path, s3_server, s3_bucket):
+    whole_url, cut_url = f"{s3_bucket}/whole", f"{s3_bucket}/cut"
+    whole = subprocess.run(run_args(fmnist, tmp_path / "a", whole_url, s3_server),
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr + whole.stdout
+
+    cut = run_args(fmnist, tmp_path / "b", cut_url, s3_server)
+    proc = subprocess.Popen(cut, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    step = wait_for_checkpoint(cut_url, s3_server, proc, min_step=8)
+    time.sleep(random.uniform(0.0, 1.5))  # a random point after that checkpoint
+    proc.kill()  # SIGKILL: no handler runs, a save in flight is cut short
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = subprocess.run([*cut, "resume=auto"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    assert "resumed from" in resumed.stdout
+    resumed_at = int(resumed.stdout.split("step ", 1)[1].split()[0].strip(","))
+    assert 8 <= step <= resumed_at < 40
+
+    (step_a, a), (step_b, b) = final_weights(whole_url, s3_server), final_weights(cut_url,
+                                                                                   s3_server)
+    assert step_a == step_b == 40
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sigusr1_saves_synchronously_and_exits_75(fmnist, tmp_path, s3_server, s3_bucket):
+    url = f"{s3_bucket}/usr1"
+    args = run_args(fmnist, tmp_path, url, s3_server, "checkpoint.every_steps=0")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # wait until it is training
+        if "step 10/40" in line:
+            break
+    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signal.SIGUSR1)  # a second signal during the save changes nothing
+    output = proc.stdout.read()
+    assert proc.wait(timeout=300) == 75, output
+    assert "SIGUSR1 received" in output
+    store = CheckpointStore(url, endpoint_url=s3_server)
+    latest = store.latest_valid()
+    assert latest is not None and 10 <= latest.step < 40 and not latest.meta["end_of_epoch"]
+    finished = subprocess.run([*args, "resume=auto"], capture_output=True, text=True,
+                              timeout=600)
+    assert finished.returncode == 0, finished.stderr + finished.stdout
+    assert store.latest_valid().step == 40
+
+
+def test_training_rides_out_a_storage_outage(fmnist, tmp_path, s3_proxy, s3_bucket):
+    url = f"{s3_bucket}/outage"
+    args = run_args(fmnist, tmp_path, url, s3_proxy.endpoint, "checkpoint.retries=1",
+                    "checkpoint.max_failed_saves=50", "train.epochs=3")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_checkpoint(url, s3_proxy.endpoint, proc, min_step=4)
+    s3_proxy.stop()
+    steps_before = None
+    for line in proc.stdout:
+        if "failed" in line and "checkpoint step" in line:
+            steps_before = line
+            break
+    time.sleep(2.0)
+    s3_proxy.start()
+    output = proc.stdout.read()
+    assert proc.wait(timeout=600) == 0, output
+    assert steps_before is not None  # a save did fail while the storage was away
+    assert "step 60/60" in output  # training went on to the end
+    store = CheckpointStore(url, endpoint_url=s3_proxy.endpoint)
+    assert store.latest_valid().step == 60
+
+
+def test_storage_down_for_good_stops_the_run(fmnist, tmp_path, s3_proxy, s3_bucket):
+    url = f"{s3_bucket}/down"
+    args = run_args(fmnist, tmp_path, url, s3_proxy.endpoint, "checkpoint.retries=1",
+                    "checkpoint.retry_delay=0.1", "checkpoint.max_failed_saves=2")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(url, s3_proxy.endpoint, proc, min_step=4)
+    s3_proxy.stop()
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 2, stdout + stderr
+    assert "checkpoint saves in a row" in stderr and "resume=auto" in stderr
+    assert "Traceback" not in stderr
+    assert "step 40/40" not in stdout  # it stopped instead of training on unprotected
+
+
+def test_checkpoints_cli_lists_and_verifies(tmp_path, s3_server, s3_bucket):
+    url = f"{s3_bucket}/cli"
+    store = CheckpointStore(url, endpoint_url=s3_server)
+    for step in (5, 10):
+        store.save(step, {"w": torch.ones(3) * step}, meta={"epoch": 1})
+    cli = [sys.executable, "-m", "pipeline", "checkpoints"]
+    listed = subprocess.run([*cli, "list", url, "--endpoint-url", s3_server],
+                            capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    assert "step-00000005" in listed.stdout and "step-00000010" in listed.stdout
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    fs.pipe_file(f"{url[5:]}/step-00000010/state.pt", b"garbage")
+    verified = subprocess.run([*cli, "verify", url, "--endpoint-url", s3_server, "--json"],
+                              capture_output=True, text=True)
+    assert verified.returncode == 1
+    assert "bytes, the manifest says" in verified.stdout
+    assert "AWS_SECRET_ACCESS_KEY" not in verified.stdout + verified.stderr
