@@ -46,6 +46,11 @@ class Checkpointer:
                 raise UserError(f"could not save checkpoint step {step} to {self.store.url}: "
                                 f"{self.last_error}")
 
+    @property
+    def busy(self) -> bool:
+        """A save is being written right now."""
+        return self._in_flight is not None and not self._in_flight.done()
+
     def wait(self) -> None:
         """Let the save in flight finish; stop the run once too many saves failed in a row."""
         if self._in_flight is not None:

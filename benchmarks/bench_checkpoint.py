@@ -1,0 +1,107 @@
+"""Checkpoint cost against its baselines, in one run, on a real S3-compatible server.
+
+1. Upload throughput of `CheckpointStore.save` (serialise + sha256 + upload + manifest) against a
+   raw s3fs `pipe_file` of the same bytes to the same server. Goal: ratio >= 0.8.
+2. Training-step time while an async save is in flight against steps without one.
+   Goal: ratio <= 1.2.
+
+    python benchmarks/bench_checkpoint.py [--endpoint-url URL] [--mb 200]
+
+Without --endpoint-url it starts moto_server on 127.0.0.1 (pip install 'anytime-pipeline[dev]').
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import time
+import uuid
+
+import s3fs
+import timm
+import torch
+
+import pipeline.models  # noqa: F401
+from pipeline.anytime.loss import AnytimeLoss
+from pipeline.storage.checkpoints import CheckpointStore
+from pipeline.storage.local_s3 import local_s3_server
+from pipeline.train.checkpointing import Checkpointer
+
+
+def upload_ratio(endpoint: str, bucket: str, megabytes: int, reps: int) -> None:
+    state = {"model": {"w": torch.randn(megabytes * 2**20 // 4)}}
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    raw, ours = [], []
+    for rep in range(reps):
+        started = time.perf_counter()
+        fs.pipe_file(f"{bucket}/raw/{rep}.pt", payload)
+        raw.append(time.perf_counter() - started)
+        store = CheckpointStore(f"s3://{bucket}/ckpt{rep}", endpoint_url=endpoint, keep_last=0)
+        started = time.perf_counter()
+        store.save(rep, state)
+        ours.append(time.perf_counter() - started)
+    mb = len(payload) / 1e6
+    raw_rate, our_rate = mb / statistics.median(raw), mb / statistics.median(ours)
+    print(f"upload of {mb:.0f} MB, median of {reps}: raw s3fs put {raw_rate:.0f} MB/s, "
+          f"CheckpointStore.save {our_rate:.0f} MB/s, ratio {our_rate / raw_rate:.2f} "
+          f"(goal >= 0.8)")
+
+
+def step_time_ratio(endpoint: str, bucket: str, megabytes: int, steps: int) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet_ann_cifar20", num_classes=10)
+    criterion = AnytimeLoss(model.num_exits, "sieve")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(64, 3, 28, 28), torch.randint(0, 10, (64,))
+    ballast = torch.randn(megabytes * 2**20 // 4)  # a bigger model's worth of bytes to upload
+
+    def step() -> float:
+        started = time.perf_counter()
+        loss, _ = criterion(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - started
+
+    for _ in range(5):
+        step()
+    quiet = [step() for _ in range(steps)]
+    store = CheckpointStore(f"s3://{bucket}/async", endpoint_url=endpoint, keep_last=2)
+    checkpointer = Checkpointer(store, writer=True, async_save=True)
+    busy, saves = [], 0
+    while len(busy) < steps:
+        if not checkpointer.busy:
+            checkpointer.save(saves, {"model": model.state_dict(), "ballast": ballast}, {})
+            saves += 1
+        busy.append(step())
+    checkpointer.close()
+    ratio = statistics.median(busy) / statistics.median(quiet)
+    print(f"training step (resnet_ann_cifar20, batch 64, CPU), median of {steps}: "
+          f"{statistics.median(quiet) * 1e3:.1f} ms alone, {statistics.median(busy) * 1e3:.1f} ms "
+          f"with a {megabytes} MB async save in flight ({saves} saves), ratio {ratio:.2f} "
+          f"(goal <= 1.2)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--endpoint-url", default="")
+    parser.add_argument("--mb", type=int, default=200, help="checkpoint size in MB")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args()
+    server = (contextlib.nullcontext(args.endpoint_url) if args.endpoint_url
+              else local_s3_server())
+    with server as endpoint:
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        s3fs.S3FileSystem(endpoint_url=endpoint).mkdir(bucket)
+        upload_ratio(endpoint, bucket, args.mb, args.reps)
+        step_time_ratio(endpoint, bucket, args.mb, args.steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""A real S3-compatible server on 127.0.0.1 (moto's `moto_server`), for tests, benchmarks and
+trying `s3://` checkpoints without a cloud account.
+
+    with local_s3_server() as endpoint:        # e.g. "http://127.0.0.1:40123"
+        ... CheckpointStore("s3://bucket/run", endpoint_url=endpoint) ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+from pipeline.errors import UserError
+
+# moto accepts any credentials; they are given the standard way, as production would.
+DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@contextlib.contextmanager
+def local_s3_server() -> Iterator[str]:
+    """Start moto_server, set dummy AWS credentials in os.environ, yield the endpoint URL."""
+    if shutil.which("moto_server") is None:
+        raise UserError("moto_server is not installed: pip install 'anytime-pipeline[dev]'")
+    port = free_port()
+    proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in DUMMY_CREDENTIALS}
+    os.environ.update(DUMMY_CREDENTIALS)
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
