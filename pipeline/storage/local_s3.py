@@ -44,8 +44,9 @@ def local_s3_server() -> Iterator[str]:
     if shutil.which("moto_server") is None:
         raise UserError("moto_server is not installed: pip install 'anytime-pipeline[dev]'")
     port = free_port()
-    proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Lowest CPU priority: it stands in for a remote server, whose CPU is not the trainer's.
+    proc = subprocess.Popen(["nice", "-n", "19", "moto_server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     saved = {k: os.environ.get(k) for k in DUMMY_CREDENTIALS}
     os.environ.update(DUMMY_CREDENTIALS)
     try:
