@@ -9,7 +9,7 @@ names where each exit sits (`exit_positions`) and keeps its heads in `exits`, wh
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -23,6 +23,15 @@ class AnytimeNet(Protocol):
     exits: nn.ModuleList  # the exit heads, first to last
 
     def forward(self, x: torch.Tensor, until: int | None = None) -> list[torch.Tensor]: ...
+
+
+def refuse_pretrained(name: str, pretrained: bool, kwargs: dict[str, Any]) -> None:
+    """No weights exist for these models: refuse `pretrained=True`, and drop the pretrained-config
+    arguments that `timm.create_model` passes to every model function."""
+    if pretrained:
+        raise ValueError(f"no pretrained weights exist for {name}")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
 
 
 @dataclass

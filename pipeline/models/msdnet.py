@@ -27,6 +27,8 @@ from timm.layers import ConvNormAct
 from timm.models import register_model
 from torch import nn
 
+from pipeline.models.anytime import refuse_pretrained
+
 
 @dataclass(frozen=True)
 class MSDNetConfig:
@@ -214,10 +216,7 @@ class MSDNet(nn.Module):
 
 def _create(name: str, cfg: MSDNetConfig, pretrained: bool = False, num_classes: int = 1000,
             in_chans: int = 3, **kwargs) -> MSDNet:
-    if pretrained:
-        raise ValueError(f"no pretrained weights exist for {name}")
-    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)  # passed by timm.create_model; no weights to fetch here
+    refuse_pretrained(name, pretrained, kwargs)
     for key in ("grow_factors", "bn_factors"):  # YAML and the CLI give lists
         if key in kwargs:
             kwargs[key] = tuple(kwargs[key])

@@ -29,6 +29,8 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.resnetv2 import DownsampleConv, PreActBasic
 from torch import nn
 
+from pipeline.models.anytime import refuse_pretrained
+
 
 class ExitHead(nn.Sequential):
     """ReLU -> global average pool -> linear."""
@@ -97,10 +99,7 @@ class ResNetANN(nn.Module):
 
 def _cifar_resnet_ann(depth: int = 20, width: int = 16, num_classes: int = 10,
                       in_chans: int = 3, exit_every: int = 1, **kwargs) -> ResNetANN:
-    if kwargs.pop("pretrained", False):
-        raise ValueError("no pretrained weights exist for resnet_ann_cifar")
-    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)  # passed by timm.create_model; no weights to fetch here
+    refuse_pretrained("resnet_ann_cifar", kwargs.pop("pretrained", False), kwargs)
     if kwargs:
         raise TypeError(f"unexpected arguments for resnet_ann_cifar: {', '.join(kwargs)}")
     if (depth - 2) % 6 or depth < 8:
@@ -159,10 +158,7 @@ def _imagenet_resnet_ann(depth: int, exit_every: int | None = None, single_exit:
                          num_classes: int = 1000, drop_rate: float = 0.0,
                          global_pool: str = "avg", **kwargs) -> ResNetANN:
     name = f"resnet{depth}_{'opt' if single_exit else 'ann'}"
-    if kwargs.pop("pretrained", False):
-        raise ValueError(f"no pretrained weights exist for {name}")
-    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)  # passed by timm.create_model; no weights to fetch here
+    refuse_pretrained(name, kwargs.pop("pretrained", False), kwargs)
     if depth not in IMAGENET_LAYOUTS:
         raise ValueError(f"ImageNet ResNet-ANN depth must be one of {sorted(IMAGENET_LAYOUTS)}, "
                          f"got {depth}")
