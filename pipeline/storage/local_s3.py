@@ -8,10 +8,11 @@ trying `s3://` checkpoints without a cloud account.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
-import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -41,12 +42,14 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 @contextlib.contextmanager
 def local_s3_server() -> Iterator[str]:
     """Start moto_server, set dummy AWS credentials in os.environ, yield the endpoint URL."""
-    if shutil.which("moto_server") is None:
-        raise UserError("moto_server is not installed: pip install 'anytime-pipeline[dev]'")
+    if importlib.util.find_spec("moto") is None:
+        raise UserError("moto is not installed: pip install 'anytime-pipeline[dev]'")
     port = free_port()
     # Lowest CPU priority: it stands in for a remote server, whose CPU is not the trainer's.
-    proc = subprocess.Popen(["nice", "-n", "19", "moto_server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Run with this interpreter so that a virtual environment's moto is the one used.
+    proc = subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "moto.server", "-H",
+                             "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     saved = {k: os.environ.get(k) for k in DUMMY_CREDENTIALS}
     os.environ.update(DUMMY_CREDENTIALS)
     try:
