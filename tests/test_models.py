@@ -3,6 +3,8 @@ import io
 import pytest
 import timm
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 import pipeline.models  # noqa: F401
 from pipeline.models import AnytimeNet, exit_costs
@@ -79,3 +81,20 @@ def test_state_dict_round_trip_weights_only():
 def test_bad_depth_is_explained():
     with pytest.raises(ValueError, match="6n\\+2"):
         timm.create_model("resnet_ann_cifar", depth=21)
+
+
+@pytest.mark.parametrize("name", ["resnet_ann_cifar20", "resnet18_ann", "msdnet_cifar"])
+def test_every_parameter_gets_a_gradient_under_ddp(tmp_path, name):
+    # DDP's default (find_unused_parameters=False) fails on the next step when a parameter got no
+    # gradient; a one-process gloo group runs the same reducer checks.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        model = timm.create_model(name, num_classes=5)
+        ddp = DistributedDataParallel(model)
+        for _ in range(2):
+            sum(o.logsumexp(1).mean() for o in ddp(torch.randn(2, 3, 32, 32))).backward()
+    finally:
+        dist.destroy_process_group()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
