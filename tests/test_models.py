@@ -27,17 +27,29 @@ def test_exit_layout(depth, exit_every, exits):
     assert len(out) == exits and all(o.shape == (2, 7) for o in out)
 
 
-def test_until_stops_early_and_matches_full_forward():
+@pytest.mark.parametrize("name, size", [("resnet_ann_cifar20", 28), ("resnet34_ann", 64),
+                                        ("msdnet26", 64), ("msdnet_cifar", 32)])
+def test_protocol_until_matches_full_forward_and_costs_grow(name, size):
+    """The AnytimeNet protocol, for every model family."""
     torch.manual_seed(0)
-    model = timm.create_model("resnet_ann_cifar20", num_classes=10).eval()
-    x = torch.randn(3, 3, 28, 28)
-    full = model(x)
-    for k in (1, 4, 9):
-        part = model(x, until=k)
-        assert len(part) == k
-        torch.testing.assert_close(part[-1], full[k - 1])
-    with pytest.raises(ValueError, match="until=10"):
-        model(x, until=10)
+    model = timm.create_model(name, num_classes=10).eval()
+    assert isinstance(model, AnytimeNet)
+    assert len(model.exit_positions) == len(model.exits) == model.num_exits
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        full = model(x)
+        for k in range(1, model.num_exits + 1):
+            part = model(x, until=k)
+            assert len(part) == k
+            for a, b in zip(part, full):
+                torch.testing.assert_close(a, b)
+    for bad in (0, model.num_exits + 1):
+        with pytest.raises(ValueError, match=f"until={bad}"):
+            model(x, until=bad)
+    costs = exit_costs(model, (3, size, size))
+    macs = [c.macs for c in costs]
+    assert all(a < b for a, b in zip(macs, macs[1:]))
+    assert costs[-1].params == sum(p.numel() for p in model.parameters())
 
 
 def test_exit_costs_grow_and_match_a_hand_count():
