@@ -107,7 +107,9 @@ def test_corrupt_jpegs_are_skipped_and_counted(fmnist, tmp_path):
     shutil.copytree(fmnist, data)
     victim = sorted((data / "train").glob("*/*.JPEG"))[7]
     victim.write_bytes(victim.read_bytes()[:100])  # truncated mid-stream
-    proc = cli(*small_run(data, tmp_path, "train.epochs=1"))
+    # Also runs the options no other test trains with: gradient clipping and channels_last.
+    proc = cli(*small_run(data, tmp_path, "train.epochs=1", "optim.grad_clip=0.5",
+                          "train.channels_last=true"))
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert victim.name in proc.stdout + proc.stderr
     [record] = [r for r in read_metrics(tmp_path / "demo_fmnist") if r["kind"] == "val"]
