@@ -37,8 +37,9 @@ FORMAT_VERSION = 1
 T = TypeVar("T")
 
 
-class StorageError(Exception):
-    """Storage kept failing after every retry; the message names the URL and the last error."""
+class StorageError(UserError):
+    """Storage kept failing after every retry; the message names the URL, the last error and
+    what to check. A UserError, so the CLI shows it as one line instead of a traceback."""
 
 
 @dataclass
@@ -221,4 +222,5 @@ class CheckpointStore:
                             type(error).__name__, error, attempt + 1, self.retries, delay)
                 time.sleep(delay)
         raise StorageError(f"{what} at {self.url} failed {self.retries + 1} times; last error "
-                           f"{type(error).__name__}: {error}")
+                           f"{type(error).__name__}: {error}; check that the storage is up and "
+                           "reachable (checkpoint.endpoint_url) and its credentials")
