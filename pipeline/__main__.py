@@ -4,6 +4,7 @@
     train --config configs/demo_fmnist_resnet_ann.yaml train.epochs=3 loss.scheme=sieve
     describe --model resnet_ann_cifar20 --scheme sieve [--json]
     checkpoints list|verify s3://bucket/runs/demo/checkpoints [--endpoint-url URL]
+    bench train --config configs/demo_fmnist_resnet_ann.yaml [--steps 30]
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint-url", default="", help="S3-compatible server, e.g. MinIO")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    p = verbs.add_parser("bench", help="measure images/s against a baseline in the same run")
+    targets = p.add_subparsers(dest="target", required=True)
+    p = targets.add_parser("train", help="full training step vs the bare step on synthetic data")
+    p.add_argument("--config", required=True, help="YAML run config")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
@@ -59,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             return describe(args)
         if args.verb == "checkpoints":
             return checkpoints(args)
+        if args.verb == "bench":
+            return bench(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -129,6 +140,20 @@ def describe(args: argparse.Namespace) -> int:
           f"classes, {cfg.loss.scheme} weights. MACs are cumulative, every earlier head "
           f"included; 'own head' counts only this exit's head.")
     print(format_table(table, list(table[0])))
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from pipeline.train.bench import bench_train
+
+    r = bench_train(cfg, steps=args.steps, warmup=args.warmup)
+    print(f"{cfg.model.name}, batch {r['batch_size']}, {r['steps']} steps on {r['device']}: "
+          f"full training step {r['full_images_per_s']:.0f} images/s, bare step (synthetic "
+          f"tensors on the device) {r['bare_images_per_s']:.0f} images/s, "
+          f"ratio {r['ratio']:.2f}")
     return 0
 
 

@@ -1,6 +1,9 @@
 import json
+import re
 import subprocess
 import sys
+
+import pytest
 
 from pipeline.anytime.weights import static_weights
 
@@ -48,3 +51,14 @@ def test_prepare_digits_cli(tmp_path):
     summary = json.loads(proc.stdout.splitlines()[-1])
     assert summary["counts"]["train"] + summary["counts"]["val"] == 1797
     assert len(list((tmp_path / "digits" / "val").glob("*/*.JPEG"))) == summary["counts"]["val"]
+
+
+def test_bench_train_compares_full_and_bare_steps(fmnist):
+    proc = cli("bench", "train", "--config", "configs/demo_fmnist_resnet_ann.yaml",
+               f"data.root={fmnist}", "data.batch_size=32", "--steps", "4", "--warmup", "2")
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    rates = re.findall(r"(\d+) images/s", line)
+    ratio = float(line.rsplit("ratio ", 1)[1])
+    assert len(rates) == 2 and all(int(r) > 0 for r in rates)
+    assert ratio == pytest.approx(int(rates[0]) / int(rates[1]), rel=0.05)

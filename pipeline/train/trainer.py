@@ -73,19 +73,9 @@ def train(cfg: Config) -> dict[str, Any]:
     model = create_anytime_model(cfg, num_classes).to(device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    criterion = AnytimeLoss(
-        model.num_exits, cfg.loss.scheme, opt_exit=cfg.loss.opt_exit,
-        alternating=cfg.loss.alternating, seed=cfg.seed,
-        adaloss_update_every=cfg.loss.adaloss_update_every,
-        adaloss_momentum=cfg.loss.adaloss_momentum, adaloss_gamma=cfg.loss.adaloss_gamma,
-        adaloss_final_boost=cfg.loss.adaloss_final_boost,
-    ).to(device)
+    criterion = build_loss(cfg, model.num_exits).to(device)
 
-    global_batch = cfg.data.batch_size * dist_info.world_size
-    optimizer = create_optimizer_v2(
-        model, opt=cfg.optim.name, lr=cfg.optim.lr * global_batch / 256,
-        weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
-    )
+    optimizer = build_optimizer(cfg, model, dist_info.world_size)
     steps_per_epoch = len(train_loader)
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
@@ -142,16 +132,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 break
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
-            with autocast:
-                logits = ddp_model(images)
-            loss, exit_losses = criterion(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.optim.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            loss, exit_losses = train_step(ddp_model, criterion, optimizer, scaler, autocast,
+                                           images, labels, cfg.optim.grad_clip)
             step += 1
             scheduler.step_update(step)
             progress.advance(images.shape[0] * dist_info.world_size)
@@ -188,6 +170,43 @@ def train(cfg: Config) -> dict[str, Any]:
     metrics.close()
     close_distributed()
     return results
+
+
+def build_loss(cfg: Config, num_exits: int) -> AnytimeLoss:
+    return AnytimeLoss(
+        num_exits, cfg.loss.scheme, opt_exit=cfg.loss.opt_exit,
+        alternating=cfg.loss.alternating, seed=cfg.seed,
+        adaloss_update_every=cfg.loss.adaloss_update_every,
+        adaloss_momentum=cfg.loss.adaloss_momentum, adaloss_gamma=cfg.loss.adaloss_gamma,
+        adaloss_final_boost=cfg.loss.adaloss_final_boost,
+    )
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, world_size: int) -> torch.optim.Optimizer:
+    """timm's optimizer factory; `optim.lr` is for a global batch of 256, scaled linearly."""
+    global_batch = cfg.data.batch_size * world_size
+    return create_optimizer_v2(
+        model, opt=cfg.optim.name, lr=cfg.optim.lr * global_batch / 256,
+        weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
+    )
+
+
+def train_step(model: torch.nn.Module, criterion: AnytimeLoss, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, autocast: AbstractContextManager,
+               images: torch.Tensor, labels: torch.Tensor,
+               grad_clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch already on the device; returns (loss, per-exit losses)."""
+    with autocast:
+        logits = model(images)
+    loss, exit_losses = criterion(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, exit_losses
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer,
