@@ -6,6 +6,7 @@ checkpoint, then the per-exit results.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.metadata
 import json
@@ -223,13 +224,16 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer,
 
 
 def create_anytime_model(cfg: Config, num_classes: int) -> torch.nn.Module:
+    if not timm.is_model(cfg.model.name):
+        anytime = timm.list_models("*_ann*") + timm.list_models("*_opt") + \
+            timm.list_models("msdnet*")
+        near = difflib.get_close_matches(cfg.model.name, anytime, n=3, cutoff=0.5)
+        hint = (f"did you mean {' or '.join(near)}?" if near
+                else f"anytime models: {', '.join(anytime)}")
+        raise UserError(f"model.name={cfg.model.name!r} is not a registered model; {hint}")
     try:
         return timm.create_model(cfg.model.name, num_classes=num_classes, **cfg.model.kwargs)
-    except RuntimeError as e:  # timm's "Unknown model (...)"
-        near = timm.list_models(f"*{cfg.model.name.split('_')[0]}*")[:8]
-        raise UserError(f"model.name={cfg.model.name!r}: {e}; anytime models include "
-                        f"{', '.join(near) or ', '.join(timm.list_models('*ann*'))}") from e
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # bad kwargs, or values the model rejects
         raise UserError(f"model.kwargs {cfg.model.kwargs} do not fit {cfg.model.name}: {e}") from e
 
 
