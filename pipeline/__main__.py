@@ -79,10 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 def prepare(args: argparse.Namespace) -> int:
     from pipeline.data.prepare import prepare_digits, prepare_fashion_mnist
 
-    if args.dataset == "fashion-mnist":
-        summary = prepare_fashion_mnist(args.out, limit=args.limit)
-    else:
-        summary = prepare_digits(args.out)
+    try:
+        if args.dataset == "fashion-mnist":
+            summary = prepare_fashion_mnist(args.out, limit=args.limit)
+        else:
+            summary = prepare_digits(args.out)
+    except PermissionError as e:
+        raise UserError(f"cannot write {args.out}: {e.strerror}; choose a writable --out") from e
     print(json.dumps(summary, default=str))
     return 0
 

@@ -79,3 +79,17 @@ def test_retention_keeps_the_newest(tmp_path):
     for step in range(1, 6):
         store.save(step, state(float(step)))
     assert [i.step for i in store.list()] == [4, 5]
+
+
+def test_load_latest_valid_reads_each_payload_once(tmp_path, monkeypatch):
+    store = CheckpointStore(str(tmp_path), keep_last=0)
+    store.save(1, state(1.0))
+    store.save(2, state(2.0))
+    (tmp_path / "step-00000002" / PAYLOAD).write_bytes(b"broken")
+    reads = []
+    cat_file = store.fs.cat_file
+    monkeypatch.setattr(store.fs, "cat_file", lambda path, **kw: reads.append(path) or
+                        cat_file(path, **kw))
+    info, loaded = store.load_latest_valid()
+    assert info.step == 1 and loaded["step"] == 1
+    assert sum(p.endswith(PAYLOAD) for p in reads) == 2  # the broken one, then the good one

@@ -63,3 +63,4 @@ def test_bench_train_compares_full_and_bare_steps(fmnist):
     ratio = float(line.rsplit("ratio ", 1)[1])
     assert len(rates) == 2 and all(int(r) > 0 for r in rates)
     assert ratio == pytest.approx(int(rates[0]) / int(rates[1]), rel=0.05)
+

@@ -124,6 +124,17 @@ class CheckpointStore:
             log.warning("skipping checkpoint %s/%s: %s", self.url, info.name, problem)
         return None
 
+    def load_latest_valid(
+        self, map_location: str | torch.device = "cpu"
+    ) -> tuple[CheckpointInfo, dict] | None:
+        """The newest checkpoint that verifies and its state, each payload read only once."""
+        for info in reversed(self.list()):
+            problem, files = self._read_verified(info.name)
+            if problem is None:
+                return info, self._deserialize(info, files, map_location)
+            log.warning("skipping checkpoint %s/%s: %s", self.url, info.name, problem)
+        return None
+
     def verify(self, info: CheckpointInfo) -> str | None:
         """None when every payload matches the manifest, else what is wrong."""
         return self._read_verified(info.name)[0]
@@ -134,6 +145,10 @@ class CheckpointStore:
         if problem is not None:
             raise UserError(f"checkpoint {self.url}/{info.name} is corrupt ({problem}); "
                             "delete it or resume from an earlier one")
+        return self._deserialize(info, files, map_location)
+
+    def _deserialize(self, info: CheckpointInfo, files: dict[str, bytes],
+                     map_location: str | torch.device) -> dict:
         try:
             return torch.load(io.BytesIO(files[PAYLOAD]), map_location=map_location,
                               weights_only=True)

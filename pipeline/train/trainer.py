@@ -60,7 +60,7 @@ def train(cfg: Config) -> dict[str, Any]:
         endpoint_url=cfg.checkpoint.endpoint_url, retries=cfg.checkpoint.retries,
         retry_delay=cfg.checkpoint.retry_delay,
     )
-    resume_from = check_run_folder(cfg, store)
+    resume_from = check_run_folder(cfg, store)  # (info, state) or None
     if dist_info.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -85,7 +85,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     epoch, step = 0, 0
     if resume_from is not None:
-        state = store.load(resume_from)
+        info, state = resume_from
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -93,8 +93,7 @@ def train(cfg: Config) -> dict[str, Any]:
         criterion.load_state_dict(state["loss"])
         restore_rng(state["rng"])
         epoch, step = state["epoch"], state["step"]
-        log.info("resumed from %s/%s at epoch %d, step %d", store.url, resume_from.name,
-                 epoch, step)
+        log.info("resumed from %s/%s at epoch %d, step %d", store.url, info.name, epoch, step)
 
     ddp_model = model
     if dist_info.world_size > 1:
@@ -276,15 +275,17 @@ def report(cfg: Config, model: torch.nn.Module, val_errors: dict, seconds: float
     return results
 
 
-def check_run_folder(cfg: Config, store: CheckpointStore) -> CheckpointInfo | None:
-    """The checkpoint to resume from, or None; refuses to mix two runs in one folder."""
+def check_run_folder(cfg: Config,
+                     store: CheckpointStore) -> tuple[CheckpointInfo, dict] | None:
+    """The checkpoint to resume from and its state, or None; refuses to mix two runs in one
+    folder."""
     previous = store.list() or (cfg.run_dir / "metrics.jsonl").exists()
     if cfg.resume == "never":
         if previous:
             raise UserError(f"run folder {cfg.run_dir} already holds a run; pass resume=auto to "
                             f"continue it, or name=NEW_NAME to start a new one")
         return None
-    latest = store.latest_valid()
+    latest = store.load_latest_valid()
     if latest is None and previous:
         log.warning("resume=auto: no valid checkpoint in %s; starting from scratch", store.url)
     return latest
