@@ -5,6 +5,8 @@
     describe --model resnet_ann_cifar20 --scheme sieve [--json]
     checkpoints list|verify s3://bucket/runs/demo/checkpoints [--endpoint-url URL]
     bench train --config configs/demo_fmnist_resnet_ann.yaml [--steps 30]
+    eval --checkpoint runs/demo_fmnist/checkpoints --data data/fashion-mnist [--json] [--budgeted 8]
+    assemble --members URL1 URL2 URL3 --val data/fashion-mnist --out runs/eann [--budgeted 8]
 """
 
 from __future__ import annotations
@@ -56,6 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
 
+    p = verbs.add_parser("eval", help="per-exit top-1/top-5 error and cost of a checkpoint")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint URL: a run's checkpoints folder (newest valid) or one "
+                        "step-XXXXXXXX folder; a path, file://, s3:// ...")
+    p.add_argument("--data", required=True, help="data root holding the split folder")
+    p.add_argument("--out", default=None, help="local folder for eval.json and the plots "
+                                               "(default runs/eval-<run name>)")
+    _add_eval_options(p)
+
+    p = verbs.add_parser("assemble", help="stitch separately trained members into an EANN")
+    p.add_argument("--members", required=True, nargs="+", help="checkpoint URLs, one per member")
+    p.add_argument("--val", required=True, help="held-out data root (its --split folder)")
+    p.add_argument("--out", required=True, help="folder URL for eann.safetensors, eann.json "
+                                                "and the plots (a path, s3:// ...)")
+    _add_eval_options(p)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
@@ -70,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             return checkpoints(args)
         if args.verb == "bench":
             return bench(args)
+        if args.verb == "eval":
+            return evaluate(args)
+        if args.verb == "assemble":
+            return assemble(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -178,6 +200,44 @@ def checkpoints(args: argparse.Namespace) -> int:
         print(f"no checkpoints at {args.url}")
     broken = [r for r in rows if r["status"] not in ("manifest ok", "valid")]
     return 1 if broken else 0
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default="val", help="split folder under the data root")
+    p.add_argument("--endpoint-url", default="", help="S3-compatible server, e.g. MinIO")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    p.add_argument("--budgeted", type=int, default=0, metavar="POINTS",
+                   help="also run budgeted batch evaluation at this many average costs")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the checkpoint's config, "
+                                                "e.g. data.batch_size=64 data.workers=8")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from pipeline.evaluation import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, args.data, split=args.split,
+                        endpoint_url=args.endpoint_url, overrides=args.overrides,
+                        device=args.device, amp=args.amp, out_dir=args.out,
+                        budgeted=args.budgeted, print_json=args.json)
+    return 0
+
+
+def assemble(args: argparse.Namespace) -> int:
+    import re
+
+    from pipeline.eann.assemble import assemble as run_assembly
+
+    # --members takes every word up to the next option, so overrides written after it
+    # (data.batch_size=64) land there: move them back.
+    override = re.compile(r"[a-z_]+(\.[a-z_]+)+=")
+    members = [m for m in args.members if not override.match(m)]
+    overrides = [m for m in args.members if override.match(m)] + args.overrides
+    run_assembly(members, args.val, args.out, split=args.split,
+                 endpoint_url=args.endpoint_url, overrides=overrides, device=args.device,
+                 amp=args.amp, budgeted=args.budgeted, print_json=args.json)
+    return 0
 
 
 if __name__ == "__main__":

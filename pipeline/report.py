@@ -50,3 +50,59 @@ def plot_anytime_curve(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_series(
+    series: Sequence[dict[str, Any]],
+    path: str | Path,
+    *,
+    xlabel: str = "cumulative multiply-adds per image (millions)",
+    ylabel: str = "validation error (%)",
+    title: str = "",
+    log_x: bool = False,
+    hlines: Sequence[tuple[float, str]] = (),
+) -> Path:
+    """Curves with their own x values (multiply-adds, shown in millions): each series is a dict
+    of label, x, y and optionally step=True (a staircase, each value held until the next point;
+    with extend_to=X the last one is held up to X) and any matplotlib line keyword (linestyle,
+    color, marker ...). `hlines`: (y, label) reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for s in series:
+        style = {k: v for k, v in s.items() if k not in ("label", "x", "y", "step", "extend_to")}
+        style.setdefault("marker", "o")
+        x, y = [v / 1e6 for v in s["x"]], list(s["y"])
+        if s.get("step"):
+            marker = style.pop("marker")
+            size = style.pop("markersize", 6)
+            if s.get("extend_to") is not None and s["extend_to"] / 1e6 > x[-1]:
+                x, y = [*x, s["extend_to"] / 1e6], [*y, y[-1]]
+            (line,) = ax.step(x, y, where="post", label=s["label"], **style)
+            if marker:  # markers only on the real points, not on the held end
+                ax.plot(x[: len(s["x"])], y[: len(s["x"])], linestyle="", marker=marker,
+                        markersize=size, color=line.get_color(), zorder=line.get_zorder())
+        else:
+            ax.plot(x, y, label=s["label"], **style)
+    for y, label in hlines:
+        ax.axhline(y, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(label, (1, y), xycoords=("axes fraction", "data"), ha="right",
+                    va="bottom", fontsize=8, color="grey")
+    if log_x:
+        ax.set_xscale("log")
+        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis(FormatStrFormatter("%g"))  # 0.5, 2, 30 rather than 5x10^-1
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
