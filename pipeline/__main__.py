@@ -214,9 +214,18 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
                                                 "e.g. data.batch_size=64 data.workers=8")
 
 
+def _json_keeps_stdout(args: argparse.Namespace) -> None:
+    """With --json, stdout holds only the JSON document: progress logging moves to stderr."""
+    if args.json:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setStream(sys.stderr)
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation import evaluate_checkpoint
 
+    _json_keeps_stdout(args)
     evaluate_checkpoint(args.checkpoint, args.data, split=args.split,
                         endpoint_url=args.endpoint_url, overrides=args.overrides,
                         device=args.device, amp=args.amp, out_dir=args.out,
@@ -229,6 +238,7 @@ def assemble(args: argparse.Namespace) -> int:
 
     from pipeline.eann.assemble import assemble as run_assembly
 
+    _json_keeps_stdout(args)
     # --members takes every word up to the next option, so overrides written after it
     # (data.batch_size=64) land there: move them back.
     override = re.compile(r"[a-z_]+(\.[a-z_]+)+=")
