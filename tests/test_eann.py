@@ -15,6 +15,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -25,7 +26,6 @@ from pipeline.anytime.budgeted import apply_cascade, budgeted_curve, fit_thresho
 from pipeline.config import config_from_dict
 from pipeline.data import build_loader
 from pipeline.data.folder import index_split
-from pipeline.data.torch import build_transform
 from pipeline.eann import EANN, build_schedule, cost_ratios
 from pipeline.eann.schedule import depth_ratio, seed_bound, single_member_frontier
 from pipeline.errors import UserError
@@ -258,8 +258,8 @@ def test_predict_never_exceeds_its_budget(assembled, members, digits):
 
 
 def recount(checkpoint: Path, data: Path) -> tuple[list[float], list[float], int]:
-    """Per-exit top-1 / top-5 error counted image by image: PIL decode, the config's transform,
-    one forward per image; no loader, sampler or metrics class of the pipeline."""
+    """Per-exit top-1 / top-5 error counted image by image: PIL decode and resize, normalise,
+    one forward per image; no loader, transform, sampler or metrics class of the pipeline."""
     import timm
 
     store = CheckpointStore(str(checkpoint))
@@ -269,14 +269,19 @@ def recount(checkpoint: Path, data: Path) -> tuple[list[float], list[float], int
     model = timm.create_model(cfg.model.name, num_classes=10, **cfg.model.kwargs)
     model.load_state_dict(state["model"])
     model.eval()
-    transform = build_transform(cfg.data, train=False)
+    size = cfg.data.image_size
+    mean = torch.tensor(cfg.data.mean).view(3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(3, 1, 1)
     index = index_split(data, "val")
     top1 = [0] * model.num_exits
     top5 = [0] * model.num_exits
     with torch.no_grad():
         for i, (_, label) in enumerate(index.samples):
             with Image.open(index.path(i)) as im:
-                x = transform(im.convert("RGB"))[None]
+                # the digits are 32x32: "small" augmentation resizes them (PIL bilinear)
+                rgb = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            pixels = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 255
+            x = ((pixels - mean) / std)[None]
             for k, logits in enumerate(model(x)):
                 ranked = logits[0].argsort(descending=True).tolist()
                 top1[k] += ranked[0] == label
@@ -361,3 +366,20 @@ def test_bad_input_is_one_line(members, digits, make_image_folder, tmp_path, cap
     (broken / "eann.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated or corrupt"):
         EANN.load(str(broken))
+
+
+def test_slurm_script_runs_the_assembly(members, digits, tmp_path):
+    """The sbatch script itself, run as a plain shell script (outside SLURM it skips srun)."""
+    import os
+
+    env = {**os.environ, "MEMBERS": f"{members[0]} {members[1]}", "VAL_DIR": str(digits),
+           "OUT_URL": str(tmp_path / "eann"), "BUDGETED": "0", "PYTHON": sys.executable}
+    env.pop("SLURM_JOB_ID", None)
+    proc = subprocess.run(["bash", "slurm/eann_assemble.sh", "data.workers=0"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    info = json.loads((tmp_path / "eann" / "eann.json").read_text())
+    assert len(info["members"]) == 2 and "budgeted" not in info
+    missing = subprocess.run(["bash", "slurm/eann_assemble.sh"], env={**env, "MEMBERS": ""},
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "set MEMBERS" in missing.stderr
