@@ -30,6 +30,7 @@ from pipeline.anytime.metrics import ExitErrors
 from pipeline.config import Config, _set_dotted, config_from_dict
 from pipeline.errors import UserError
 from pipeline.storage.checkpoints import CheckpointStore
+from pipeline.train.progress import format_duration
 
 log = logging.getLogger("pipeline.eval")
 
@@ -142,8 +143,10 @@ def run_exits(models: list[nn.Module], loader: Any, device: torch.device,
             correct[i].append(top.indices.eq(labels[:, None]).cpu())
         seen += labels.shape[0]
         if (batch + 1) % 50 == 0:
-            rate = seen / (time.perf_counter() - started)
-            log.info("evaluated %d images (%.0f img/s on this rank)", seen, rate)
+            elapsed = time.perf_counter() - started
+            eta = elapsed / (batch + 1) * (len(loader) - batch - 1)
+            log.info("evaluated %d images, batch %d/%d (%.0f img/s on this rank, eta %s)", seen,
+                     batch + 1, len(loader), seen / elapsed, format_duration(eta))
     results = []
     for i, model in enumerate(models):
         e = errors[i].compute()
