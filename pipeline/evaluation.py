@@ -264,7 +264,7 @@ def plot_budgeted(rows: list[dict], static: list[tuple[float, float]], path: Pat
     return plot_series(
         [{"label": "budgeted cascade (avg cost)", "x": [r["cost"] for r in rows],
           "y": [100 - r["error"] for r in rows]},
-         {"label": "each exit alone (static)", "x": [m for m, _ in static],
+         {"label": "every image to the same output (static)", "x": [m for m, _ in static],
           "y": [100 - e for _, e in static], "linestyle": ":"}],
         path, ylabel="validation top-1 accuracy (%)", title=title,
         xlabel="average multiply-adds per image (millions)")

@@ -194,7 +194,7 @@ def write_plots(info: dict[str, Any], folder: Path, budgeted: bool) -> dict[str,
         hlines.append((bound, f"seed's bound 2 + 1/(b-1) = {bound:.2f} (b = {ratio['b']:.2f})"))
     plots["eann_cost_ratio.png"] = plot_series(
         [{"label": "C at each EANN output", "x": [r["eann_macs"] for r in per_output],
-          "y": [r["C"] for r in per_output]}],
+          "y": [r["C"] for r in per_output], "linestyle": ":"}],
         folder / "eann_cost_ratio.png", log_x=True, hlines=hlines,
         xlabel="EANN cost of the output (millions of multiply-adds per image)",
         ylabel="C = EANN cost / best single-member cost", title="measured cost ratio C")
