@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import DataConfig
 from pipeline.data.folder import compare_classes, index_split, list_classes
+from pipeline.data.verify import apply_file_lists
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
@@ -22,6 +23,10 @@ def build_loader(
     seed: int = 0,
 ) -> TorchLoader:
     """The loader of root/split for one rank: batches of (float32 NCHW images, int64 labels)."""
+    if cfg.backend == "synthetic":
+        from pipeline.data.synthetic import SyntheticLoader
+
+        return SyntheticLoader(cfg, split, train=train, rank=rank, world_size=world_size)
     index = index_split(cfg.root, split)
     train_dir = index.root / "train"
     if split != "train" and train_dir.is_dir():
@@ -29,8 +34,17 @@ def build_loader(
         # train would be scored against the wrong labels without any error.
         train_classes = list_classes(index.root, "train")
         compare_classes(train_classes, index.classes, train_dir, index.split_dir)
+    index = apply_file_lists(index, cfg.file_lists)  # leaves out what `data verify` found bad
     if cfg.backend == "torch":
         from pipeline.data.torch import TorchLoader
 
+        if cfg.dtype != "float32" or cfg.channels_last:
+            raise UserError("data.dtype and data.channels_last apply to data.backend=dali or "
+                            "synthetic; leave them at float32 / false for data.backend=torch")
         return TorchLoader(cfg, index, train=train, rank=rank, world_size=world_size, seed=seed)
-    raise UserError(f"data.backend={cfg.backend!r} is not available; use data.backend=torch")
+    if cfg.backend == "dali":
+        from pipeline.data.dali import DaliLoader
+
+        return DaliLoader(cfg, index, train=train, rank=rank, world_size=world_size, seed=seed)
+    raise UserError(f"data.backend={cfg.backend!r} is not available; use data.backend=torch, "
+                    "dali or synthetic")
