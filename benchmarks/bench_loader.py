@@ -119,16 +119,25 @@ def main() -> None:
             rounds.setdefault(r["backend"], []).append(r)
     results = [max(runs, key=lambda r: r["images_per_s"]) for runs in rounds.values()]
     limit = results[0]
+    # CPU ms per image (this process and its workers) is the robust number on a shared
+    # machine: N idle cores would give N / cost images/s. The wall-clock rate is what this run saw.
+    for r in results:
+        r["cost_ratio"] = limit["cpu_ms_per_image"] / r["cpu_ms_per_image"]
+        r["wall_ratio"] = r["images_per_s"] / limit["images_per_s"]
     rows = [{"back end": r["backend"], "images/s": r["images_per_s"],
-             "ratio to limit": r["images_per_s"] / limit["images_per_s"],
+             "wall ratio": r["wall_ratio"],
              "rounds": " ".join(f"{x['images_per_s']:.0f}" for x in rounds[r["backend"]]),
-             "workers": r["workers"]} for r in results]
+             "CPU ms/image": r["cpu_ms_per_image"], "cost ratio": r["cost_ratio"]}
+            for r in results]
     print(format_table(rows, list(rows[0])))
-    dali = max(r["images_per_s"] for r in results if r["backend"].startswith("dali"))
-    torch_rate = next(r["images_per_s"] for r in results if r["backend"] == "torch")
-    best = max(dali, torch_rate)
-    print(f"best CPU back end {best / limit['images_per_s']:.2f}x the limit (goal >= 0.5); "
-          f"DALI CPU {dali / torch_rate:.2f}x the torch fallback (goal >= 1)")
+    dali = max((r for r in results if r["backend"].startswith("dali")),
+               key=lambda r: r["cost_ratio"])
+    torch_r = next(r for r in results if r["backend"] == "torch")
+    best = max(dali, torch_r, key=lambda r: r["cost_ratio"])
+    print(f"best CPU back end ({best['backend']}): {best['cost_ratio']:.2f}x the limit by CPU "
+          f"cost, {best['wall_ratio']:.2f}x by wall-clock rate (goal >= 0.5); DALI CPU vs the "
+          f"torch fallback: {dali['cost_ratio'] / torch_r['cost_ratio']:.2f}x by CPU cost, "
+          f"{dali['images_per_s'] / torch_r['images_per_s']:.2f}x by rate (goal >= 1)")
     record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
               "images": len(files), "mean_kb": mean_kb, "batch_size": args.batch_size,
@@ -145,8 +154,10 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3), dpi=120)
-    ax.barh([r["back end"] for r in rows][::-1], [r["images/s"] for r in rows][::-1])
-    ax.set_xlabel("images/s (224x224 training batches; limit = decode only)")
+    ax.barh([r["back end"] for r in rows][::-1], [r["cost ratio"] for r in rows][::-1])
+    ax.axvline(0.5, color="grey", linestyle="--", label="goal: 0.5x the limit")
+    ax.set_xlabel("throughput per CPU second, relative to decode only (224x224 training)")
+    ax.legend(loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -203,7 +203,8 @@ def bench_loader(args: argparse.Namespace) -> int:
         cfg = load_config(None, overrides)
         r = bench_loader(cfg.data, args.split, batches=args.batches, warmup=args.warmup)
     print(f"{r['backend']} on {r['device']} ({r['workers']} workers), {r['images']} images of "
-          f"{args.data}/{args.split}: {r['images_per_s']:.0f} images/s")
+          f"{args.data}/{args.split}: {r['images_per_s']:.0f} images/s, "
+          f"{r['cpu_ms_per_image']:.2f} CPU ms per image")
     return 0
 
 

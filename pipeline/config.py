@@ -49,6 +49,7 @@ class DataConfig:
     dtype: Literal["float32", "float16"] = "float32"
     channels_last: bool = False
     dali_device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: gpu when CUDA is available
+    endpoint_url: str = ""  # for an s3:// data.root on an S3-compatible server; "" = AWS
 
 
 @dataclass

@@ -301,3 +301,38 @@ def test_unknown_backend_names_the_choices(image_folder: Path) -> None:
     bad.backend = "ffcv"
     with pytest.raises(UserError, match="torch, dali or synthetic"):
         build_loader(bad, "train", train=True)
+
+
+def test_s3_data_root_is_read_by_dali_directly(image_folder: Path, s3_server: str,
+                                               s3_bucket: str, monkeypatch) -> None:
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "")  # the loader sets it; restored after the test
+
+    truncate(image_folder / "train" / "cat" / "cat_004.JPEG")  # index 28
+    s3fs.S3FileSystem(endpoint_url=s3_server).put(str(image_folder), f"{s3_bucket}/imagenet",
+                                                  recursive=True)
+    (image_folder / "train" / "ignored.txt").write_text("")  # local and remote lists agree
+    remote = dali_cfg(f"{s3_bucket}/imagenet", endpoint_url=s3_server, batch_size=5,
+                      max_bad_fraction=0.1)
+    local = dali_cfg(image_folder, batch_size=5, max_bad_fraction=0.1)
+    for split, train in (("train", True), ("val", False)):
+        loader = build_loader(remote, split, train=train, seed=4)
+        assert loader.classes == ["ant", "bee", "cat"]
+        assert str(loader.index.path(0)) == f"{s3_bucket}/imagenet/{split}/ant/ant_000.JPEG"
+        batches = list(loader.batches_with_indices())
+        reference = list(build_loader(local, split, train=train, seed=4).batches_with_indices())
+        assert [ids.tolist() for *_, ids in batches] == [ids.tolist() for *_, ids in reference]
+        for (x, *_), (x_local, *_) in zip(batches, reference):
+            if not train:  # no random crops: the same pixels as from the local copy
+                torch.testing.assert_close(x, x_local)
+    assert loader.bad_files == []
+    train_loader = build_loader(remote, "train", train=True, seed=4)
+    list(train_loader)
+    assert train_loader.bad_files == [f"{s3_bucket}/imagenet/train/cat/cat_004.JPEG"]
+
+    with pytest.raises(UserError, match="only data.backend=dali reads"):
+        build_loader(dali_cfg(f"{s3_bucket}/imagenet", backend="torch"), "train", train=True)
+    with pytest.raises(UserError, match="holds no <class>/<image> files"):
+        build_loader(dali_cfg(f"{s3_bucket}/nothing", endpoint_url=s3_server), "train",
+                     train=True)

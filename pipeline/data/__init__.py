@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import DataConfig
 from pipeline.data.folder import compare_classes, index_split, list_classes
+from pipeline.data.remote import build_url_loader, is_url
 from pipeline.data.verify import apply_file_lists
 from pipeline.errors import UserError
 
@@ -27,6 +28,9 @@ def build_loader(
         from pipeline.data.synthetic import SyntheticLoader
 
         return SyntheticLoader(cfg, split, train=train, rank=rank, world_size=world_size)
+    if is_url(cfg.root):
+        return build_url_loader(cfg, split, train=train, rank=rank, world_size=world_size,
+                                seed=seed)
     index = index_split(cfg.root, split)
     train_dir = index.root / "train"
     if split != "train" and train_dir.is_dir():

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -42,15 +43,38 @@ def bench_loader(cfg: DataConfig, split: str = "train", batches: int = 50,
     for batch, _ in itertools.islice(it, warmup):
         images = batch
     synchronize(images)
-    started, seen = time.perf_counter(), 0
+    started, cpu, seen = time.perf_counter(), cpu_seconds(), 0
     for batch, _ in itertools.islice(it, batches):
         images = batch
         seen += images.shape[0]
     synchronize(images)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     return {"backend": cfg.backend, "images_per_s": seen / seconds, "images": seen,
-            "seconds": seconds, "device": str(images.device), "batch_size": cfg.batch_size,
-            "workers": cfg.workers}
+            "seconds": seconds, "cpu_ms_per_image": 1e3 * cpu / seen,
+            "device": str(images.device), "batch_size": cfg.batch_size, "workers": cfg.workers}
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its live child processes (DataLoader and
+    pool workers), from /proc. Unlike wall time it barely changes when other jobs share the
+    cores, so it compares back ends fairly on a busy machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in [os.getpid(), *_children(os.getpid())]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended in between
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in map(int, task.read_text().split()):
+            found += [child, *_children(child)]
+    return found
 
 
 def synchronize(images: torch.Tensor) -> None:
@@ -79,8 +103,9 @@ def decode_limit(root: str, split: str = "train", images: int = 2000,
     chunks = [paths[i : i + 32] for i in range(0, len(paths), 32)]
     with multiprocessing.get_context("fork").Pool(processes) as pool:
         pool.map(_decode, chunks[:processes])  # warm: workers started, files in the page cache
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds()
         done = sum(pool.map(_decode, chunks))
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     return {"backend": "decode-only limit", "images_per_s": done / seconds, "images": done,
-            "seconds": seconds, "device": "cpu", "workers": processes}
+            "seconds": seconds, "cpu_ms_per_image": 1e3 * cpu / done, "device": "cpu",
+            "workers": processes}

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import fsspec
 from PIL import Image
 
 from pipeline.data.folder import FolderIndex, index_split
@@ -37,7 +38,7 @@ def decode_error(path: str | Path) -> str | None:
     try:
         # convert() forces the full decode: a truncated file fails here, not just in its header
         # (PIL's LOAD_TRUNCATED_IMAGES stays off). PIL raises many exception types.
-        with Image.open(path) as im:
+        with fsspec.open(str(path), "rb") as f, Image.open(f) as im:  # a path or a URL
             im.convert("RGB")
     except Exception as e:
         return f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")
