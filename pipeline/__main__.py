@@ -73,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = verbs.add_parser("data", help="check a data set: list the images that decode")
     p.add_argument("action", choices=["verify"])
-    p.add_argument("root", type=Path, help="ImageNet-layout root holding train/ and val/")
+    p.add_argument("root", help="ImageNet-layout root holding train/ and val/ (or s3://...)")
     p.add_argument("--splits", nargs="+", default=None, help="default: train and val, if there")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for the lists (default: the root; then set data.file_lists)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--endpoint-url", default="", help="S3-compatible server for an s3:// root")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
@@ -209,14 +210,17 @@ def bench_loader(args: argparse.Namespace) -> int:
 
 
 def data(args: argparse.Namespace) -> int:
+    from pipeline.data.remote import is_url
     from pipeline.data.verify import verify_split
 
-    splits = args.splits or [s for s in ("train", "val") if (args.root / s).is_dir()]
+    splits = args.splits or [s for s in ("train", "val")
+                             if is_url(args.root) or (Path(args.root) / s).is_dir()]
     if not splits:
         raise UserError(f"{args.root} has no train/ or val/ folder; name the split folders "
                         "with --splits")
     for split in splits:
-        r = verify_split(args.root, split, out=args.out, workers=args.workers)
+        r = verify_split(args.root, split, out=args.out, workers=args.workers,
+                         endpoint_url=args.endpoint_url)
         print(f"{split}: {r.images - len(r.bad)} of {r.images} images decode "
               f"({r.images / max(r.seconds, 1e-9):.0f} images/s); list: {r.list_path}")
         if r.bad:

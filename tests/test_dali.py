@@ -331,6 +331,19 @@ def test_s3_data_root_is_read_by_dali_directly(image_folder: Path, s3_server: st
     list(train_loader)
     assert train_loader.bad_files == [f"{s3_bucket}/imagenet/train/cat/cat_004.JPEG"]
 
+    # data verify reads the bucket too; its lists stay local.
+    from pipeline.__main__ import main
+
+    lists = image_folder.parent / "lists"
+    assert main(["data", "verify", f"{s3_bucket}/imagenet", "--out", str(lists),
+                 "--endpoint-url", s3_server, "--workers", "2"]) == 0
+    assert (lists / "train.bad.txt").read_text().startswith("cat/cat_004.JPEG\t")
+    verified = build_loader(dali_cfg(f"{s3_bucket}/imagenet", endpoint_url=s3_server,
+                                     file_lists=str(lists)), "train", train=True)
+    assert verified.num_samples == 35
+    list(verified)
+    assert verified.bad_files == []
+
     with pytest.raises(UserError, match="only data.backend=dali reads"):
         build_loader(dali_cfg(f"{s3_bucket}/imagenet", backend="torch"), "train", train=True)
     with pytest.raises(UserError, match="holds no <class>/<image> files"):

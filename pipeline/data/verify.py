@@ -64,9 +64,21 @@ def list_paths(lists_dir: Path, split: str) -> tuple[Path, Path]:
 
 
 def verify_split(root: str | Path, split: str, out: str | Path | None = None,
-                 workers: int | None = None) -> VerifyResult:
-    """Decode every image of root/split on `workers` processes; write the good and bad lists."""
-    index = index_split(root, split)
+                 workers: int | None = None, endpoint_url: str = "") -> VerifyResult:
+    """Decode every image of root/split on `workers` processes; write the good and bad lists.
+
+    `root` may be an s3:// URL (the lists then go to the local folder `out`)."""
+    from pipeline.data.remote import index_url, is_url
+
+    if is_url(str(root)):
+        if out is None:
+            raise UserError(f"verifying {root} needs --out DIR, a local folder for the lists; "
+                            "then set data.file_lists=DIR")
+        if endpoint_url:  # read by s3fs here and in the forked workers
+            os.environ["AWS_ENDPOINT_URL"] = endpoint_url
+        index = index_url(str(root), split, endpoint_url)
+    else:
+        index = index_split(root, split)
     lists_dir = Path(out) if out else index.root
     try:
         lists_dir.mkdir(parents=True, exist_ok=True)
