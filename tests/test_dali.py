@@ -275,14 +275,20 @@ def test_bench_loader_prints_images_per_second(image_folder: Path, capsys) -> No
 
 
 @pytest.mark.slow
-def test_train_end_to_end_with_dali(image_folder: Path, tmp_path: Path) -> None:
-    run = [sys.executable, "-m", "pipeline", "train", "--config",
-           "configs/demo_fmnist_resnet_ann.yaml", f"data.root={image_folder}",
-           "data.backend=dali", "data.workers=2", "data.image_size=32", "data.batch_size=6",
-           "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", "train.log_every=2",
-           f"out_dir={tmp_path}", "name=dali", "checkpoint.every_steps=4"]
+def test_train_end_to_end_with_dali_on_two_processes(image_folder: Path, tmp_path: Path) -> None:
+    # DDP over 2 CPU processes (gloo), a truncated JPEG in the training set: the run neither
+    # hangs nor dies, names the image, counts every validation image once, and resumes.
+    victim = image_folder / "train" / "bee" / "bee_007.JPEG"
+    truncate(victim)
+    run = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "pipeline", "train",
+           "--config", "configs/demo_fmnist_resnet_ann.yaml", f"data.root={image_folder}",
+           "data.backend=dali", "data.workers=1", "data.image_size=32", "data.batch_size=3",
+           "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", "data.max_bad_fraction=0.1",
+           "train.log_every=2", f"out_dir={tmp_path}", "name=dali"]
     proc = subprocess.run([*run, "train.epochs=1"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "batch 3 x 2" in proc.stdout and "6 steps" in proc.stdout  # 36 images / (3 x 2)
+    assert victim.name in proc.stdout + proc.stderr
     results = json.loads((tmp_path / "dali" / "results.json").read_text())
     assert results["val_samples"] == 12 and len(results["exits"]) == 9
     resumed = subprocess.run([*run, "train.epochs=2", "resume=auto"], capture_output=True,
