@@ -355,3 +355,13 @@ def test_s3_data_root_is_read_by_dali_directly(image_folder: Path, s3_server: st
     with pytest.raises(UserError, match="holds no <class>/<image> files"):
         build_loader(dali_cfg(f"{s3_bucket}/nothing", endpoint_url=s3_server), "train",
                      train=True)
+
+
+def test_verify_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    from pipeline.__main__ import main
+
+    assert main(["data", "verify", "s3://bucket/imagenet"]) == 2
+    assert "needs --out DIR" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    assert main(["data", "verify", str(tmp_path / "other")]) == 2
+    assert "no train/ or val/ folder" in capsys.readouterr().err
