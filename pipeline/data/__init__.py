@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
 
 from pipeline.config import DataConfig
 from pipeline.data.folder import compare_classes, index_split, list_classes
@@ -10,8 +13,20 @@ from pipeline.data.remote import build_url_loader, is_url
 from pipeline.data.verify import apply_file_lists
 from pipeline.errors import UserError
 
-if TYPE_CHECKING:
-    from pipeline.data.torch import TorchLoader
+
+class Loader(Protocol):
+    """What every back end gives the trainer: (images N x 3 x H x W, int64 labels) batches."""
+
+    classes: list[str]
+    num_samples: int
+    batch_size: int
+    bad_files: list[str]  # images that failed to decode during this run, by path
+
+    def __len__(self) -> int: ...  # batches per epoch on this rank
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def state_dict(self) -> dict[str, int]: ...
+    def load_state_dict(self, state: dict[str, int]) -> None: ...
 
 
 def build_loader(
@@ -22,8 +37,9 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     seed: int = 0,
-) -> TorchLoader:
-    """The loader of root/split for one rank: batches of (float32 NCHW images, int64 labels)."""
+) -> Loader:
+    """The loader of root/split for one rank: batches of (NCHW images, int64 labels); float32
+    unless data.dtype says otherwise, on the GPU for DALI's 'mixed' decode."""
     if cfg.backend == "synthetic":
         from pipeline.data.synthetic import SyntheticLoader
 
