@@ -66,8 +66,11 @@ def write_dataset(root: Path, images: int, classes: int = 10) -> Path:
             folder = root / split / f"n{i % classes:08d}"
             folder.mkdir(parents=True, exist_ok=True)
             jobs.append((folder / f"{split}_{i:06d}.JPEG", len(jobs)))
+    print(f"writing {len(jobs)} JPEGs to {root} (once; about 40 ms each per core)", flush=True)
     with multiprocessing.Pool() as pool:
-        pool.map(_write_one, jobs, chunksize=64)
+        for done, _ in enumerate(pool.imap_unordered(_write_one, jobs, chunksize=64), 1):
+            if done % 500 == 0:
+                print(f"  {done}/{len(jobs)}", flush=True)
     marker.touch()
     return root
 
