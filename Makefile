@@ -13,6 +13,7 @@ install:
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }; }
 	$(PYTHON) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PYTHON) -m pip install -q -e '.[dev]'
+	$(PYTHON) -m pip install -q -e '.[dali]'
 
 demo: install
 	$(PYTHON) -m pipeline prepare fashion-mnist --out data/fashion-mnist
