@@ -48,6 +48,9 @@ log = logging.getLogger("pipeline.train")
 def train(cfg: Config) -> dict[str, Any]:
     """Train `cfg` to the end (or continue it, with resume=auto); returns the final results."""
     started = time.perf_counter()
+    if cfg.data.dtype == "float16" and cfg.train.amp == "none":  # fp16 images, fp32 weights
+        raise UserError("data.dtype=float16 needs mixed precision: set train.amp=bf16 or fp16, "
+                        "or data.dtype=float32")
     device = pick_device(cfg.train.device)
     dist_info = init_distributed(device)
     if not dist_info.is_main:  # one voice per job: other ranks report only problems
