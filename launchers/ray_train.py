@@ -194,9 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = for_ray(load_config(args.config, args.overrides))
         ray.init(address=args.address)
-        run(cfg, num_workers=args.num_workers, use_gpu=args.gpus,
-            cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
-            storage_url=args.storage_path)
+        try:
+            run(cfg, num_workers=args.num_workers, use_gpu=args.gpus,
+                cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
+                storage_url=args.storage_path)
+        finally:
+            ray.shutdown()  # also lets the workers' last log lines through before ours
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
