@@ -25,10 +25,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launchers.ray_train import add_train_arguments, for_ray
 from pipeline.config import load_config
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,8 +75,9 @@ def entrypoint(args: argparse.Namespace, working_dir: Path) -> str:
     return shlex.join([*command, *args.overrides, *paths])
 
 
-def submit(args: argparse.Namespace) -> tuple[object, str]:
+def submit(args: argparse.Namespace) -> tuple[JobSubmissionClient, str]:
     """Submit the job; returns (client, job id)."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     if not args.address:
@@ -84,23 +89,27 @@ def submit(args: argparse.Namespace) -> tuple[object, str]:
     command = entrypoint(args, working_dir)
     try:
         client = JobSubmissionClient(args.address)
+        job_id = client.submit_job(entrypoint=command, submission_id=args.submission_id,
+                                   runtime_env={"working_dir": str(working_dir)})
     except ConnectionError as e:
-        raise UserError(f"cannot reach the Ray cluster at {args.address}: {e}. Is `ray start "
+        raise UserError(f"cannot reach the Ray cluster at {args.address} ({e}); is `ray start "
                         "--head` running there, with its dashboard on that port?") from e
-    job_id = client.submit_job(entrypoint=command, submission_id=args.submission_id,
-                               runtime_env={"working_dir": str(working_dir)})
+    except AuthenticationError as e:
+        raise UserError(f"the Ray cluster at {args.address} uses token authentication: export "
+                        "RAY_AUTH_MODE=token and give its token in ~/.ray/auth_token, "
+                        "RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN") from e
     print(f"submitted Ray job {job_id} to {args.address}: {command}", flush=True)
     print(f"watch: ray job logs {job_id} --address {args.address} --follow; "
           f"stop: ray job stop {job_id} --address {args.address}", flush=True)
     return client, job_id
 
 
-async def follow(client, job_id: str) -> None:
+async def follow(client: JobSubmissionClient, job_id: str) -> None:
     async for lines in client.tail_job_logs(job_id):
         print(lines, end="", flush=True)
 
 
-def wait_for_end(client, job_id: str) -> str:
+def wait_for_end(client: JobSubmissionClient, job_id: str) -> JobStatus:
     """The job's final status (tail_job_logs can end a moment before the status is set)."""
     from ray.job_submission import JobStatus
 
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     status = wait_for_end(client, job_id)
     print(f"Ray job {job_id} {status.value}", flush=True)
-    return 0 if status == "SUCCEEDED" else 1
+    return 0 if status.value == "SUCCEEDED" else 1
 
 
 if __name__ == "__main__":

@@ -145,13 +145,11 @@ def run(cfg: Config, **trainer_options: Any) -> Any:
 
 
 def find_user_error(error: BaseException) -> UserError | None:
-    """The UserError a worker raised, if that is what failed the run."""
+    """The UserError a worker raised, if that is what failed the run (a WorkerGroupError holds
+    each failed worker's own exception in `worker_failures`)."""
     for failure in getattr(error, "worker_failures", {}).values():
-        seen: BaseException | None = failure
-        while seen is not None:
-            if isinstance(seen, UserError):
-                return seen
-            seen = getattr(seen, "cause", None) or seen.__cause__
+        if isinstance(failure, UserError):
+            return failure
     return None
 
 

@@ -212,7 +212,7 @@ def test_ray_job_submission_runs_to_the_end_and_its_logs_are_kept(
 def test_a_user_error_in_the_workers_is_one_line_and_exit_2(ray_cluster, tmp_path, s3_server,
                                                             s3_bucket):
     proc = subprocess.run(
-        [sys.executable, "-m", "launchers.ray_train", "--config", DEMO, "--num-workers", "2",
+        [sys.executable, "-m", "launchers.ray_train", "--config", DEMO, "--num-workers", "1",
          "--max-failures", "0", "--address", ray_cluster.address,
          *tiny_overrides(tmp_path / "nowhere", tmp_path / "runs", f"{s3_bucket}/x", s3_server,
                          epochs=1)],
@@ -224,16 +224,25 @@ def test_a_user_error_in_the_workers_is_one_line_and_exit_2(ray_cluster, tmp_pat
     assert line.endswith("(on a Ray Train worker)")
 
 
+def submit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launchers.ray_submit", *args],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+
+
 def test_submit_checks_the_config_before_contacting_the_cluster(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "launchers.ray_submit", "--address", "http://127.0.0.1:1",
-         "--config", DEMO, "train.epochz=3"], capture_output=True, text=True, timeout=120,
-        cwd=REPO)
-    assert proc.returncode == 2
-    assert "train.epochs" in proc.stderr  # the nearest valid key is named
+    proc = submit("--address", "http://127.0.0.1:1", "--config", DEMO, "train.epochz=3")
+    assert proc.returncode == 2 and "did you mean train.epochs?" in proc.stderr
     outside = tmp_path / "elsewhere.yaml"
     shutil.copy(REPO / DEMO, outside)
-    proc = subprocess.run(
-        [sys.executable, "-m", "launchers.ray_submit", "--address", "http://127.0.0.1:1",
-         "--config", str(outside)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = submit("--address", "http://127.0.0.1:1", "--config", str(outside))
     assert proc.returncode == 2 and "outside --working-dir" in proc.stderr
+    proc = submit("--address", "http://127.0.0.1:1", "--config", DEMO)  # nobody listens
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: cannot reach the Ray cluster at http://127.0.0.1:1")
+
+
+def test_submit_without_the_clusters_token_says_how_to_give_it(ray_cluster):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = submit("--address", ray_cluster.dashboard, "--config", DEMO, env=env)
+    assert proc.returncode == 2
+    assert "token authentication" in proc.stderr and "RAY_AUTH_MODE=token" in proc.stderr
