@@ -4,9 +4,9 @@
         --num-workers 16 --gpus --max-failures 3 \\
         checkpoint.url=s3://bucket/runs/msdnet26/checkpoints data.root=/datasets/imagenet
 
-Run it on a Ray cluster's head node (it joins the cluster named by --address or RAY_ADDRESS),
-through Ray Jobs (`python -m launchers.ray_submit`), or on a laptop, where it starts a local
-Ray instance.
+Run it on a node of a Ray cluster (it joins the cluster named by --address or RAY_ADDRESS, or
+the one `ray start` runs on this machine), through Ray Jobs (`python -m launchers.ray_submit`),
+or on a laptop, where it starts a local Ray instance.
 
 Checkpoint design: the project's CheckpointStore is the one source of truth, exactly as under
 SLURM. Every worker runs `pipeline.train.trainer.train(cfg)` with resume=auto; rank 0 writes
