@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,12 @@ from pipeline.train.state import capture_rng, restore_rng, seed_everything
 log = logging.getLogger("pipeline.train")
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Train `cfg` to the end (or continue it, with resume=auto); returns the final results."""
+def train(cfg: Config,
+          on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train `cfg` to the end (or continue it, with resume=auto); returns the final results.
+
+    `on_epoch_end`, when given, is called on every rank after each validation with the epoch,
+    step and per-exit errors (a launcher reports them to its scheduler, e.g. Ray Train)."""
     started = time.perf_counter()
     if cfg.data.dtype == "float16" and cfg.train.amp == "none":  # fp16 images, fp32 weights
         raise UserError("data.dtype=float16 needs mixed precision: set train.amp=bf16 or fp16, "
@@ -164,6 +169,9 @@ def train(cfg: Config) -> dict[str, Any]:
         log.info("epoch %d/%d  val top-1 error per exit: %s", epoch, cfg.train.epochs,
                  " ".join(f"{e:.2f}" for e in val_errors["top1"]))
         save(end_of_epoch=True, blocking=epoch == cfg.train.epochs)
+        if on_epoch_end is not None:
+            on_epoch_end({"epoch": epoch, "step": step, "top1": val_errors["top1"],
+                          "top5": val_errors["top5"]})
 
     checkpointer.close()
     preemption.restore()
