@@ -249,7 +249,8 @@ def local_slurm_cluster(root: Path, cpus: int | None = None) -> Iterator[LocalSl
 
 if __name__ == "__main__":
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/slurm-cluster")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on kill, too
     with local_slurm_cluster(folder) as c:
-        print(f"cluster up: export SLURM_CONF={c.conf}   (Ctrl-C stops it)", flush=True)
+        print(f"cluster up: export SLURM_CONF={c.conf}   (Ctrl-C or kill stops it)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
