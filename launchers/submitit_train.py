@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import shlex
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -104,6 +105,9 @@ def submit_training(config: str, overrides: list[str], *, folder: str | Path,
     from pipeline.config import load_config
 
     cfg = load_config(config, [*overrides, "resume=auto"])  # fail here, not in the queue
+    if shutil.which("sbatch") is None:
+        raise UserError("sbatch not found: submit from a SLURM login node (or put SLURM's "
+                        "client commands on PATH)")
     tasks_per_node = max(gpus_per_node, 1)
     executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm",
                                      slurm_max_num_timeout=max_num_timeout)

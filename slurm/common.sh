@@ -10,9 +10,10 @@
 #     SLURM's own preemption (PreemptMode=REQUEUE/CANCEL) sends SIGTERM to the same processes.
 #   * The trainer (pipeline/train/preemption.py) finishes its step, rank 0 writes a synchronous
 #     checkpoint, every rank exits with 75 (EX_TEMPFAIL), so srun exits with 75.
-#   * This shell sees 75 and runs `scontrol requeue $SLURM_JOB_ID`: the job goes back to the
-#     queue with the same id, output file (--open-mode=append) and arguments. The next start
-#     passes resume=auto like every start, so it continues from the newest valid checkpoint.
+#   * This shell sees 75 (or 138: SIGUSR1 came before the trainer was ready) and runs
+#     `scontrol requeue $SLURM_JOB_ID`: the job goes back to the queue with the same id, output
+#     file (--open-mode=append) and arguments. The next start passes resume=auto like every
+#     start, so it continues from the newest valid checkpoint.
 #   * A signal sent to this shell instead (`--signal=B:USR1@...`, `scancel --batch
 #     --signal=USR1`) is forwarded to srun, which passes it to every task: same path.
 #
@@ -82,8 +83,10 @@ launch_training() {
     done
     trap - USR1 TERM
 
-    if (( rc == 75 )); then
-        echo "[$(date -u +%FT%TZ)] job $SLURM_JOB_ID preempted: checkpoint saved, requeueing"
+    # 75: the trainer saved and asks to be requeued. 138 = 128 + SIGUSR1: the signal came
+    # before the trainer had set up its handler (still starting): nothing new to save.
+    if (( rc == 75 || rc == 138 )); then
+        echo "[$(date -u +%FT%TZ)] job $SLURM_JOB_ID preempted (exit $rc): requeueing"
         if scontrol requeue "$SLURM_JOB_ID"; then
             sleep 120  # SLURM ends this run now; exiting first could record it as finished
         else

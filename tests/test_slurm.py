@@ -6,6 +6,8 @@ resumes, and ends with the same weights as a run that was never interrupted."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 import uuid
@@ -20,7 +22,6 @@ from pipeline.storage.checkpoints import CheckpointStore
 REPO = Path(__file__).resolve().parents[1]
 DEMO = "configs/demo_fmnist_resnet_ann.yaml"
 TRAIN_IMAGES, BATCH, EPOCHS = 3 * 100, 8, 2
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,7 @@ def finished_reference(cluster, reference_run: dict) -> dict:
     return {**reference_run, "results": results}
 
 
+@pytest.mark.slow
 def test_sbatch_usr1_checkpoints_requeues_and_matches_uninterrupted_run(
         slurm_cluster, reference_run, tiny_data, s3_server, bucket, tmp_path):
     url = f"{bucket}/cut"
@@ -105,7 +107,7 @@ def test_sbatch_usr1_checkpoints_requeues_and_matches_uninterrupted_run(
     text = log.read_text()
     assert info["Restarts"] == "1", text
     assert "SIGUSR1 received" in text and "Exited with exit code 75" in text
-    assert "preempted: checkpoint saved, requeueing" in text
+    assert "preempted (exit 75): requeueing" in text
     assert f"job {job_id} start 2" in text  # same job id, same (appended) log
     resumed_at = int(text.split("resumed from", 1)[1].split("step ")[1].split()[0])
     assert 10 <= resumed_at < EPOCHS * (TRAIN_IMAGES // BATCH)
@@ -118,6 +120,7 @@ def test_sbatch_usr1_checkpoints_requeues_and_matches_uninterrupted_run(
     assert results["exits"] == reference["results"]["exits"]
 
 
+@pytest.mark.slow
 def test_submitit_usr1_requeues_through_checkpointable_and_matches(
         slurm_cluster, reference_run, tiny_data, s3_server, bucket, tmp_path, monkeypatch):
     pytest.importorskip("submitit", reason="needs submitit: pip install '.[slurm]'")
@@ -144,6 +147,7 @@ def test_submitit_usr1_requeues_through_checkpointable_and_matches(
     assert_same_weights(final_state(url, s3_server), final_state(reference["url"], s3_server))
 
 
+@pytest.mark.slow
 def test_sbatch_two_ranks_rendezvous_from_slurm_env_and_survive_usr1(
         slurm_cluster, reference_run, tiny_data, s3_server, bucket, tmp_path):
     finished_reference(slurm_cluster, reference_run)  # both CPUs of the node are needed here
@@ -162,3 +166,25 @@ def test_sbatch_two_ranks_rendezvous_from_slurm_env_and_survive_usr1(
     assert text.count("preempted (SIGUSR1): checkpoint at step") == 2  # both ranks, same step
     store = CheckpointStore(url, endpoint_url=s3_server)
     assert store.latest_valid().step == EPOCHS * (TRAIN_IMAGES // (2 * BATCH))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/nope.yaml"], "config file configs/nope.yaml does not exist"),
+    (["--config", DEMO, "train.epochz=2"], "unknown config key train.'epochz'; did you mean train.epochs?"),
+])
+def test_submitit_cli_refuses_bad_input_before_submitting(args, message):
+    done = subprocess.run([sys.executable, "-m", "launchers.submitit_train", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_common_sh_refuses_gpus_without_one_task_each(tmp_path):
+    # What a job sees with --gpus-per-node=4 --ntasks-per-node=1; stops before srun.
+    env = {"PATH": os.environ["PATH"], "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_ON_NODE": "4", "SLURM_NTASKS_PER_NODE": "1",
+           "CONFIG": DEMO}
+    done = subprocess.run(["bash", "-c", "source slurm/common.sh && launch_training"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--ntasks-per-node=4" in done.stderr
