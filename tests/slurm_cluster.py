@@ -86,6 +86,7 @@ SlurmctldLogFile={root}/log/slurmctld.log
 SlurmdLogFile={root}/log/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
+SlurmdParameters=config_overrides
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -111,7 +112,8 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 class LocalSlurmCluster:
     def __init__(self, root: Path, cpus: int | None = None):
         self.root = Path(root)
-        self.cpus = cpus or os.cpu_count() or 1
+        # At least 2, so that a two-rank job fits on a one-core machine too (config_overrides).
+        self.cpus = cpus or max(os.cpu_count() or 1, 2)
         self.conf = self.root / "slurm.conf"
         self._procs: list[subprocess.Popen] = []
 
