@@ -46,9 +46,13 @@ def _submitit() -> Any:
 
 
 class TrainJob(Checkpointable):
-    """The callable submitit pickles and runs in every task: `TrainJob()(config, overrides)`.
-    Its checkpoint(), inherited from submitit's Checkpointable, resubmits the same call, which
-    is all a restart needs: the trainer keeps its state in the CheckpointStore."""
+    """The callable submitit pickles and runs in every task: `TrainJob()(config, overrides)`."""
+
+    def checkpoint(self, config: str, overrides: list[str]) -> Any:
+        """submitit's handler calls this on rank 0 before it requeues the job: the resubmission
+        is the same call, because the trainer keeps all its state in the CheckpointStore and
+        resume=auto picks it up."""
+        return _submitit().helpers.DelayedSubmission(TrainJob(), config, overrides)
 
     def __call__(self, config: str, overrides: list[str]) -> dict[str, Any]:
         submitit = _submitit()
@@ -130,7 +134,7 @@ def submit_training(config: str, overrides: list[str], *, folder: str | Path,
     if partition:
         params["slurm_partition"] = partition
     executor.update_parameters(**params)
-    return executor.submit(TrainJob(), str(Path(config)), list(overrides))
+    return executor.submit(TrainJob(), str(Path(config).resolve()), list(overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
