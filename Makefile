@@ -11,6 +11,10 @@ install:
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { \
 	  $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }; }
+	@# slurm-wlm + munge: the tests start a real one-node SLURM cluster on 127.0.0.1.
+	@dpkg -s slurm-wlm munge >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq slurm-wlm munge; }; }
 	$(PYTHON) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PYTHON) -m pip install -q -e '.[dev]'
 	$(PYTHON) -m pip install -q -e '.[dali]'

@@ -11,7 +11,6 @@ import functools
 import importlib.metadata
 import json
 import logging
-import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from pipeline.models import exit_costs
 from pipeline.report import format_table, plot_anytime_curve
 from pipeline.storage.checkpoints import CheckpointInfo, CheckpointStore
 from pipeline.train.checkpointing import Checkpointer
-from pipeline.train.distributed import DistInfo, close_distributed, init_distributed
+from pipeline.train.distributed import DistInfo, close_distributed, init_distributed, local_rank
 from pipeline.train.preemption import PreemptionFlag
 from pipeline.train.progress import MetricsWriter, Progress, format_duration
 from pipeline.train.state import capture_rng, restore_rng, seed_everything
@@ -155,6 +154,8 @@ def train(cfg: Config,
                 log.warning("preempted (%s): checkpoint at step %d saved; exiting",
                             preemption.signal_name, step)
                 checkpointer.close()
+                if dist_info.world_size > 1:  # no rank exits before the checkpoint is written:
+                    torch.distributed.barrier()  # a launcher may kill the rest at the 1st exit
                 close_distributed()
                 return {"name": cfg.name, "preempted": True, "step": step}
             every = cfg.checkpoint.every_steps
@@ -321,7 +322,8 @@ def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        # Modulo: a launcher that binds one GPU per task (--gpus-per-task) leaves one visible.
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device("cpu")
 
 
