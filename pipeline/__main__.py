@@ -7,6 +7,8 @@
     bench train --config configs/demo_fmnist_resnet_ann.yaml [--steps 30]
     eval --checkpoint runs/demo_fmnist/checkpoints --data data/fashion-mnist [--json] [--budgeted 8]
     assemble --members URL1 URL2 URL3 --val data/fashion-mnist --out runs/eann [--budgeted 8]
+    bench loader --backend dali|torch|synthetic|decode --data DIR [--batch-size 256]
+    data verify DIR [--out DIR] [--workers N]     lists of the images that decode, and the bad
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -57,6 +60,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
+    p = targets.add_parser("loader", help="images/s of one loader back end (decode: the limit)")
+    p.add_argument("--backend", required=True, choices=["dali", "torch", "synthetic", "decode"],
+                   help="decode: full JPEG decode only, on all cores (the CPU's limit)")
+    p.add_argument("--data", required=True, help="ImageNet-layout root: DIR/train/<class>/...")
+    p.add_argument("--split", default="train", help="train: training augmentation; val: eval")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="DALI threads / DataLoader workers (default: all cores)")
+    p.add_argument("--batches", type=int, default=20, help="timed batches")
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    p.add_argument("overrides", nargs="*", help="dotted data overrides: dtype=float16 ...")
+
+    p = verbs.add_parser("data", help="check a data set: list the images that decode")
+    p.add_argument("action", choices=["verify"])
+    p.add_argument("root", help="ImageNet-layout root holding train/ and val/ (or s3://...)")
+    p.add_argument("--splits", nargs="+", default=None, help="default: train and val, if there")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for the lists (default: the root; then set data.file_lists)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--endpoint-url", default="", help="S3-compatible server for an s3:// root")
 
     p = verbs.add_parser("eval", help="per-exit top-1/top-5 error and cost of a checkpoint")
     p.add_argument("--checkpoint", required=True,
@@ -92,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate(args)
         if args.verb == "assemble":
             return assemble(args)
+        if args.verb == "data":
+            return data(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -171,6 +197,9 @@ def describe(args: argparse.Namespace) -> int:
 def bench(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
+    if args.target == "loader":
+        return bench_loader(args)
+
     cfg = load_config(args.config, args.overrides)
     from pipeline.train.bench import bench_train
 
@@ -179,6 +208,51 @@ def bench(args: argparse.Namespace) -> int:
           f"full training step {r['full_images_per_s']:.0f} images/s, bare step (synthetic "
           f"tensors on the device) {r['bare_images_per_s']:.0f} images/s, "
           f"ratio {r['ratio']:.2f}")
+    return 0
+
+
+def bench_loader(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.data.bench import bench_loader, decode_limit
+
+    if args.backend == "decode":
+        images = args.batch_size * args.batches
+        r = decode_limit(args.data, args.split, images=images, processes=args.workers)
+    else:
+        overrides = [f"data.{o}" for o in args.overrides] + [
+            f"data.root={args.data}", f"data.backend={args.backend}",
+            f"data.batch_size={args.batch_size}", f"data.image_size={args.image_size}",
+            f"data.workers={args.workers}"]
+        cfg = load_config(None, overrides)
+        r = bench_loader(cfg.data, args.split, batches=args.batches, warmup=args.warmup)
+    print(f"{r['backend']} on {r['device']} ({r['workers']} workers), {r['images']} images of "
+          f"{args.data}/{args.split}: {r['images_per_s']:.0f} images/s, "
+          f"{r['cpu_ms_per_image']:.2f} CPU ms per image")
+    return 0
+
+
+def data(args: argparse.Namespace) -> int:
+    from pipeline.data.remote import is_url
+    from pipeline.data.verify import verify_split
+
+    splits = args.splits or [s for s in ("train", "val")
+                             if is_url(args.root) or (Path(args.root) / s).is_dir()]
+    if not splits:
+        raise UserError(f"{args.root} has no train/ or val/ folder; name the split folders "
+                        "with --splits")
+    for split in splits:
+        r = verify_split(args.root, split, out=args.out, workers=args.workers,
+                         endpoint_url=args.endpoint_url)
+        print(f"{split}: {r.images - len(r.bad)} of {r.images} images decode "
+              f"({r.images / max(r.seconds, 1e-9):.0f} images/s); list: {r.list_path}")
+        if r.bad:
+            print(f"{split}: {len(r.bad)} bad images, listed in {r.bad_path}:")
+            for rel, error in list(r.bad.items())[:20]:
+                print(f"  {rel}: {error}")
+            if len(r.bad) > 20:
+                print(f"  ... and {len(r.bad) - 20} more")
+    if args.out:
+        print(f"the loaders read these lists with data.file_lists={args.out}")
     return 0
 
 

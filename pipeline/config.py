@@ -24,7 +24,9 @@ from pipeline.errors import UserError
 @dataclass
 class DataConfig:
     root: str = "data/fashion-mnist"  # ImageNet layout: root/{train,val}/<class>/<image>.JPEG
-    backend: Literal["torch"] = "torch"
+    # torch: PIL + DataLoader; dali: NVIDIA DALI (GPU decode when a GPU is visible, else CPU
+    # operators); synthetic: random tensors on the device, for throughput measurements.
+    backend: Literal["torch", "dali", "synthetic"] = "torch"
     image_size: int = 224
     # "imagenet": RandomResizedCrop + flip / resize + centre crop; "small": flip only, for
     # images already at image_size (CIFAR, Fashion-MNIST).
@@ -38,6 +40,16 @@ class DataConfig:
     workers: int = 4
     # A training run fails once more than this fraction of the images it met would not decode.
     max_bad_fraction: float = 0.01
+    # Folder with `python -m pipeline data verify`'s lists (<split>.txt, <split>.bad.txt); the
+    # loaders leave out the images listed as bad. "" = the data root.
+    file_lists: str = ""
+    # DALI and synthetic batches: dtype and memory layout (channels_last = NHWC in memory, what
+    # train.channels_last wants, so the trainer's conversion is free). float16 halves the host to
+    # GPU copy; use it with train.amp=fp16 or bf16.
+    dtype: Literal["float32", "float16"] = "float32"
+    channels_last: bool = False
+    dali_device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: gpu when CUDA is available
+    endpoint_url: str = ""  # for an s3:// data.root on an S3-compatible server; "" = AWS
 
 
 @dataclass

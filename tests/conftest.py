@@ -116,3 +116,24 @@ def fmnist(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fmnist") / "data"
     prepare_fashion_mnist(root, limit=1000)
     return root
+
+
+# --- a real one-node SLURM cluster (munged, slurmctld, slurmd) on 127.0.0.1 -------------------
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """Debian's slurm-wlm + munge daemons, started here and stopped at the end; sets nothing in
+    os.environ (use cluster.env / cluster.sbatch). Needs root: slurmd starts jobs as their user."""
+    from slurm_cluster import local_slurm_cluster, missing_binaries
+
+    missing = missing_binaries()
+    reason = ""
+    if missing:
+        reason = f"needs {', '.join(missing)}: apt-get install slurm-wlm munge (make install)"
+    elif os.geteuid() != 0:
+        reason = "slurmd must run as root to start jobs"
+    if reason:
+        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
+    with local_slurm_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster

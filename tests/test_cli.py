@@ -3,8 +3,6 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 from pipeline.anytime.weights import static_weights
 
 
@@ -62,5 +60,7 @@ def test_bench_train_compares_full_and_bare_steps(fmnist):
     rates = re.findall(r"(\d+) images/s", line)
     ratio = float(line.rsplit("ratio ", 1)[1])
     assert len(rates) == 2 and all(int(r) > 0 for r in rates)
-    assert ratio == pytest.approx(int(rates[0]) / int(rates[1]), rel=0.05)
+    # The printed rates are rounded to whole images/s and the ratio to 2 decimals.
+    full, bare = (int(r) for r in rates)
+    assert (full - 0.5) / (bare + 0.5) - 0.005 <= ratio <= (full + 0.5) / (bare - 0.5) + 0.005
 

@@ -24,6 +24,11 @@ class DistInfo:
         return self.rank == 0
 
 
+def local_rank() -> int:
+    """This process's index on its node: torchrun's LOCAL_RANK, else srun's SLURM_LOCALID."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Join the process group when the launcher started several processes; else a single one."""
     env = os.environ

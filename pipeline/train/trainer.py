@@ -11,9 +11,9 @@ import functools
 import importlib.metadata
 import json
 import logging
-import os
 import subprocess
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from pipeline.models import exit_costs
 from pipeline.report import format_table, plot_anytime_curve
 from pipeline.storage.checkpoints import CheckpointInfo, CheckpointStore
 from pipeline.train.checkpointing import Checkpointer
-from pipeline.train.distributed import DistInfo, close_distributed, init_distributed
+from pipeline.train.distributed import DistInfo, close_distributed, init_distributed, local_rank
 from pipeline.train.preemption import PreemptionFlag
 from pipeline.train.progress import MetricsWriter, Progress, format_duration
 from pipeline.train.state import capture_rng, restore_rng, seed_everything
@@ -45,9 +45,16 @@ from pipeline.train.state import capture_rng, restore_rng, seed_everything
 log = logging.getLogger("pipeline.train")
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Train `cfg` to the end (or continue it, with resume=auto); returns the final results."""
+def train(cfg: Config,
+          on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train `cfg` to the end (or continue it, with resume=auto); returns the final results.
+
+    `on_epoch_end`, when given, is called on every rank after each validation with the epoch,
+    step and per-exit errors (a launcher reports them to its scheduler, e.g. Ray Train)."""
     started = time.perf_counter()
+    if cfg.data.dtype == "float16" and cfg.train.amp == "none":  # fp16 images, fp32 weights
+        raise UserError("data.dtype=float16 needs mixed precision: set train.amp=bf16 or fp16, "
+                        "or data.dtype=float32")
     device = pick_device(cfg.train.device)
     dist_info = init_distributed(device)
     if not dist_info.is_main:  # one voice per job: other ranks report only problems
@@ -147,6 +154,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 log.warning("preempted (%s): checkpoint at step %d saved; exiting",
                             preemption.signal_name, step)
                 checkpointer.close()
+                if dist_info.world_size > 1:  # no rank exits before the checkpoint is written:
+                    torch.distributed.barrier()  # a launcher may kill the rest at the 1st exit
                 close_distributed()
                 return {"name": cfg.name, "preempted": True, "step": step}
             every = cfg.checkpoint.every_steps
@@ -161,6 +170,9 @@ def train(cfg: Config) -> dict[str, Any]:
         log.info("epoch %d/%d  val top-1 error per exit: %s", epoch, cfg.train.epochs,
                  " ".join(f"{e:.2f}" for e in val_errors["top1"]))
         save(end_of_epoch=True, blocking=epoch == cfg.train.epochs)
+        if on_epoch_end is not None:
+            on_epoch_end({"epoch": epoch, "step": step, "top1": val_errors["top1"],
+                          "top5": val_errors["top5"]})
 
     checkpointer.close()
     preemption.restore()
@@ -310,7 +322,8 @@ def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        # Modulo: a launcher that binds one GPU per task (--gpus-per-task) leaves one visible.
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device("cpu")
 
 

@@ -1,0 +1,266 @@
+"""NVIDIA DALI loaders: the same interface as the torch loader (pipeline/data/torch.py).
+
+    loader = build_loader(cfg.data, "train", train=True, rank=rank, world_size=world, seed=seed)
+    loader.set_epoch(epoch, start_batch)   # start_batch > 0 only right after a resume
+    for images, labels in loader: ...      # images on the GPU ('mixed' decode) or the CPU
+
+Order and sharding come from the torch loader's `ResumableSampler`, not from DALI's reader:
+DALI's `random_shuffle` only shuffles a 1,024-sample buffer over a fixed file order, and
+`shuffle_after_epoch` cannot be combined with `stick_to_shard`. So each epoch this rank's files,
+in the order of the seeded global permutation (padded to equal shards), are given to
+`fn.readers.file(files=...)` in a pipeline built for that epoch (building one takes ~10 ms), and a
+resume builds it from the first batch not yet consumed: the sample sequence is exactly the one
+of an uninterrupted run. Crops and flips after a resume are drawn afresh (the pipeline seed
+mixes run seed, epoch, rank and start batch): unlike the torch loader, DALI has no per-sample
+seed, and restoring its RNG needs DALI's own checkpoint, which the step alone cannot rebuild.
+
+The reader's labels are sample indices (mapped to class labels here), so each batch knows its
+files: that names bad images and lets tests compare sample sequences.
+
+Epoch ends. Training: ceil(n / world) samples per rank (wrapped, like the sampler), whole batches
+only, so every rank runs the same number of steps. Validation: the unpadded shards (each image on
+exactly one rank), the last batch of a rank trimmed to what is left (the reader pads it with
+`pad_last_batch`; the padding is cut here), so every validation image is counted exactly once.
+
+Bad images: a decode failure stops a DALI pipeline and names no file. The loader then decodes
+the failed batch's files with PIL, and rebuilds the pipeline at that batch with a good stand-in
+file in place of each bad one; the stand-ins are dropped from the batch (which is then smaller),
+and the bad files are logged by name and counted (`BadImageCounter`). `python -m pipeline data
+verify` lists bad images up front so that this never happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.config import DataConfig
+from pipeline.data.folder import FolderIndex
+from pipeline.data.torch import ResumableSampler, TorchLoader, _check_config, _mix
+from pipeline.data.verify import BadImageCounter, decode_error
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# nvJPEG's preallocation for ImageNet-sized images (DALI's ResNet-50 example), so the first
+# batches do not reallocate.
+_DEVICE_MEMORY_PADDING = 211_025_920
+_HOST_MEMORY_PADDING = 140_544_512
+_PREFETCH = 2  # DALI's queue depth: batches decoded ahead
+
+
+def import_dali():
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as e:
+        raise UserError(
+            "data.backend=dali needs NVIDIA DALI: pip install 'anytime-pipeline[dali]' "
+            "(nvidia-dali-cuda130, the build for this torch's CUDA 13); or use data.backend=torch"
+        ) from e
+    from nvidia.dali import fn, pipeline_def, types
+
+    return fn, pipeline_def, types
+
+
+def use_gpu(cfg: DataConfig) -> bool:
+    """'mixed' (GPU) decode only where a GPU is visible: DALI's GPU operators fail to build
+    without one."""
+    if cfg.dali_device == "gpu" and not torch.cuda.is_available():
+        raise UserError("data.dali_device=gpu but no CUDA GPU is visible; use "
+                        "data.dali_device=auto or cpu")
+    return cfg.dali_device != "cpu" and torch.cuda.is_available()
+
+
+def build_pipeline(cfg: DataConfig, files: list[str], labels: list[int], *, train: bool,
+                   gpu: bool, seed: int, device_id: int | None, threads: int):
+    """One DALI pipeline over `files` in this order: decode (+ random-resized crop), flip,
+    normalise. Outputs (images N x C x H x W or N x H x W x C, labels N x 1 int32)."""
+    fn, pipeline_def, types = import_dali()
+    size = cfg.image_size
+    decode_device = "mixed" if gpu else "cpu"
+    decode_args = dict(device=decode_device, output_type=types.RGB)
+    if gpu:
+        decode_args.update(device_memory_padding=_DEVICE_MEMORY_PADDING,
+                           host_memory_padding=_HOST_MEMORY_PADDING)
+
+    @pipeline_def
+    def pipeline():
+        jpegs, sample_ids = fn.readers.file(files=files, labels=labels, random_shuffle=False,
+                                            pad_last_batch=True, name="reader")
+        crop = None
+        if cfg.augment == "imagenet" and train:
+            # Decode and crop fused: only the crop window is decoded (ROI decode).
+            images = fn.decoders.image_random_crop(
+                jpegs, random_area=list(cfg.crop_scale), random_aspect_ratio=list(cfg.crop_ratio),
+                num_attempts=10, **decode_args)
+            images = fn.resize(images, resize_x=size, resize_y=size)
+        else:
+            images = fn.decoders.image(jpegs, **decode_args)
+            shorter = round(size / cfg.val_resize_ratio) if cfg.augment == "imagenet" else size
+            images = fn.resize(images, resize_shorter=shorter)
+            crop = (size, size)
+        mirror = fn.random.coin_flip(probability=0.5) if train else 0
+        images = fn.crop_mirror_normalize(
+            images, crop=crop, mirror=mirror,
+            dtype=types.FLOAT16 if cfg.dtype == "float16" else types.FLOAT,
+            output_layout="HWC" if cfg.channels_last else "CHW",
+            mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std])
+        return images, sample_ids
+
+    pipe = pipeline(batch_size=cfg.batch_size, num_threads=threads, device_id=device_id,
+                    seed=seed % 2**31, prefetch_queue_depth=_PREFETCH)
+    pipe.build()
+    return pipe
+
+
+class DaliLoader:
+    """Batches (NCHW images, int64 labels) of one split for one rank from a DALI pipeline,
+    resumable mid-epoch; the same interface as TorchLoader."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        index: FolderIndex,
+        *,
+        train: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ):
+        _check_config(cfg)
+        import_dali()
+        self.cfg = cfg
+        self.index = index
+        self.train = train
+        self.classes = index.classes
+        self.num_samples = len(index)
+        self.batch_size = cfg.batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.drop_last = train
+        self.gpu = use_gpu(cfg)
+        self.device_id = int(os.environ.get("LOCAL_RANK", 0)) if self.gpu else None
+        self.threads = max(1, cfg.workers)
+        self.sampler = ResumableSampler(
+            len(index), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=train
+        )
+        if len(self) == 0:
+            raise UserError(
+                f"{index.split_dir} gives each of {world_size} processes "
+                f"{self.sampler.per_rank} images, fewer than one batch of data.batch_size="
+                f"{cfg.batch_size}; lower data.batch_size or use fewer processes"
+            )
+        self._class_of = torch.tensor([label for _, label in index.samples], dtype=torch.int64)
+        self.epoch = 0
+        self.batch = 0  # batches of self.epoch handed out so far
+        self.excluded: dict[int, str] = {}  # sample index -> decode error, found in this run
+        per_epoch = len(self) * self.batch_size if self.drop_last else self.sampler.per_rank
+        self.counter = BadImageCounter(cfg.max_bad_fraction, per_epoch)
+
+    # The position bookkeeping is the torch loader's: same state, same resume rules.
+    __len__ = TorchLoader.__len__
+    set_epoch = TorchLoader.set_epoch
+    state_dict = TorchLoader.state_dict
+    load_state_dict = TorchLoader.load_state_dict
+
+    @property
+    def bad_files(self) -> list[str]:
+        return self.counter.bad_files
+
+    @property
+    def seen(self) -> int:
+        return self.counter.seen
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, _ in self.batches_with_indices():
+            yield images, labels
+
+    def batches_with_indices(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(images, labels, sample indices into the split's index) for the rest of the epoch."""
+        bs = self.batch_size
+        self.sampler.set_epoch(self.epoch)
+        order = self.sampler.indices()
+        total = len(self) * bs if self.drop_last else len(order)
+        order = order[:total]
+        while self.batch < len(self):
+            start = self.batch
+            pipe = self._pipeline(order[start * bs :], start)
+            try:
+                while self.batch < len(self):
+                    try:
+                        images, sample_ids = pipe.run()
+                    except RuntimeError as e:  # a decode failure; DALI does not say which file
+                        self._find_bad(order, e)
+                        break  # rebuild from this batch with the bad files replaced
+                    n = min(bs, total - self.batch * bs)  # the last val batch is trimmed
+                    ids = torch.from_numpy(np.array(sample_ids.as_tensor()))
+                    ids = ids.reshape(-1)[:n].to(torch.int64)
+                    images = self._to_torch(images)[:n]
+                    keep = ids >= 0  # stand-ins for bad images are dropped
+                    positions = (~keep).nonzero().reshape(-1).tolist()
+                    bad = [(str(self.index.path(i)), self.excluded[i])
+                           for i in (order[self.batch * bs + p] for p in positions)]
+                    # Count before yielding: while the caller holds batch k, state_dict() says
+                    # k batches are consumed (as the torch loader does).
+                    self.batch += 1
+                    self.counter.record(n, bad)
+                    if keep.any():
+                        if not keep.all():
+                            images, ids = images[keep.to(images.device)], ids[keep]
+                        yield images, self._class_of[ids], ids
+            finally:
+                del pipe  # frees its threads and buffers before the next one is built
+
+    def _pipeline(self, order: list[int], start_batch: int):
+        files, labels = [], []
+        stand_in = next((i for i in order if i not in self.excluded), None)
+        if stand_in is None:
+            raise UserError(f"no image of {self.index.split_dir} left in this epoch decodes; "
+                            "run `python -m pipeline data verify` on the data root")
+        for i in order:
+            good = i not in self.excluded
+            files.append(str(self.index.path(i if good else stand_in)))
+            labels.append(i if good else -1)
+        seed = _mix(self.seed, self.epoch, self.rank, start_batch)
+        return build_pipeline(self.cfg, files, labels, train=self.train, gpu=self.gpu, seed=seed,
+                              device_id=self.device_id, threads=self.threads)
+
+    def _find_bad(self, order: list[int], error: RuntimeError) -> None:
+        """Find the files of the failed batch (or the ones decoded ahead of it) that do not
+        decode, and exclude them from now on."""
+        bs = self.batch_size
+        suspects = order[self.batch * bs : (self.batch + 1 + _PREFETCH) * bs]
+        errors = {i: decode_error(self.index.path(i)) for i in suspects if i not in self.excluded}
+        found = {i: e for i, e in errors.items() if e is not None}
+        if not found:
+            first = str(error).strip().splitlines()
+            raise UserError(
+                f"DALI failed on batch {self.batch} of epoch {self.epoch} in "
+                f"{self.index.split_dir}, but PIL decodes all of its files "
+                f"({self.index.path(suspects[0])} ...): {' '.join(first[-3:])[:300]}; run "
+                "`python -m pipeline data verify` on the data root, or use data.backend=torch"
+            ) from error
+        self.excluded.update(found)
+        log.warning("DALI could not decode %d image(s) of batch %d, epoch %d: %s; continuing "
+                    "without them", len(found), self.batch, self.epoch,
+                    ", ".join(str(self.index.path(i)) for i in found))
+
+    def _to_torch(self, images) -> torch.Tensor:
+        if self.gpu:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            tensor = images.as_tensor()
+            dtype = torch.float16 if self.cfg.dtype == "float16" else torch.float32
+            out = torch.empty(tensor.shape(), dtype=dtype,
+                              device=torch.device("cuda", self.device_id))
+            feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(out.device))
+        else:
+            out = torch.from_numpy(np.array(images.as_tensor()))
+        # NHWC in memory, viewed as NCHW: that is torch's channels_last format.
+        return out.permute(0, 3, 1, 2) if self.cfg.channels_last else out
+

@@ -1,0 +1,21 @@
+#!/bin/bash
+# ILSVRC-2012: ResNet-101-ANN (11 exits) with CONST weights, the seed's baseline
+# configs/ilsvrc_resnet101_const.yaml, one process per GPU.
+#   sbatch slurm/ilsvrc_resnet101_const.sh [overrides...]
+#   NODES=4 GPUS=8; sbatch --nodes=$NODES --gpus-per-node=$GPUS --ntasks-per-node=$GPUS \
+#       slurm/ilsvrc_resnet101_const.sh data.batch_size=$((256 / (NODES * GPUS)))
+# Submit from the repository root. DATA_ROOT, CKPT_URL, CKPT_ENDPOINT_URL, OUT_DIR: see
+# slurm/common.sh. Requeued on preemption or 5 minutes before the time limit; resumes itself.
+#SBATCH --job-name=ilsvrc_resnet101_const
+#SBATCH --nodes=1
+#SBATCH --gpus-per-node=4
+#SBATCH --ntasks-per-node=4
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --signal=USR1@300
+#SBATCH --open-mode=append
+#SBATCH --output=slurm/logs/%x-%j.out
+CONFIG=${CONFIG:-configs/ilsvrc_resnet101_const.yaml}
+source "${REPO:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+launch_training "$@"

@@ -1,0 +1,192 @@
+"""The SLURM launchers against a real one-node cluster (slurmctld + slurmd + munged on
+127.0.0.1): slurm/train.sh through sbatch and launchers/submitit_train.py through submitit. A run
+is signalled with SIGUSR1 mid-training, checkpoints to the real S3 server, requeues itself,
+resumes, and ends with the same weights as a run that was never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_image_folder
+
+from pipeline.storage.checkpoints import CheckpointStore
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = "configs/demo_fmnist_resnet_ann.yaml"
+TRAIN_IMAGES, BATCH, EPOCHS = 3 * 100, 8, 2
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """3 classes x 100 training JPEGs: 37 steps per epoch at batch 8, a few seconds on a CPU."""
+    return write_image_folder(tmp_path_factory.mktemp("slurm-data") / "data",
+                              counts={"train": TRAIN_IMAGES // 3, "val": 4})
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server: str) -> str:
+    import s3fs
+
+    name = f"slurm-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(endpoint_url=s3_server).mkdir(name)
+    return f"s3://{name}"
+
+
+def overrides(data: Path, out: Path, name: str, url: str, endpoint: str) -> list[str]:
+    return [f"data.root={data}", "data.image_size=32", "data.augment=small",
+            f"data.batch_size={BATCH}", "data.workers=0", f"train.epochs={EPOCHS}",
+            "train.log_every=1", "train.amp=none", f"name={name}", f"out_dir={out}",
+            f"checkpoint.url={url}", f"checkpoint.endpoint_url={endpoint}",
+            "checkpoint.retry_delay=0.3"]
+
+
+def sbatch_train(cluster, out: Path, name: str, args: list[str], *sbatch_args: str) -> str:
+    return cluster.sbatch([*sbatch_args, f"--output={out}/{name}-%j.out", "slurm/train.sh", DEMO,
+                           *args], cwd=REPO, env={"PYTHON": sys.executable})
+
+
+def wait_for_line(path: Path, text: str, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    log = path.read_text(errors="replace") if path.is_file() else "(no log yet)"
+    raise AssertionError(f"{text!r} not in {path} after {timeout}s:\n{log[-3000:]}")
+
+
+def final_state(url: str, endpoint: str) -> dict:
+    store = CheckpointStore(url, endpoint_url=endpoint)
+    return store.load(store.latest_valid())
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] == EPOCHS * (TRAIN_IMAGES // BATCH)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, tiny_data, bucket, s3_server, tmp_path_factory) -> dict:
+    """One uninterrupted sbatch run, submitted once and shared: the tests compare with it."""
+    out = tmp_path_factory.mktemp("reference")
+    url = f"{bucket}/reference"
+    job_id = sbatch_train(slurm_cluster, out, "reference",
+                         overrides(tiny_data, out, "reference", url, s3_server))
+    return {"job_id": job_id, "url": url, "out": out}
+
+
+def finished_reference(cluster, reference_run: dict) -> dict:
+    info = cluster.wait(reference_run["job_id"], "COMPLETED", timeout=300)
+    assert info["Restarts"] == "0"
+    results = json.loads((reference_run["out"] / "reference" / "results.json").read_text())
+    return {**reference_run, "results": results}
+
+
+@pytest.mark.slow
+def test_sbatch_usr1_checkpoints_requeues_and_matches_uninterrupted_run(
+        slurm_cluster, reference_run, tiny_data, s3_server, bucket, tmp_path):
+    url = f"{bucket}/cut"
+    job_id = sbatch_train(slurm_cluster, tmp_path, "cut",
+                          overrides(tiny_data, tmp_path, "cut", url, s3_server))
+    log = tmp_path / f"cut-{job_id}.out"
+    wait_for_line(log, "step 10/")
+    # To the batch shell only: slurm/common.sh forwards it through srun to the trainer. Then
+    # straight to the trainer as well: a second signal during the save changes nothing.
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    slurm_cluster.run("scancel", "--signal=USR1", job_id)
+
+    info = slurm_cluster.wait(job_id, "COMPLETED", timeout=300)
+    text = log.read_text()
+    assert info["Restarts"] == "1", text
+    assert "SIGUSR1 received" in text and "Exited with exit code 75" in text
+    assert "preempted (exit 75): requeueing" in text
+    assert f"job {job_id} start 2" in text  # same job id, same (appended) log
+    resumed_at = int(text.split("resumed from", 1)[1].split("step ")[1].split()[0])
+    assert 10 <= resumed_at < EPOCHS * (TRAIN_IMAGES // BATCH)
+
+    reference = finished_reference(slurm_cluster, reference_run)
+    reference_log = reference["out"] / f"reference-{reference['job_id']}.out"
+    assert "preempted" not in reference_log.read_text()
+    assert_same_weights(final_state(url, s3_server), final_state(reference["url"], s3_server))
+    results = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert results["exits"] == reference["results"]["exits"]
+
+
+@pytest.mark.slow
+def test_submitit_usr1_requeues_through_checkpointable_and_matches(
+        slurm_cluster, reference_run, tiny_data, s3_server, bucket, tmp_path, monkeypatch):
+    pytest.importorskip("submitit", reason="needs submitit: pip install '.[slurm]'")
+    from launchers.submitit_train import submit_training
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
+    url = f"{bucket}/submitit"
+    job = submit_training(DEMO, overrides(tiny_data, tmp_path, "submitit", url, s3_server),
+                          folder=tmp_path / "submitit" / "%j", cpus_per_task=1,
+                          timeout_min=30, signal_delay_s=60)
+    log = Path(job.paths.stdout)
+    wait_for_line(log, "step 10/")
+    slurm_cluster.run("scancel", "--signal=USR1", job.job_id)  # every task of the job's steps
+
+    info = slurm_cluster.wait(job.job_id, "COMPLETED", timeout=300)
+    results = job.result()  # the resubmitted call's return value
+    text = log.read_text()
+    assert info["Restarts"] == "1", text
+    assert "Calling checkpoint method" in text and f"Requeued job {job.job_id}" in text
+    assert "resumed from" in text
+
+    reference = finished_reference(slurm_cluster, reference_run)
+    assert results["exits"] == reference["results"]["exits"]
+    assert_same_weights(final_state(url, s3_server), final_state(reference["url"], s3_server))
+
+
+@pytest.mark.slow
+def test_sbatch_two_ranks_rendezvous_from_slurm_env_and_survive_usr1(
+        slurm_cluster, reference_run, tiny_data, s3_server, bucket, tmp_path):
+    finished_reference(slurm_cluster, reference_run)  # both CPUs of the node are needed here
+    url = f"{bucket}/ddp"
+    job_id = sbatch_train(slurm_cluster, tmp_path, "ddp",
+                          overrides(tiny_data, tmp_path, "ddp", url, s3_server),
+                          "--ntasks-per-node=2")
+    log = tmp_path / f"ddp-{job_id}.out"
+    wait_for_line(log, "step 10/")
+    slurm_cluster.run("scancel", "--signal=USR1", job_id)
+
+    info = slurm_cluster.wait(job_id, "COMPLETED", timeout=300)
+    text = log.read_text()
+    assert info["Restarts"] == "1", text
+    assert f"batch {BATCH} x 2" in text  # one process group of two ranks, gloo on the CPU
+    assert text.count("preempted (SIGUSR1): checkpoint at step") == 2  # both ranks, same step
+    store = CheckpointStore(url, endpoint_url=s3_server)
+    assert store.latest_valid().step == EPOCHS * (TRAIN_IMAGES // (2 * BATCH))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/nope.yaml"], "config file configs/nope.yaml does not exist"),
+    (["--config", DEMO, "train.epochz=2"], "did you mean train.epochs?"),
+])
+def test_submitit_cli_refuses_bad_input_before_submitting(args, message):
+    done = subprocess.run([sys.executable, "-m", "launchers.submitit_train", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_common_sh_refuses_gpus_without_one_task_each(tmp_path):
+    # What a job sees with --gpus-per-node=4 --ntasks-per-node=1; stops before srun.
+    env = {"PATH": os.environ["PATH"], "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_GPUS_ON_NODE": "4", "SLURM_NTASKS_PER_NODE": "1",
+           "CONFIG": DEMO}
+    done = subprocess.run(["bash", "-c", "source slurm/common.sh && launch_training"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "--ntasks-per-node=4" in done.stderr
