@@ -18,7 +18,7 @@
 #SBATCH --gpus-per-task=1
 #SBATCH --cpus-per-task=8
 #SBATCH --time=04:00:00
-#SBATCH --output=%x-%j.out
+#SBATCH --output=slurm/logs/%x-%j.out
 set -euo pipefail
 
 : "${MEMBERS:?set MEMBERS to the checkpoint URLs of the members, separated by spaces}"
