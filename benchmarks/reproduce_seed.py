@@ -5,7 +5,7 @@ project's own CLI, one run after another, then writes a results table and plots:
 
 - OPT-k (a plain network of exit k's depth: scheme `opt`, one run per exit), CONST, LINEAR, SIEVE
   with alternating weights and ADALOSS at depth d; CONST at depth 2d; every method for each seed.
-- An EANN of three SIEVE members of depth ratio 2 (units n/2... : depths 6(n/2)+2, d, 6(2n)+2),
+- An EANN of three SIEVE members of depth ratio 2 (m, 2m, 4m units per stage, m = max(1, n/2)),
   stitched by `python -m pipeline assemble`, with the measured cost ratio C.
 
     python benchmarks/reproduce_seed.py                 # about 1 h on 2 idle cores
@@ -193,9 +193,10 @@ def eann_table(eann: dict[str, Any]) -> str:
 
 
 def assemble_eann(out: Path, depth: int, data: str, common: list[str]) -> dict[str, Any]:
-    """Members of units n/2, n, 2n (SIEVE, seed 0), stitched by the project's assembly stage."""
-    n = units(depth)
-    depths = [6 * max(1, n // 2) + 2, depth, 6 * 2 * n + 2]
+    """Members of m, 2m, 4m units per stage, m = max(1, n/2) (SIEVE, seed 0; depth d is one of
+    them), stitched by the project's assembly stage."""
+    m = max(1, units(depth) // 2)
+    depths = [6 * m * f + 2 for f in (1, 2, 4)]
     members = []
     for d in depths:
         name = f"d{d}_sieve_s0"

@@ -34,6 +34,7 @@ def test_reproduce_quick(tmp_path: Path, fmnist: Path) -> None:  # fmnist: the d
     assert sieve == [e["top1_error"] for e in run["exits"]]
 
     eann = results["eann"]
+    assert eann["depths"] == [8, 14, 26]  # depth ratio 2, the seed's b
     errors = [o["top1_error"] for o in eann["schedule"]]
     assert errors == sorted(errors, reverse=True) and len(set(errors)) == len(errors)
     report = (out / "results.md").read_text()
