@@ -173,6 +173,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> Path:
     ax.legend()
     rel_ax.axhline(0, color="black", linewidth=0.8)
     rel_ax.axhline(10, color="grey", linestyle=":", linewidth=0.8)
+    rel_ax.set_xticks(range(1, len(summary["OPT"]) + 1))
     rel_ax.set_xlabel("exit")
     rel_ax.set_ylabel("relative error increase over OPT (%)")
     rel_ax.set_title("each exit against a plain network of its depth")
