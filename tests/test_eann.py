@@ -140,6 +140,7 @@ def test_budgeted_thresholds_hit_the_target_cost():
 # --- the assembly stage on three trained members -----------------------------------------------
 
 
+@pytest.mark.slow  # uses the trained members
 def test_assemble_writes_a_monotone_schedule_report_and_plots(assembled, members):
     out, proc = assembled
     info = json.loads((out / "eann.json").read_text())
@@ -180,6 +181,7 @@ def test_assemble_writes_a_monotone_schedule_report_and_plots(assembled, members
     assert max(r["cost"] for r in budgeted) <= schedule[-1]["macs"]
 
 
+@pytest.mark.slow  # uses the trained members
 def test_artifact_is_safetensors_and_holds_the_members_weights(assembled, members):
     out, _ = assembled
     path = out / "eann.safetensors"
@@ -197,6 +199,7 @@ def test_artifact_is_safetensors_and_holds_the_members_weights(assembled, member
         assert all(torch.equal(mine[k], state[k]) for k in state)
 
 
+@pytest.mark.slow  # uses the trained members
 def test_iter_predictions_are_the_member_exits_and_nothing_runs_twice(assembled, members,
                                                                        digits):
     out, _ = assembled
@@ -216,6 +219,7 @@ def test_iter_predictions_are_the_member_exits_and_nothing_runs_twice(assembled,
     assert counter.get_total_flops() // 2 == eann.schedule[-1].macs * x.shape[0]
 
 
+@pytest.mark.slow  # uses the trained members
 def test_predict_never_exceeds_its_budget(assembled, members, digits):
     out, _ = assembled
     eann = EANN.load(str(out))
@@ -267,8 +271,10 @@ def test_predict_never_exceeds_its_budget(assembled, members, digits):
 
 def recount(checkpoint: Path, data: Path) -> tuple[list[float], list[float], int]:
     """Per-exit top-1 / top-5 error counted image by image: PIL decode and resize, normalise,
-    one forward per image; no loader, transform, sampler or metrics class of the pipeline."""
+    rank each image's logits; no loader, transform, sampler or metrics class of the pipeline."""
     import timm
+
+    import pipeline.models  # noqa: F401  (registers the models with timm)
 
     store = CheckpointStore(str(checkpoint))
     info = store.latest_valid()
@@ -281,23 +287,27 @@ def recount(checkpoint: Path, data: Path) -> tuple[list[float], list[float], int
     mean = torch.tensor(cfg.data.mean).view(3, 1, 1)
     std = torch.tensor(cfg.data.std).view(3, 1, 1)
     index = index_split(data, "val")
+    images = []
+    for i in range(len(index.samples)):
+        with Image.open(index.path(i)) as im:
+            # the digits are 32x32: "small" augmentation resizes them (PIL bilinear)
+            rgb = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 255
+        images.append((pixels - mean) / std)
+    labels = [label for _, label in index.samples]
     top1 = [0] * model.num_exits
     top5 = [0] * model.num_exits
     with torch.no_grad():
-        for i, (_, label) in enumerate(index.samples):
-            with Image.open(index.path(i)) as im:
-                # the digits are 32x32: "small" augmentation resizes them (PIL bilinear)
-                rgb = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            pixels = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 255
-            x = ((pixels - mean) / std)[None]
-            for k, logits in enumerate(model(x)):
-                ranked = logits[0].argsort(descending=True).tolist()
+        for k, logits in enumerate(model(torch.stack(images))):
+            for row, label in zip(logits, labels):
+                ranked = row.argsort(descending=True).tolist()
                 top1[k] += ranked[0] == label
                 top5[k] += label in ranked[:5]
     n = len(index.samples)
     return [100 * (1 - c / n) for c in top1], [100 * (1 - c / n) for c in top5], n
 
 
+@pytest.mark.slow  # uses the trained members
 def test_eval_cli_matches_an_independent_recount(members, digits, tmp_path):
     proc = cli("eval", "--checkpoint", str(members[1]), "--data", str(digits), "--out",
                str(tmp_path / "eval"), "--json", "--budgeted", "4", "data.batch_size=50",
@@ -334,6 +344,7 @@ def test_eval_cli_matches_an_independent_recount(members, digits, tmp_path):
 # --- object storage and bad input --------------------------------------------------------------
 
 
+@pytest.mark.slow  # uses the trained members
 def test_members_from_s3_and_artifact_to_s3(members, digits, s3_server, s3_bucket, tmp_path):
     import s3fs
 
@@ -351,6 +362,7 @@ def test_members_from_s3_and_artifact_to_s3(members, digits, s3_server, s3_bucke
     assert len(eann.members) == 2 and eann.info["members"][0]["source"].startswith("s3://")
 
 
+@pytest.mark.slow  # uses the trained members
 def test_bad_input_is_one_line(members, digits, make_image_folder, tmp_path, capsys):
     three_classes = make_image_folder("three", size=16)
     cases = [
@@ -376,6 +388,7 @@ def test_bad_input_is_one_line(members, digits, make_image_folder, tmp_path, cap
         EANN.load(str(broken))
 
 
+@pytest.mark.slow  # uses the trained members
 def test_slurm_script_runs_the_assembly(members, digits, tmp_path):
     """The sbatch script itself, run as a plain shell script (outside SLURM it skips srun)."""
     import os
