@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -154,12 +155,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise UserError(f"config file {path} is not valid YAML: {e}".replace("\n", " ")) from e
         if not isinstance(raw, dict):
             raise UserError(f"config file {path} must hold a mapping of sections, not {raw!r:.60}")
+    return config_from_dict(with_overrides(raw, overrides))
+
+
+def with_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`raw` (a config as nested dicts) with `a.b=value` overrides applied, in place."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r} must look like section.key=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
-    return config_from_dict(raw)
+    return raw
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

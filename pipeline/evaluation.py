@@ -22,12 +22,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch import nn
 
 from pipeline.anytime.budgeted import budgeted_curve
 from pipeline.anytime.metrics import ExitErrors
-from pipeline.config import Config, _set_dotted, config_from_dict
+from pipeline.config import Config, config_from_dict, with_overrides
 from pipeline.errors import UserError
 from pipeline.storage.checkpoints import CheckpointStore
 from pipeline.train.progress import format_duration
@@ -111,13 +110,7 @@ def _num_classes(model_state: dict[str, torch.Tensor]) -> int:
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """The config with dotted overrides (`data.batch_size=64`) applied and validated again."""
-    raw = cfg.to_dict()
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"override {item!r} must look like section.key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
-    return config_from_dict(raw)
+    return config_from_dict(with_overrides(cfg.to_dict(), overrides))
 
 
 @torch.no_grad()
