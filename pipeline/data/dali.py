@@ -40,7 +40,7 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.data.folder import FolderIndex
-from pipeline.data.torch import ResumableSampler, TorchLoader, _check_config, _mix
+from pipeline.data.torch import ResumableSampler, TorchLoader, check_data_config, mix_seed
 from pipeline.data.verify import BadImageCounter, decode_error
 from pipeline.errors import UserError
 
@@ -131,7 +131,7 @@ class DaliLoader:
         world_size: int = 1,
         seed: int = 0,
     ):
-        _check_config(cfg)
+        check_data_config(cfg)
         import_dali()
         self.cfg = cfg
         self.index = index
@@ -226,7 +226,7 @@ class DaliLoader:
             good = i not in self.excluded
             files.append(str(self.index.path(i if good else stand_in)))
             labels.append(i if good else -1)
-        seed = _mix(self.seed, self.epoch, self.rank, start_batch)
+        seed = mix_seed(self.seed, self.epoch, self.rank, start_batch)
         return build_pipeline(self.cfg, files, labels, train=self.train, gpu=self.gpu, seed=seed,
                               device_id=self.device_id, threads=self.threads)
 

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.data.folder import index_split
-from pipeline.data.torch import TorchLoader, _check_config
+from pipeline.data.torch import TorchLoader, check_data_config
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ IMAGENET_CLASSES = 1000
 class SyntheticLoader:
     def __init__(self, cfg: DataConfig, split: str, *, train: bool, rank: int = 0,
                  world_size: int = 1):
-        _check_config(cfg)
+        check_data_config(cfg)
         if Path(cfg.root).is_dir():
             index = index_split(cfg.root, split)
             self.classes, self.num_samples = index.classes, len(index)

@@ -81,7 +81,7 @@ class Normalize:
         return images.float().mul_(1.0 / 255).sub_(self.mean).div_(self.std)
 
 
-def _mix(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     """One 64-bit generator seed per tuple of ints (run seed, epoch, sample, ...).
 
     Not seed + n as in DistributedSampler: there seed 1 epoch 0 repeats seed 0 epoch 1, so
@@ -187,7 +187,7 @@ class ResumableSampler(Sampler[int]):
         """This rank's whole order for the current epoch, including the part already consumed."""
         n = self.num_samples
         if self.shuffle:
-            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
             order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
@@ -223,7 +223,7 @@ class _SeededSampler:
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         s = self.sampler
-        return ((i, _mix(s.seed, s.epoch, i)) for i in s)
+        return ((i, mix_seed(s.seed, s.epoch, i)) for i in s)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -242,7 +242,7 @@ class TorchLoader:
         world_size: int = 1,
         seed: int = 0,
     ):
-        _check_config(cfg)
+        check_data_config(cfg)
         self.classes = index.classes
         self.num_samples = len(index)
         self.batch_size = cfg.batch_size
@@ -261,7 +261,7 @@ class TorchLoader:
             )
         # DataLoader draws its workers' base seed from this generator rather than the global RNG,
         # so iterating leaves the trainer's RNG stream alone.
-        generator = torch.Generator().manual_seed(_mix(seed, rank))
+        generator = torch.Generator().manual_seed(mix_seed(seed, rank))
         self._loader = DataLoader(
             self.dataset,
             batch_size=cfg.batch_size,
@@ -340,7 +340,7 @@ class TorchLoader:
             )
 
 
-def _check_config(cfg: DataConfig) -> None:
+def check_data_config(cfg: DataConfig) -> None:
     problems = {
         "image_size": cfg.image_size > 0,
         "batch_size": cfg.batch_size > 0,
