@@ -168,7 +168,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> Path:
                         marker="o", label=method)
     ax.set_xlabel("cumulative multiply-adds per image (millions)")
     ax.set_ylabel("validation top-1 error (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     rel_ax.axhline(0, color="black", linewidth=0.8)
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
              f"2 + 1/(b-1) = {ratio['seed_bound']:.2f}).", "",
              eann_table(eann), "",
              f"Plots: {figure.name}; eann/eann_curve.png, eann/eann_cost_ratio.png. "
-             f"Wall time: {(time.time() - start) / 60:.1f} min."]
+             f"This invocation: {(time.time() - start) / 60:.1f} min (finished runs reused)."]
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     (args.out / "results.json").write_text(json.dumps(
         {"runs": runs, "summary": summary, "eann": eann}, indent=1))
