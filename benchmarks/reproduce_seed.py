@@ -32,7 +32,8 @@ SCHEMES = {  # method name -> loss overrides
     "CONST": ["loss.scheme=const"],
     "LINEAR": ["loss.scheme=linear"],
     "SIEVE": ["loss.scheme=sieve", "loss.alternating=true"],
-    "ADALOSS": ["loss.scheme=adaloss"],
+    # Weights stay 1 (= CONST) until the first update; a short run needs frequent updates.
+    "ADALOSS": ["loss.scheme=adaloss", "loss.adaloss_update_every=10"],
 }
 
 
