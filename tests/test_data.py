@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.data.torch as data_torch
+import pipeline.data.verify as data_verify
 from pipeline.config import DataConfig
 from pipeline.data import build_loader
 from pipeline.data.folder import check_same_classes, index_split
@@ -328,7 +328,7 @@ def test_too_many_bad_files_raise(image_folder: Path) -> None:
             good += len(labels)
     message = str(e.value)
     assert "failed to decode" in message and "data.max_bad_fraction=0.01" in message
-    assert "remove or re-encode them, or raise data.max_bad_fraction" in message
+    assert "data verify" in message and "or raise data.max_bad_fraction" in message
     assert any(str(p) in message for p in bad)
     # 38 images, one epoch of 19 batches: the check waits for the whole epoch's 38, and the
     # last batch is not handed out
@@ -339,7 +339,7 @@ def test_too_many_bad_files_raise(image_folder: Path) -> None:
 @pytest.mark.parametrize("min_seen", [1, 10, 30])
 def test_bad_check_waits_for_enough_images(image_folder: Path, monkeypatch, min_seen: int) -> None:
     bad = {str(p) for p in add_bad_files(image_folder)}
-    monkeypatch.setattr(data_torch, "MIN_SEEN_FOR_BAD_CHECK", min_seen)
+    monkeypatch.setattr(data_verify, "MIN_SEEN_FOR_BAD_CHECK", min_seen)
     cfg = small_cfg(image_folder, batch_size=2, max_bad_fraction=0.05)
     loader = build_loader(cfg, "train", train=True)
     # Where the policy says it must fail, from the sampler's order: after the first batch with

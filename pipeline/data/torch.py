@@ -24,13 +24,10 @@ from torchvision.transforms import v2
 
 from pipeline.config import DataConfig
 from pipeline.data.folder import FolderIndex
+from pipeline.data.verify import BadImageCounter
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
-
-# Judge the bad-file fraction only after this many images (or one epoch, if smaller), so that one
-# bad image in the first batch does not end a run.
-MIN_SEEN_FOR_BAD_CHECK = 100
 
 
 def build_transform(cfg: DataConfig, train: bool) -> Callable[[Image.Image], torch.Tensor]:
@@ -248,7 +245,6 @@ class TorchLoader:
         self.batch_size = cfg.batch_size
         self.world_size = world_size
         self.drop_last = train
-        self.max_bad_fraction = cfg.max_bad_fraction
         self.sampler = ResumableSampler(
             len(index), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=train
         )
@@ -275,11 +271,8 @@ class TorchLoader:
         )
         self.epoch = 0
         self.batch = 0  # batches of self.epoch handed out so far
-        self.bad_files: list[str] = []
-        self._bad_set: set[str] = set()
-        self.seen = 0  # images attempted, good or bad, since this loader was built
         per_epoch = len(self) * self.batch_size if self.drop_last else self.sampler.per_rank
-        self._min_seen = min(MIN_SEEN_FOR_BAD_CHECK, per_epoch)
+        self.counter = BadImageCounter(cfg.max_bad_fraction, per_epoch)
 
     def __len__(self) -> int:
         n, bs = self.sampler.per_rank, self.batch_size
@@ -297,7 +290,7 @@ class TorchLoader:
             # Count before yielding: while the caller holds batch k, state_dict() says k batches
             # are consumed, so a checkpoint taken after its step resumes at batch k + 1.
             self.batch += 1
-            self._account(len(labels) + len(bad), bad)
+            self.counter.record(len(labels) + len(bad), bad)  # BadImage = (path, error)
             if len(labels):
                 yield images, labels
 
@@ -323,21 +316,13 @@ class TorchLoader:
             )  # fmt: skip
         self.set_epoch(state["epoch"], min(batch, len(self)))
 
-    def _account(self, attempted: int, bad: list[BadImage]) -> None:
-        self.seen += attempted
-        for b in bad:
-            if b.path not in self._bad_set:
-                self._bad_set.add(b.path)
-                self.bad_files.append(b.path)
-                log.warning("skipping image that does not decode: %s (%s)", b.path, b.error)
-        n = len(self.bad_files)
-        if n and self.seen >= self._min_seen and n > self.max_bad_fraction * max(self.seen, 1):
-            shown = ", ".join(self.bad_files[:3]) + (" ..." if n > 3 else "")
-            raise UserError(
-                f"{n} of {self.seen} images ({n / self.seen:.1%}) failed to decode, more than "
-                f"data.max_bad_fraction={self.max_bad_fraction}: {shown}; remove or re-encode "
-                "them, or raise data.max_bad_fraction"
-            )
+    @property
+    def bad_files(self) -> list[str]:
+        return self.counter.bad_files
+
+    @property
+    def seen(self) -> int:
+        return self.counter.seen
 
 
 def check_data_config(cfg: DataConfig) -> None:
