@@ -1,7 +1,7 @@
 """Evaluate trained checkpoints: every exit's top-1 / top-5 error and cost on a validation set.
 
     member = load_member("s3://bucket/runs/r50/checkpoints", endpoint_url="http://minio:9000")
-    [result] = run_exits([member.model], loader, device)
+    [result] = run_exits([member.model], loader, device, per_image=True)
     result.top1, result.confidence  # per-exit errors; [N, exits] top softmax probabilities
 
 `python -m pipeline eval` (see `evaluate_checkpoint`) writes eval.json and eval_curve.png; with
@@ -50,8 +50,9 @@ class ExitResults:
     top1: list[float]  # error (%) per exit
     top5: list[float]
     samples: int
-    confidence: torch.Tensor  # [samples, exits] top softmax probability (float32, CPU)
-    correct: torch.Tensor  # [samples, exits] top-1 correct (bool, CPU)
+    # Per-image records, only with run_exits(per_image=True) (budgeted evaluation needs them):
+    confidence: torch.Tensor | None  # [samples, exits] top softmax probability (float32, CPU)
+    correct: torch.Tensor | None  # [samples, exits] top-1 correct (bool, CPU)
 
 
 def load_member(url: str, endpoint_url: str = "",
@@ -115,9 +116,12 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 @torch.no_grad()
 def run_exits(models: list[nn.Module], loader: Any, device: torch.device,
-              autocast: AbstractContextManager | None = None) -> list[ExitResults]:
+              autocast: AbstractContextManager | None = None,
+              per_image: bool = False) -> list[ExitResults]:
     """Every exit of every model on every image of `loader` (this rank's shard); errors summed
-    over ranks, per-image records gathered from every rank in the loader's image order."""
+    over ranks. With `per_image`, also each image's confidence and correctness per exit,
+    gathered from every rank in the loader's image order (a device-to-host copy per batch, so
+    only when asked)."""
     autocast = autocast or nullcontext()
     errors = [ExitErrors(m.num_exits, device) for m in models]
     confidence: list[list[torch.Tensor]] = [[] for _ in models]
@@ -131,6 +135,8 @@ def run_exits(models: list[nn.Module], loader: Any, device: torch.device,
             with autocast:
                 logits = model(images)
             errors[i].update(logits, labels)
+            if not per_image:
+                continue
             top = torch.stack([out.float().softmax(dim=1) for out in logits], dim=1).max(dim=2)
             confidence[i].append(top.values.cpu())
             correct[i].append(top.indices.eq(labels[:, None]).cpu())
@@ -143,8 +149,10 @@ def run_exits(models: list[nn.Module], loader: Any, device: torch.device,
     results = []
     for i, model in enumerate(models):
         e = errors[i].compute()
-        conf = _gather_rows(_cat(confidence[i], model.num_exits, torch.float32))
-        hits = _gather_rows(_cat(correct[i], model.num_exits, torch.bool))
+        conf = hits = None
+        if per_image:
+            conf = _gather_rows(_cat(confidence[i], model.num_exits, torch.float32))
+            hits = _gather_rows(_cat(correct[i], model.num_exits, torch.bool))
         results.append(ExitResults(e["top1"], e["top5"], e["samples"], conf, hits))
     return results
 
@@ -193,7 +201,8 @@ def evaluate_checkpoint(url: str, data_root: str, *, split: str = "val", endpoin
     log.info("evaluating %s (%s, %d exits) on %s/%s: %d images on %s x %d", member.source,
              cfg.model.name, model.num_exits, data_root, split, loader.num_samples, torch_device,
              dist_info.world_size)
-    [result] = run_exits([model], loader, torch_device, amp_context(torch_device, amp))
+    [result] = run_exits([model], loader, torch_device, amp_context(torch_device, amp),
+                         per_image=budgeted > 0)
     costs = exit_costs(model, (3, cfg.data.image_size, cfg.data.image_size))
     report = {
         "checkpoint": member.source, "model": cfg.model.name, "data": f"{data_root}/{split}",

@@ -78,7 +78,8 @@ def assemble(member_urls: list[str], val_root: str, out_url: str, *, split: str 
     log.info("evaluating %d members (%s) on %s/%s: %d images on %s x %d", len(members),
              ", ".join(m.config.model.name for m in members), val_root, split,
              loader.num_samples, torch_device, dist_info.world_size)
-    results = run_exits(models, loader, torch_device, amp_context(torch_device, amp))
+    results = run_exits(models, loader, torch_device, amp_context(torch_device, amp),
+                        per_image=budgeted > 0)
 
     member_macs = [[c.macs for c in cs] for cs in costs]
     top1 = [r.top1 for r in results]
