@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak for MFU (default: known GPUs' dense bf16 peak)")
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="also profile 5 full steps: DIR/trace.json (Chrome trace), DIR/ops.txt")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
     p = targets.add_parser("loader", help="images/s of one loader back end (decode: the limit)")
     p.add_argument("--backend", required=True, choices=["dali", "torch", "synthetic", "decode"],
@@ -201,13 +206,30 @@ def bench(args: argparse.Namespace) -> int:
         return bench_loader(args)
 
     cfg = load_config(args.config, args.overrides)
+    if args.profile is not None and args.profile.exists() and not args.profile.is_dir():
+        raise UserError(f"--profile {args.profile} is a file; give a folder for the trace")
     from pipeline.train.bench import bench_train
 
-    r = bench_train(cfg, steps=args.steps, warmup=args.warmup)
-    print(f"{cfg.model.name}, batch {r['batch_size']}, {r['steps']} steps on {r['device']}: "
-          f"full training step {r['full_images_per_s']:.0f} images/s, bare step (synthetic "
-          f"tensors on the device) {r['bare_images_per_s']:.0f} images/s, "
-          f"ratio {r['ratio']:.2f}")
+    r = bench_train(cfg, steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops,
+                    profile_dir=args.profile)
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return 0
+    mfu = "MFU: pass --peak-tflops" if r["peak_tflops"] is None else (
+        f"MFU {r['full_mfu']:.1%} (bare {r['bare_mfu']:.1%}) of {r['peak_tflops']:.0f} TFLOP/s")
+    print(f"{r['train_gflops_per_image']:.3g} GFLOPs per training image (forward + backward, all "
+          f"exits): full step {r['full_tflops']:.3g} TFLOP/s, {mfu}; the host waited for the "
+          f"loader {r['loader_wait_fraction']:.0%} of the full step's time")
+    if "profile" in r:
+        p = r["profile"]
+        kernels = "" if p["kernel_ms"] is None else f", kernels on the device {p['kernel_ms']:.1f}"
+        print(f"profile of {p['steps']} full steps, ms per step: wall {p['wall_ms']:.1f}, "
+              f"loader wait {p['loader_wait_ms']:.1f}, host in the step {p['host_step_ms']:.1f}"
+              f"{kernels}; trace {p['trace']}, top ops {p['ops']}")
+    print(f"{cfg.model.name}, batch {r['batch_size']}, {r['steps']} steps on {r['device']} "
+          f"({r['device_name']}, amp {r['amp']}): full training step "
+          f"{r['full_images_per_s']:.0f} images/s, bare step (synthetic tensors on the device) "
+          f"{r['bare_images_per_s']:.0f} images/s, ratio {r['ratio']:.2f}")
     return 0
 
 

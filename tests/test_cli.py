@@ -3,7 +3,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+import timm
+
 from pipeline.anytime.weights import static_weights
+from pipeline.models import exit_costs
+from pipeline.train.bench import train_flops_per_image
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -52,10 +57,16 @@ def test_prepare_digits_cli(tmp_path):
     assert len(list((tmp_path / "digits" / "val").glob("*/*.JPEG"))) == summary["counts"]["val"]
 
 
-def test_bench_train_compares_full_and_bare_steps(fmnist):
+def test_bench_train_compares_full_and_bare_steps(fmnist, tmp_path):
     proc = cli("bench", "train", "--config", "configs/demo_fmnist_resnet_ann.yaml",
-               f"data.root={fmnist}", "data.batch_size=32", "--steps", "4", "--warmup", "2")
+               f"data.root={fmnist}", "data.batch_size=32", "--steps", "4", "--warmup", "2",
+               "--peak-tflops", "2", "--profile", str(tmp_path / "profile"))
     assert proc.returncode == 0, proc.stderr
+    assert "MFU" in proc.stdout and "loader wait" in proc.stdout
+    trace = json.loads((tmp_path / "profile" / "trace.json").read_text())
+    marks = {e.get("name") for e in trace["traceEvents"]}
+    assert {"loader_wait", "train_step"} <= marks
+    assert "aten::convolution_backward" in (tmp_path / "profile" / "ops.txt").read_text()
     line = proc.stdout.strip().splitlines()[-1]
     rates = re.findall(r"(\d+) images/s", line)
     ratio = float(line.rsplit("ratio ", 1)[1])
@@ -64,3 +75,23 @@ def test_bench_train_compares_full_and_bare_steps(fmnist):
     full, bare = (int(r) for r in rates)
     assert (full - 0.5) / (bare + 0.5) - 0.005 <= ratio <= (full + 0.5) / (bare - 0.5) + 0.005
 
+
+
+def test_bench_train_counts_forward_and_backward_flops():
+    model = timm.create_model("resnet_ann_cifar20", num_classes=10).train()
+    forward = exit_costs(model, (3, 28, 28))[-1].flops
+    # Backward is two convolutions' worth per convolution (input and weight gradients), except
+    # the stem's input gradient, which is never needed.
+    assert 2.9 * forward < train_flops_per_image(model, (3, 28, 28)) < 3.0 * forward
+
+
+def test_bench_train_json_reports_mfu_against_the_given_peak(fmnist):
+    proc = cli("bench", "train", "--config", "configs/demo_fmnist_resnet_ann.yaml",
+               f"data.root={fmnist}", "data.batch_size=32", "--steps", "2", "--warmup", "1",
+               "--peak-tflops", "0.5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["full_tflops"] == pytest.approx(r["full_images_per_s"] * r["train_gflops_per_image"]
+                                             / 1e3)
+    assert r["full_mfu"] == pytest.approx(r["full_tflops"] / 0.5)
+    assert 0 <= r["loader_wait_fraction"] < 1
