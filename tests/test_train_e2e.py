@@ -102,6 +102,31 @@ def test_ddp_on_two_cpu_processes(fmnist, tmp_path):
     assert store.latest_valid().step == 10  # 1000 images / (50 x 2 ranks)
 
 
+def test_ddp_resume_restores_each_ranks_random_state(fmnist, tmp_path):
+    # Dropout draws from each rank's own generator (seeded seed + rank); a resumed rank must
+    # continue its own stream, not rank 0's, for the weights to match an uninterrupted run.
+    def run(out: Path, *extra: str) -> None:
+        proc = subprocess.run(
+            ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "pipeline",
+             *small_run(fmnist, out, "train.epochs=2", "model.name=resnet18_ann",
+                        "model.kwargs={drop_rate: 0.5}", "data.workers=0", *extra)],
+            capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+
+    run(tmp_path / "whole")
+    whole = tmp_path / "whole" / "demo_fmnist"
+    cut = tmp_path / "cut" / "demo_fmnist"
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000020")  # cut after epoch 1
+    run(tmp_path / "cut", "resume=auto")
+
+    a, b = (CheckpointStore(str(d / "checkpoints")).load_latest_valid()[1] for d in (whole, cut))
+    assert len(a["rng"]) == 2 and not torch.equal(a["rng"][0]["torch"], a["rng"][1]["torch"])
+    assert a["step"] == b["step"] == 20
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
+
+
 def test_corrupt_jpegs_are_skipped_and_counted(fmnist, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(fmnist, data)

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 def capture_rng() -> dict[str, Any]:
@@ -31,6 +32,27 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def capture_rng_all_ranks() -> list[dict[str, Any]]:
+    """Every rank's generator states, in rank order: each rank draws its own numbers (dropout
+    masks, ...), so an exact resume needs them all. A collective: every rank must call it."""
+    state = capture_rng()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_of_rank(saved: list[dict[str, Any]] | dict[str, Any], rank: int) -> bool:
+    """Restore `rank`'s states from a checkpoint; False when it holds none for that rank (the job
+    grew). Checkpoints written before per-rank states hold one dict: rank 0's."""
+    states = saved if isinstance(saved, list) else [saved]
+    if rank >= len(states):
+        return False
+    restore_rng(states[rank])
+    return True
 
 
 def seed_everything(seed: int) -> None:

@@ -40,7 +40,7 @@ from pipeline.train.checkpointing import Checkpointer
 from pipeline.train.distributed import DistInfo, close_distributed, init_distributed, local_rank
 from pipeline.train.preemption import PreemptionFlag
 from pipeline.train.progress import MetricsWriter, Progress, format_duration
-from pipeline.train.state import capture_rng, restore_rng, seed_everything
+from pipeline.train.state import capture_rng_all_ranks, restore_rng_of_rank, seed_everything
 
 log = logging.getLogger("pipeline.train")
 
@@ -98,7 +98,9 @@ def train(cfg: Config,
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         criterion.load_state_dict(state["loss"])
-        restore_rng(state["rng"])
+        if not restore_rng_of_rank(state["rng"], dist_info.rank):
+            log.warning("the checkpoint holds random states for fewer ranks than this job's %d; "
+                        "the new ranks keep fresh seeds", dist_info.world_size)
         epoch, step = state["epoch"], state["step"]
         log.info("resumed from %s/%s at epoch %d, step %d", store.url, info.name, epoch, step)
 
@@ -122,7 +124,7 @@ def train(cfg: Config,
     def save(end_of_epoch: bool, blocking: bool = False) -> None:
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                 "loss": criterion.state_dict(), "rng": capture_rng(),
+                 "loss": criterion.state_dict(), "rng": capture_rng_all_ranks(),
                  "epoch": epoch, "step": step}
         meta = {"epoch": epoch, "end_of_epoch": end_of_epoch, "config": cfg.to_dict(),
                 "code_version": code_version()}
