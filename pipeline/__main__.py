@@ -4,7 +4,7 @@
     train --config configs/demo_fmnist_resnet_ann.yaml train.epochs=3 loss.scheme=sieve
     describe --model resnet_ann_cifar20 --scheme sieve [--json]
     checkpoints list|verify s3://bucket/runs/demo/checkpoints [--endpoint-url URL]
-    bench train --config configs/demo_fmnist_resnet_ann.yaml [--steps 30]
+    bench train --config configs/demo_fmnist_resnet_ann.yaml [--steps 30] [--profile DIR] [--json]
     eval --checkpoint runs/demo_fmnist/checkpoints --data data/fashion-mnist [--json] [--budgeted 8]
     assemble --members URL1 URL2 URL3 --val data/fashion-mnist --out runs/eann [--budgeted 8]
     bench loader --backend dali|torch|synthetic|decode --data DIR [--batch-size 256]
