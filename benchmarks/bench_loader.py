@@ -29,7 +29,7 @@ from PIL import Image, ImageFilter, features
 
 from pipeline.config import DataConfig
 from pipeline.data.bench import bench_loader, decode_limit
-from pipeline.report import format_table
+from pipeline.report import format_table, plot_ratio_bars
 
 
 def natural_image(rng: np.random.Generator, width: int = 500, height: int = 375) -> Image.Image:
@@ -146,26 +146,11 @@ def main() -> None:
               "images": len(files), "mean_kb": mean_kb, "batch_size": args.batch_size,
               "results": results}
     args.out.write_text(json.dumps(record, indent=1))
-    plot(rows, args.out.with_suffix(".png"))
+    plot_ratio_bars({r["back end"]: [r["cost ratio"]] for r in rows}, args.out.with_suffix(".png"),
+                    goal=0.5, goal_label="goal: 0.5x the limit",
+                    xlabel="images per CPU second, relative to decode only",
+                    title="224x224 training batches from ~500x375 JPEGs")
     print(f"results: {args.out}, plot: {args.out.with_suffix('.png')}")
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3), dpi=120)
-    ax.barh([r["back end"] for r in rows][::-1], [r["cost ratio"] for r in rows][::-1])
-    ax.axvline(0.5, color="grey", linestyle="--", label="goal: 0.5x the limit")
-    ax.set_xlabel("images per CPU second, relative to decode only")
-    ax.set_title("224x224 training batches from ~500x375 JPEGs", fontsize=10)
-    ax.legend(loc="lower right")
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.report import format_table  # noqa: E402
+from pipeline.report import format_table, plot_ratio_bars  # noqa: E402
 from pipeline.train.bench import bench_train  # noqa: E402
 
 LOADERS = {  # name -> data overrides
@@ -77,31 +77,10 @@ def main() -> None:
              f"batch {first['batch_size']}, {args.steps} steps, amp {first['amp']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"stamp": stamp, "runs": runs}, indent=1))
-    plot(runs, args.out.with_suffix(".png"), stamp)
+    plot_ratio_bars({name: [r["ratio"] for r in rs] for name, rs in runs.items()},
+                    args.out.with_suffix(".png"), goal=0.9, goal_label="goal: 0.9",
+                    xlabel="full training step / bare step (images/s)", title=stamp)
     print(f"{stamp}\nwrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
-
-
-def plot(runs: dict[str, list[dict]], path: Path, stamp: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3), dpi=120)
-    names = list(runs)
-    for i, name in enumerate(names):
-        ratios = [r["ratio"] for r in runs[name]]
-        ax.barh(i, statistics.median(ratios), color="tab:blue", alpha=0.7)
-        ax.plot(ratios, [i] * len(ratios), "k|", markersize=12)
-    ax.axvline(0.9, color="tab:red", linestyle="--", label="goal 0.9")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("full training step / bare step (images/s)")
-    ax.set_xlim(0, 1.2)
-    ax.set_title(stamp, fontsize=7)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

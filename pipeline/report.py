@@ -106,3 +106,39 @@ def plot_series(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_ratio_bars(
+    values: dict[str, Sequence[float]],
+    path: str | Path,
+    *,
+    goal: float,
+    goal_label: str,
+    xlabel: str,
+    title: str = "",
+) -> Path:
+    """One horizontal bar per name at the median of its values (one per round; each shown as a
+    tick when there are several), against a dashed goal line. For benchmark ratios."""
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(values)[::-1]  # the first name on top
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.5), dpi=120)
+    ax.barh(names, [statistics.median(values[n]) for n in names], alpha=0.8)
+    for i, name in enumerate(names):
+        if len(values[name]) > 1:
+            ax.plot(values[name], [i] * len(values[name]), "k|", markersize=12)
+    ax.axvline(goal, color="tab:red", linestyle="--", label=goal_label)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=8)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
