@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -262,6 +263,31 @@ def test_resumed_augmentation_is_identical(image_folder: Path, workers: int) -> 
     torch.manual_seed(0)
     list(whole)  # iterating must not consume the caller's RNG
     assert torch.equal(torch.rand(3), before)
+
+
+def test_small_augmentation_keeps_grayscale_exact_and_flips_half(tmp_path: Path) -> None:
+    # Grayscale ramps, dark on the left: a flip reverses the ramp. PNG, so pixels are exact.
+    ramp = np.tile(np.arange(0, 160, 10, dtype=np.uint8), (16, 1))
+    for i in range(64):
+        folder = tmp_path / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ramp + i).save(folder / f"{i:02d}.png")
+    shutil.copytree(tmp_path / "train", tmp_path / "val")
+    cfg = small_cfg(tmp_path, image_size=16, batch_size=64, mean=(0, 0, 0), std=(1, 1, 1))
+    for train, epochs in ((True, 3), (False, 1)):
+        loader = build_loader(cfg, "train" if train else "val", train=train, seed=0)
+        for epoch in range(epochs):
+            loader.set_epoch(epoch)
+            [(images, _)] = list(loader)
+            pixels = (images * 255).round()
+            assert all(torch.equal(pixels[:, 0], pixels[:, c]) for c in (1, 2))
+            assert torch.equal(pixels[:, 0].amin(dim=(1, 2)) + torch.tensor(ramp[0, -1]),
+                               pixels[:, 0].amax(dim=(1, 2)))  # exact values, no resampling
+            flipped = int((pixels[:, 0, :, 0] > pixels[:, 0, :, -1]).all(dim=1).sum())
+            if train:  # a fair coin per image (binomial(64, 1/2): 16..48 is > 99.99%)
+                assert 16 <= flipped <= 48, flipped
+            else:
+                assert flipped == 0
 
 
 def test_loader_shards_across_ranks(image_folder: Path) -> None:

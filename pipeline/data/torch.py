@@ -30,9 +30,9 @@ from pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def build_transform(cfg: DataConfig, train: bool) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> uint8 CHW tensor with the split's geometry and flips. Scaling to float and
-    normalising happen once per batch (`batch_normalize`), far cheaper than per sample."""
+def build_transform(cfg: DataConfig, train: bool) -> Callable[[Image.Image, int], torch.Tensor]:
+    """(decoded PIL image, the sample's seed) -> uint8 CHW tensor with the split's geometry and
+    flips. Scaling to float and normalising happen once per batch (`batch_normalize`)."""
     size = cfg.image_size
     if cfg.augment == "small":
         return SmallImages(size, flip=train)
@@ -41,30 +41,57 @@ def build_transform(cfg: DataConfig, train: bool) -> Callable[[Image.Image], tor
         geometry = [crop, v2.RandomHorizontalFlip()]
     else:
         geometry = [v2.Resize(round(size / cfg.val_resize_ratio)), v2.CenterCrop(size)]
-    return v2.Compose([*geometry, v2.PILToTensor()])
+    return SeededTransform(v2.Compose([*geometry, v2.PILToTensor()]))
+
+
+class SeededTransform:
+    """A torchvision transform on RGB whose random draws come from the sample's own seed, so a
+    resumed run repeats the exact crops and flips of an uninterrupted one whatever the worker
+    count. The caller's RNG state is put back (it is the trainer's own with workers=0).
+    (torch.manual_seed and fork_rng cost ~120 us here, the CPU generator's own methods ~2 us.)"""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]):
+        self.transform = transform
+
+    def __call__(self, image: Image.Image, sample_seed: int) -> torch.Tensor:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        rng = torch.default_generator
+        state = rng.get_state()
+        rng.manual_seed(sample_seed)
+        try:
+            return self.transform(image)
+        finally:
+            rng.set_state(state)
 
 
 class SmallImages:
     """The "small" augmentation, for images already at image_size (CIFAR, Fashion-MNIST): straight
     to a tensor, resized and centre-cropped only when an image is not square at image_size (so
-    batches stay square), flipped at random when training. torchvision's v2 pipeline spends
-    several times the decode's time on these tiny images."""
+    batches stay square), flipped by the sample's seed when training. A grayscale image stays one
+    plane until the batch is stacked. torchvision's v2 pipeline, or saving and restoring the global
+    generator around each image, costs more than the decode of such tiny images."""
 
     def __init__(self, size: int, flip: bool):
         self.size = size
         self.flip = flip
         self.fit = v2.Compose([v2.Resize(size), v2.CenterCrop(size)])
+        self.generator = torch.Generator()
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, sample_seed: int) -> torch.Tensor:
+        if image.mode not in ("L", "RGB"):
+            image = image.convert("RGB")
         if image.size != (self.size, self.size):
             image = self.fit(image)
         width, height = image.size
+        channels = len(image.getbands())
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        chw = pixels.view(height, width, 3).permute(2, 0, 1)
-        # The same draw as v2.RandomHorizontalFlip, from the sample's own seed.
-        if self.flip and torch.rand(1) < 0.5:
+        chw = pixels.view(height, width, channels).permute(2, 0, 1)
+        # The draw v2.RandomHorizontalFlip would make from the sample's seed, from a generator of
+        # our own (the global one would need saving and restoring around it).
+        if self.flip and torch.rand(1, generator=self.generator.manual_seed(sample_seed)) < 0.5:
             chw = chw.flip(-1)
-        return chw.contiguous()
+        return chw.expand(3, height, width)  # collate copies it into the batch either way
 
 
 def batch_normalize(cfg: DataConfig) -> v2.Compose:
@@ -93,8 +120,10 @@ class BadImage(NamedTuple):
 
 
 class FolderDataset(Dataset):
-    def __init__(self, index: FolderIndex, transform: Callable[[Image.Image], torch.Tensor]):
+    def __init__(self, index: FolderIndex,
+                 transform: Callable[[Image.Image, int], torch.Tensor]):
         self.index = index
+        self.split_dir = str(index.split_dir)
         self.transform = transform
 
     def __len__(self) -> int:
@@ -102,27 +131,18 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int] | BadImage:
         i, sample_seed = item
-        path = self.index.path(i)
+        path, label = self.index.samples[i]
+        path = f"{self.split_dir}/{path}"
         try:
-            # convert() forces the full decode here, so truncated files fail now (PIL's
+            # load() forces the full decode here, so truncated files fail now (PIL's
             # LOAD_TRUNCATED_IMAGES stays off on purpose). PIL raises many exception types
             # (OSError, SyntaxError, ValueError, DecompressionBombError), so catch them all, but
             # only around the decode.
-            with Image.open(path) as im:
-                image = im.convert("RGB")
+            with Image.open(path) as image:
+                image.load()
         except Exception as e:
-            return BadImage(str(path), f"{type(e).__name__}: {e}")
-        # Each sample's augmentation draws from its own seed, so a resumed run repeats the exact
-        # crops and flips of an uninterrupted one whatever the worker count. The caller's RNG
-        # state is put back for workers=0. (torch.manual_seed and fork_rng cost ~120 us here,
-        # the CPU generator's own methods ~2 us.)
-        rng = torch.default_generator
-        state = rng.get_state()
-        rng.manual_seed(sample_seed)
-        try:
-            return self.transform(image), self.index.samples[i][1]
-        finally:
-            rng.set_state(state)
+            return BadImage(path, f"{type(e).__name__}: {e}")
+        return self.transform(image, sample_seed), label
 
 
 class CollateSkipBad:
