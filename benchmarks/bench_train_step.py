@@ -73,7 +73,7 @@ def main() -> None:
     print(table)
     first = next(iter(runs.values()))[0]
     stamp = (f"{datetime.date.today().isoformat()}, {platform.machine()} CPU, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}, {first['model']} "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}\n{first['model']} "
              f"batch {first['batch_size']}, {args.steps} steps, amp {first['amp']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"stamp": stamp, "runs": runs}, indent=1))

@@ -132,10 +132,11 @@ def plot_ratio_bars(
     for i, name in enumerate(names):
         if len(values[name]) > 1:
             ax.plot(values[name], [i] * len(values[name]), "k|", markersize=12)
-    ax.axvline(goal, color="tab:red", linestyle="--", label=goal_label)
+    ax.axvline(goal, color="tab:red", linestyle="--")
+    ax.annotate(goal_label, (goal, 1.0), xycoords=("data", "axes fraction"), ha="center",
+                va="bottom", fontsize=8, color="tab:red")
     ax.set_xlabel(xlabel)
-    ax.set_title(title, fontsize=8)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title, fontsize=8, pad=14)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
