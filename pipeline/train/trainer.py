@@ -324,6 +324,8 @@ def pick_device(requested: str) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
+        # Training batches keep one shape, so cuDNN's one-off timing of its algorithms pays back.
+        torch.backends.cudnn.benchmark = True
         # Modulo: a launcher that binds one GPU per task (--gpus-per-task) leaves one visible.
         return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device("cpu")
