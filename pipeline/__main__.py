@@ -18,9 +18,21 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import UserError
+
+
+def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """argparse type: a number > 0, else argparse's own one-line usage error (exit 2)."""
+    def convert(text: str) -> int | float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+        return value
+    convert.__name__ = kind.__name__  # argparse names the type in its message
+    return convert
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     targets = p.add_subparsers(dest="target", required=True)
     p = targets.add_parser("train", help="full training step vs the bare step on synthetic data")
     p.add_argument("--config", required=True, help="YAML run config")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    p.add_argument("--steps", type=positive(int), default=30,
+                   help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--peak-tflops", type=float, default=None,
+    p.add_argument("--peak-tflops", type=positive(float), default=None,
                    help="the device's peak for MFU (default: known GPUs' dense bf16 peak)")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="also profile 5 full steps: DIR/trace.json (Chrome trace), DIR/ops.txt")
@@ -70,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode: full JPEG decode only, on all cores (the CPU's limit)")
     p.add_argument("--data", required=True, help="ImageNet-layout root: DIR/train/<class>/...")
     p.add_argument("--split", default="train", help="train: training augmentation; val: eval")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=positive(int), default=256)
+    p.add_argument("--image-size", type=positive(int), default=224)
     p.add_argument("--workers", type=int, default=os.cpu_count(),
                    help="DALI threads / DataLoader workers (default: all cores)")
-    p.add_argument("--batches", type=int, default=20, help="timed batches")
+    p.add_argument("--batches", type=positive(int), default=20, help="timed batches")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     p.add_argument("overrides", nargs="*", help="dotted data overrides: dtype=float16 ...")
 

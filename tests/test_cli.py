@@ -95,3 +95,14 @@ def test_bench_train_json_reports_mfu_against_the_given_peak(fmnist):
                                              / 1e3)
     assert r["full_mfu"] == pytest.approx(r["full_tflops"] / 0.5)
     assert 0 <= r["loader_wait_fraction"] < 1
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--config", "configs/demo_fmnist_resnet_ann.yaml", "--peak-tflops", "0"],
+     "--peak-tflops: 0 is not a positive number"),
+    (["loader", "--backend", "torch", "--data", "data", "--batches", "-1"],
+     "--batches: -1 is not a positive number"),
+])
+def test_bench_rejects_non_positive_counts_in_one_line(args, words):
+    proc = cli("bench", *args)
+    assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
