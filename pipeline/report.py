@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -119,8 +120,6 @@ def plot_ratio_bars(
 ) -> Path:
     """One horizontal bar per name at the median of its values (one per round; each shown as a
     tick when there are several), against a dashed goal line. For benchmark ratios."""
-    import statistics
-
     import matplotlib
 
     matplotlib.use("Agg")

@@ -32,7 +32,6 @@ verify` lists bad images up front so that this never happens.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -144,7 +143,7 @@ class DaliLoader:
         self.seed = seed
         self.drop_last = train
         self.gpu = use_gpu(cfg)
-        self.device_id = int(os.environ.get("LOCAL_RANK", 0)) if self.gpu else None
+        self.device_id = torch.cuda.current_device() if self.gpu else None  # set by the trainer
         self.threads = max(1, cfg.workers)
         self.sampler = ResumableSampler(
             len(index), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=train

@@ -45,9 +45,10 @@ def index_url(root: str, split: str, endpoint_url: str = "") -> UrlIndex:
     try:
         fs, base = fsspec.core.url_to_fs(f"{root}/{split}", **options)
         keys = fs.find(base)
-    except ImportError as e:
-        raise UserError(f"data.root={root} needs s3fs: pip install 'anytime-pipeline[s3]'") from e
-    except (OSError, ValueError) as e:
+    except ImportError as e:  # fsspec's message names the package the protocol needs
+        raise UserError(f"data.root={root}: {e} (s3://: pip install 'anytime-pipeline[s3]')"
+                        ) from e
+    except Exception as e:  # OSError, ValueError, and botocore errors s3fs does not translate
         raise UserError(f"cannot list {root}/{split} ({type(e).__name__}: {e}); check the URL, "
                         "data.endpoint_url and the AWS_* credentials") from e
     per_class: dict[str, list[str]] = {}

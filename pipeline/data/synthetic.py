@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,7 +46,7 @@ class SyntheticLoader:
         else:
             self.per_rank_epoch = len(range(rank, self.num_samples, world_size))
         if torch.cuda.is_available():
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            self.device = torch.device("cuda", torch.cuda.current_device())  # set by the trainer
         else:
             self.device = torch.device("cpu")
         dtype = torch.float16 if cfg.dtype == "float16" else torch.float32

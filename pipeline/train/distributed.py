@@ -39,8 +39,6 @@ def init_distributed(device: torch.device) -> DistInfo:
                         int(env["SLURM_NTASKS"]))
     else:
         return DistInfo()
-    if device.type == "cuda":  # collectives on Python objects use the current device
-        torch.cuda.set_device(device)
     if info.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=info.rank, world_size=info.world_size)

@@ -327,7 +327,11 @@ def pick_device(requested: str) -> torch.device:
         # Training batches keep one shape, so cuDNN's one-off timing of its algorithms pays back.
         torch.backends.cudnn.benchmark = True
         # Modulo: a launcher that binds one GPU per task (--gpus-per-task) leaves one visible.
-        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+        device = torch.device("cuda", local_rank() % torch.cuda.device_count())
+        # The current device is what the loaders (DALI, synthetic) and the collectives on
+        # Python objects use.
+        torch.cuda.set_device(device)
+        return device
     return torch.device("cpu")
 
 
