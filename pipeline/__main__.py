@@ -24,6 +24,17 @@ from pathlib import Path
 from pipeline.errors import UserError
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= minimum, else argparse's one-line usage error (exit 2)."""
+    def convert(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
+        return value
+    convert.__name__ = "int"  # argparse names the type in its message
+    return convert
+
+
 def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     """argparse type: a number > 0, else argparse's own one-line usage error (exit 2)."""
     def convert(text: str) -> int | float:
@@ -71,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("--steps", type=positive(int), default=30,
                    help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--warmup", type=at_least(0), default=5, help="untimed steps first")
     p.add_argument("--peak-tflops", type=positive(float), default=None,
                    help="the device's peak for MFU (default: known GPUs' dense bf16 peak)")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
@@ -85,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="train", help="train: training augmentation; val: eval")
     p.add_argument("--batch-size", type=positive(int), default=256)
     p.add_argument("--image-size", type=positive(int), default=224)
-    p.add_argument("--workers", type=int, default=os.cpu_count(),
+    p.add_argument("--workers", type=at_least(0), default=os.cpu_count(),
                    help="DALI threads / DataLoader workers (default: all cores)")
     p.add_argument("--batches", type=positive(int), default=20, help="timed batches")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed batches first")
     p.add_argument("overrides", nargs="*", help="dotted data overrides: dtype=float16 ...")
 
     p = verbs.add_parser("data", help="check a data set: list the images that decode")
@@ -97,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", nargs="+", default=None, help="default: train and val, if there")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for the lists (default: the root; then set data.file_lists)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=positive(int), default=None,
+                   help="processes (default: all cores)")
     p.add_argument("--endpoint-url", default="", help="S3-compatible server for an s3:// root")
 
     p = verbs.add_parser("eval", help="per-exit top-1/top-5 error and cost of a checkpoint")
@@ -254,10 +266,11 @@ def bench_loader(args: argparse.Namespace) -> int:
         images = args.batch_size * args.batches
         r = decode_limit(args.data, args.split, images=images, processes=args.workers)
     else:
-        overrides = [f"data.{o}" for o in args.overrides] + [
-            f"data.root={args.data}", f"data.backend={args.backend}",
-            f"data.batch_size={args.batch_size}", f"data.image_size={args.image_size}",
-            f"data.workers={args.workers}"]
+        # The flags first, so an override of the same key wins; "dtype=..." or "data.dtype=..."
+        overrides = [f"data.root={args.data}", f"data.backend={args.backend}",
+                     f"data.batch_size={args.batch_size}", f"data.image_size={args.image_size}",
+                     f"data.workers={args.workers}"] + [
+            o if o.startswith("data.") else f"data.{o}" for o in args.overrides]
         cfg = load_config(None, overrides)
         r = bench_loader(cfg.data, args.split, batches=args.batches, warmup=args.warmup)
     print(f"{r['backend']} on {r['device']} ({r['workers']} workers), {r['images']} images of "
@@ -316,7 +329,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", default="", help="S3-compatible server, e.g. MinIO")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
-    p.add_argument("--budgeted", type=int, default=0, metavar="POINTS",
+    p.add_argument("--budgeted", type=at_least(0), default=0, metavar="POINTS",
                    help="also run budgeted batch evaluation at this many average costs")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the checkpoint's config, "

@@ -62,7 +62,8 @@ def test_bench_train_compares_full_and_bare_steps(fmnist, tmp_path):
                f"data.root={fmnist}", "data.batch_size=32", "--steps", "4", "--warmup", "2",
                "--peak-tflops", "2", "--profile", str(tmp_path / "profile"))
     assert proc.returncode == 0, proc.stderr
-    assert "MFU" in proc.stdout and "loader wait" in proc.stdout
+    assert re.search(r"MFU [\d.]+% \(bare [\d.]+%\) of 2 TFLOP/s", proc.stdout), proc.stdout
+    assert "loader wait" in proc.stdout
     trace = json.loads((tmp_path / "profile" / "trace.json").read_text())
     marks = {e.get("name") for e in trace["traceEvents"]}
     assert {"loader_wait", "train_step"} <= marks
@@ -102,6 +103,10 @@ def test_bench_train_json_reports_mfu_against_the_given_peak(fmnist):
      "--peak-tflops: 0 is not a positive number"),
     (["loader", "--backend", "torch", "--data", "data", "--batches", "-1"],
      "--batches: -1 is not a positive number"),
+    (["loader", "--backend", "decode", "--data", "data", "--workers", "-1"],
+     "--workers: -1 is below 0"),
+    (["train", "--config", "configs/demo_fmnist_resnet_ann.yaml", "--warmup", "-1"],
+     "--warmup: -1 is below 0"),
 ])
 def test_bench_rejects_non_positive_counts_in_one_line(args, words):
     proc = cli("bench", *args)
