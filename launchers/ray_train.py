@@ -191,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = for_ray(load_config(args.config, args.overrides))
-        ray.init(address=args.address)
+        try:
+            ray.init(address=args.address)
+        except ConnectionError as e:
+            raise UserError(f"no Ray cluster at --address {args.address} ({e}); start one with "
+                            "`ray start --head`, or leave --address out for a local one") from e
         try:
             run(cfg, num_workers=args.num_workers, use_gpu=args.gpus,
                 cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,

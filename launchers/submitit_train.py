@@ -104,8 +104,6 @@ def submit_training(config: str, overrides: list[str], *, folder: str | Path,
     """Submit `python -m pipeline train --config config overrides...` as one SLURM job with one
     task per GPU (one task per node without GPUs); returns the submitit Job."""
     submitit = _submitit()
-    if not Path(config).is_file():
-        raise UserError(f"config file {config} does not exist; pass --config configs/...yaml")
     from pipeline.config import load_config
 
     cfg = load_config(config, [*overrides, "resume=auto"])  # fail here, not in the queue

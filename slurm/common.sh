@@ -32,6 +32,11 @@ REPO=${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
 PYTHON=${PYTHON:-python3}
 
 launch_training() {
+    if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+        echo "slurm/common.sh: not inside a SLURM job; submit with sbatch slurm/<script>.sh" \
+             "(on one machine without SLURM: torchrun ... -m pipeline train --config ...)" >&2
+        exit 2
+    fi
     cd "$REPO" || { echo "slurm/common.sh: cannot cd to REPO=$REPO" >&2; exit 2; }
     if [[ -z "${CONFIG:-}" || ! -f "$CONFIG" ]]; then
         echo "slurm/common.sh: config '${CONFIG:-}' not found in $REPO; set CONFIG=configs/..." >&2

@@ -20,12 +20,13 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from pipeline.storage.local_s3 import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "scancel", "srun")
@@ -55,12 +56,6 @@ def _die_with_parent() -> None:
     os.setsid()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _slurm_conf(root: Path, cpus: int, ctld_port: int, slurmd_port: int) -> str:
@@ -132,7 +127,7 @@ class LocalSlurmCluster:
         key = self.root / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
-        self.conf.write_text(_slurm_conf(self.root, self.cpus, _free_port(), _free_port()))
+        self.conf.write_text(_slurm_conf(self.root, self.cpus, free_port(), free_port()))
         munge = self.root / "munge"
         self._spawn("munged", [_binary("munged"), "--foreground", "--force",
                                f"--socket={munge}/munge.socket", f"--key-file={key}",

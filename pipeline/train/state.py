@@ -34,14 +34,15 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def capture_rng_all_ranks() -> list[dict[str, Any]]:
-    """Every rank's generator states, in rank order: each rank draws its own numbers (dropout
-    masks, ...), so an exact resume needs them all. A collective: every rank must call it."""
+def capture_rng_all_ranks() -> list[dict[str, Any]] | None:
+    """Every rank's generator states, in rank order, on rank 0 (the checkpoint writer; None on
+    the others): each rank draws its own numbers (dropout masks, ...), so an exact resume needs
+    them all. A collective: every rank must call it."""
     state = capture_rng()
     if not (dist.is_available() and dist.is_initialized()):
         return [state]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
+    states: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(state, states, dst=0)
     return states
 
 
