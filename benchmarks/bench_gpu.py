@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bench_loader import write_dataset  # noqa: E402
 
-from pipeline.config import DataConfig, load_config  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 from pipeline.data.bench import bench_loader  # noqa: E402
 from pipeline.report import format_table  # noqa: E402
 from pipeline.train.bench import bench_train  # noqa: E402
@@ -70,10 +70,8 @@ def main() -> None:
             print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
             rows.append(row(model, loader, r))
 
-    decode = bench_loader(DataConfig(root=str(args.data), backend="dali",
-                                     batch_size=args.batch_size, workers=os.cpu_count() or 1,
-                                     dtype="float16", channels_last=True),
-                          "train", batches=30, warmup=5)
+    # The DALI settings the training steps above used, alone: decode + augment, no model.
+    decode = bench_loader(cfg.data, "train", batches=30, warmup=5)
     results["dali_decode"] = decode
     write_report(args, rows, results, decode)
 

@@ -239,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     data = args.data_dir / f"fashion-mnist-{args.limit}"
-    subprocess.run([sys.executable, "-m", "pipeline", "prepare", "fashion-mnist", "--out",
-                    str(data), "--limit", str(args.limit)], cwd=ROOT, check=True)
+    prepared = subprocess.run([sys.executable, "-m", "pipeline", "prepare", "fashion-mnist",
+                               "--out", str(data), "--limit", str(args.limit)], cwd=ROOT)
+    if prepared.returncode != 0:
+        sys.exit(f"preparing {data} failed (exit {prepared.returncode}); see the lines above")
     common = [f"data.root={data}", f"train.epochs={args.epochs}"]
     start = time.time()
     runs = train_all(args.out, args.depth, args.seeds, common)

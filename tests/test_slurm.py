@@ -108,6 +108,7 @@ def test_sbatch_usr1_checkpoints_requeues_and_matches_uninterrupted_run(
     info = slurm_cluster.wait(job_id, "COMPLETED", timeout=300)
     text = log.read_text()
     assert info["Restarts"] == "1", text
+    assert "batch shell got SIGUSR1: forwarding" in text  # common.sh's trap ran
     assert "SIGUSR1 received" in text and "Exited with exit code 75" in text
     assert "preempted (exit 75): requeueing" in text
     assert f"job {job_id} start 2" in text  # same job id, same (appended) log

@@ -36,10 +36,10 @@ _CHUNK = 256  # images per pool task: large enough to amortise the IPC, small fo
 def decode_error(path: str | Path) -> str | None:
     """None when `path` decodes completely as an image, else the error as one line."""
     try:
-        # convert() forces the full decode: a truncated file fails here, not just in its header
+        # load() forces the full decode: a truncated file fails here, not just in its header
         # (PIL's LOAD_TRUNCATED_IMAGES stays off). PIL raises many exception types.
         with fsspec.open(str(path), "rb") as f, Image.open(f) as im:  # a path or a URL
-            im.convert("RGB")
+            im.load()
     except Exception as e:
         return f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")
     return None
