@@ -95,14 +95,16 @@ def check_same_classes(train: FolderIndex, val: FolderIndex) -> None:
     compare_classes(train.classes, val.classes, train.split_dir, val.split_dir)
 
 
-def compare_classes(a: list[str], b: list[str], a_dir: Path, b_dir: Path) -> None:
+def compare_classes(a: list[str], b: list[str], a_dir: str | Path, b_dir: str | Path) -> None:
+    """Refuse two splits with different class folders (folders or URLs)."""
     if a == b:
         return
     only_a = sorted(set(a) - set(b))
     only_b = sorted(set(b) - set(a))
+    a_name, b_name = (str(d).rstrip("/").rsplit("/", 1)[-1] for d in (a_dir, b_dir))
     raise UserError(
-        f"{a_dir} and {b_dir} have different class folders (only in {a_dir.name}: "
-        f"{_few(only_a)}; only in {b_dir.name}: {_few(only_b)}); both splits need the same "
+        f"{a_dir} and {b_dir} have different class folders (only in {a_name}: "
+        f"{_few(only_a)}; only in {b_name}: {_few(only_b)}); both splits need the same "
         "class folders, or labels would not match"
     )
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import fsspec
 
 from pipeline.config import DataConfig
-from pipeline.data.folder import FolderIndex, is_image
+from pipeline.data.folder import FolderIndex, compare_classes, is_image
 from pipeline.errors import UserError
 
 
@@ -38,19 +38,34 @@ class UrlIndex(FolderIndex):
         return f"{self.split_dir}/{self.samples[i][0]}"
 
 
-def index_url(root: str, split: str, endpoint_url: str = "") -> UrlIndex:
-    """List root/split/<class>/<image> in object storage (one recursive listing)."""
-    root = root.rstrip("/")
+def _listing(root: str, split: str, endpoint_url: str, list_files: bool) -> tuple[list, str]:
+    """(keys under root/split, recursively; or its entries, one level), and fsspec's base path;
+    one-line errors for a missing package, a server that is down, or missing credentials."""
     options = {"endpoint_url": endpoint_url} if endpoint_url else {}
     try:
         fs, base = fsspec.core.url_to_fs(f"{root}/{split}", **options)
-        keys = fs.find(base)
+        return (fs.find(base) if list_files else fs.ls(base, detail=True)), base
     except ImportError as e:  # fsspec's message names the package the protocol needs
         raise UserError(f"data.root={root}: {e} (s3://: pip install 'anytime-pipeline[s3]')"
                         ) from e
+    except FileNotFoundError:
+        return [], base
     except Exception as e:  # OSError, ValueError, and botocore errors s3fs does not translate
         raise UserError(f"cannot list {root}/{split} ({type(e).__name__}: {e}); check the URL, "
                         "data.endpoint_url and the AWS_* credentials") from e
+
+
+def list_url_classes(root: str, split: str, endpoint_url: str = "") -> list[str]:
+    """The sorted class folder names of root/split in object storage (one level, not every key)."""
+    entries, _ = _listing(root.rstrip("/"), split, endpoint_url, list_files=False)
+    return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries
+                  if e["type"] == "directory" and not e["name"].rsplit("/", 1)[-1].startswith("."))
+
+
+def index_url(root: str, split: str, endpoint_url: str = "") -> UrlIndex:
+    """List root/split/<class>/<image> in object storage (one recursive listing)."""
+    root = root.rstrip("/")
+    keys, base = _listing(root, split, endpoint_url, list_files=True)
     per_class: dict[str, list[str]] = {}
     for key in keys:
         parts = key[len(base) + 1 :].split("/")
@@ -77,12 +92,9 @@ def build_url_loader(cfg: DataConfig, split: str, *, train: bool, rank: int, wor
         os.environ["AWS_ENDPOINT_URL"] = cfg.endpoint_url
     index = index_url(cfg.root, split, cfg.endpoint_url)
     if split != "train":
-        train_classes = index_url(cfg.root, "train", cfg.endpoint_url).classes
-        if train_classes != index.classes:
-            differ = sorted(set(train_classes) ^ set(index.classes))
-            raise UserError(f"{cfg.root}/train and {index.split_dir} have different class "
-                            f"folders ({', '.join(differ[:5])} ...); both splits need the same "
-                            "class folders, or labels would not match")
+        train_classes = list_url_classes(cfg.root, "train", cfg.endpoint_url)
+        compare_classes(train_classes, index.classes, f"{cfg.root.rstrip('/')}/train",
+                        index.split_dir)
     if cfg.file_lists:
         from pipeline.data.verify import apply_file_lists
 
