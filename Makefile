@@ -1,19 +1,22 @@
 # `make demo` and `make test` install what they need into the current Python environment
 # (activate a venv first if you want one) and then run. Debian's dataset-fashion-mnist package
-# provides the demo's real images.
+# provides the demo's real images. pip installs the versions the tests passed with:
+# constraints.txt pins every package (the package's own ranges in pyproject.toml stay ranges
+# for library users); `make lock` refreshes it.
 PYTHON ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_CONFIG ?= configs/demo_fmnist_resnet_ann.yaml
+PIP_INSTALL = $(PYTHON) -m pip install -q -c constraints.txt
 
-.PHONY: install install-dev demo test lint
+.PHONY: install install-dev demo test lint lock
 
 # What the demo needs: the data set's package, torch, this package.
 install:
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { \
 	  $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }; }
-	$(PYTHON) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PYTHON) -m pip install -q -e .
+	$(PIP_INSTALL) torch==2.14.1 torchvision==0.29.1
+	$(PIP_INSTALL) -e .
 
 # What the tests need besides: slurm-wlm + munge (the tests start a real one-node SLURM cluster
 # on 127.0.0.1), DALI, Ray, submitit, moto's S3 server, pytest, ruff.
@@ -21,7 +24,7 @@ install-dev: install
 	@dpkg -s slurm-wlm munge >/dev/null 2>&1 || { \
 	  $(SUDO) apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq slurm-wlm munge; }; }
-	$(PYTHON) -m pip install -q -e '.[dev,dali]'
+	$(PIP_INSTALL) -e '.[dev,dali]'
 
 demo: install
 	$(PYTHON) -m pipeline prepare fashion-mnist --out data/fashion-mnist
@@ -32,3 +35,15 @@ lint:
 
 test: install-dev lint
 	$(PYTHON) -m pytest -q
+
+# Re-resolve every dependency to its newest allowed release in a throwaway venv and pin the
+# result. Run it, then `make test`, and commit constraints.txt with the fixes the tests asked for.
+lock:
+	@set -e; venv=$$(mktemp -d)/venv; trap 'rm -rf "$$(dirname $$venv)"' EXIT; \
+	$(PYTHON) -m venv $$venv; \
+	$$venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1; \
+	$$venv/bin/python -m pip install -q -e '.[dev,dali]'; \
+	{ echo "# Every package of the demo and test environments (make install-dev), as tested."; \
+	  echo "# Made by 'make lock' with $$($$venv/bin/python -V) on $$(uname -sm); do not edit."; \
+	  $$venv/bin/python -m pip freeze --exclude-editable; } > constraints.txt; \
+	echo "constraints.txt: $$(grep -vc '^#' constraints.txt) packages"

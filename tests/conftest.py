@@ -15,6 +15,9 @@ from PIL import Image
 
 from pipeline.storage.local_s3 import free_port, local_s3_server
 
+# torchrun of this interpreter's torch: tests also run from a venv that is not activated
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
+
 
 def write_image_folder(
     root: Path,

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import TORCHRUN
 from pipeline.config import DataConfig
 from pipeline.data import build_loader
 from pipeline.data.dali import DaliLoader
@@ -280,7 +281,7 @@ def test_train_end_to_end_with_dali_on_two_processes(image_folder: Path, tmp_pat
     # hangs nor dies, names the image, counts every validation image once, and resumes.
     victim = image_folder / "train" / "bee" / "bee_007.JPEG"
     truncate(victim)
-    run = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "pipeline", "train",
+    run = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "pipeline", "train",
            "--config", "configs/demo_fmnist_resnet_ann.yaml", f"data.root={image_folder}",
            "data.backend=dali", "data.workers=1", "data.image_size=32", "data.batch_size=3",
            "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", "data.max_bad_fraction=0.1",

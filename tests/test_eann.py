@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import TORCHRUN
 from pipeline.__main__ import main
 from pipeline.anytime.budgeted import apply_cascade, budgeted_curve, fit_thresholds
 from pipeline.config import config_from_dict
@@ -331,14 +332,19 @@ def test_eval_cli_matches_an_independent_recount(members, digits, tmp_path):
     # the same under DDP: two CPU processes, each half the images, gathered on rank 0
     ddp = cli("eval", "--checkpoint", str(members[1]), "--data", str(digits), "--out",
               str(tmp_path / "ddp"), "--json", "--budgeted", "4", "data.batch_size=50",
-              "data.workers=0", runner=("torchrun", "--standalone", "--nproc_per_node=2", "-m",
+              "data.workers=0", runner=(*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m",
                                         "pipeline"))
     assert ddp.returncode == 0, ddp.stderr
     ddp_report = json.loads((tmp_path / "ddp" / "eval.json").read_text())
     assert ddp_report["samples"] == 360
     assert [e["top1_error"] for e in ddp_report["exits"]] == pytest.approx(top1, abs=1e-9)
-    # per-image records come back in the single-process order: identical budgeted results
-    assert ddp_report["budgeted"] == pytest.approx(report["budgeted"])
+    # per-image records come back in the single-process order: the same budgeted results,
+    # point by point (pytest.approx compares flat values only, so field by field)
+    assert len(ddp_report["budgeted"]) == len(report["budgeted"])
+    for got, want in zip(ddp_report["budgeted"], report["budgeted"]):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value), (key, got[key], value)
 
 
 # --- object storage and bad input --------------------------------------------------------------

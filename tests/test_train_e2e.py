@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TORCHRUN
 from pipeline.config import load_config
 from pipeline.storage.checkpoints import CheckpointStore
 from pipeline.train.trainer import train
@@ -89,7 +90,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(fmnist, tmp_path):
 
 def test_ddp_on_two_cpu_processes(fmnist, tmp_path):
     proc = subprocess.run(
-        ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "pipeline",
+        [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "pipeline",
          *small_run(fmnist, tmp_path, "train.epochs=1", "loss.scheme=adaloss",
                     "loss.adaloss_update_every=4")],
         capture_output=True, text=True, timeout=600)
@@ -107,7 +108,7 @@ def test_ddp_resume_restores_each_ranks_random_state(fmnist, tmp_path):
     # continue its own stream, not rank 0's, for the weights to match an uninterrupted run.
     def run(out: Path, *extra: str) -> None:
         proc = subprocess.run(
-            ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "pipeline",
+            [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "pipeline",
              *small_run(fmnist, out, "train.epochs=2", "model.name=resnet18_ann",
                         "model.kwargs={drop_rate: 0.5}", "data.workers=0", *extra)],
             capture_output=True, text=True, timeout=600)
