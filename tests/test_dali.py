@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TORCHRUN
 from PIL import Image
 
-from conftest import TORCHRUN
 from pipeline.config import DataConfig
 from pipeline.data import build_loader
 from pipeline.data.dali import DaliLoader

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TORCHRUN
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import TORCHRUN
 from pipeline.__main__ import main
 from pipeline.anytime.budgeted import apply_cascade, budgeted_curve, fit_thresholds
 from pipeline.config import config_from_dict

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TORCHRUN
+
 from pipeline.config import load_config
 from pipeline.storage.checkpoints import CheckpointStore
 from pipeline.train.trainer import train
