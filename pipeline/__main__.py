@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             return data(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     return 1
 
 
@@ -169,10 +169,14 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
+    from pipeline.train.preemption import EXIT_PREEMPTED, watch_preemption
+
+    preemption = watch_preemption()  # first: a SIGUSR1/SIGTERM while starting up still exits 75
     from pipeline.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: fail fast
-    from pipeline.train.preemption import EXIT_PREEMPTED
+    if preemption.signal_name:
+        return EXIT_PREEMPTED
     from pipeline.train.trainer import train as run_training
 
     results = run_training(cfg)

@@ -3,7 +3,12 @@ background thread so training goes on; synchronous when asked (preemption, the l
 
 Storage outages are absorbed: a failed save is logged and the next one tries again, until
 `max_failed_saves` saves in a row have failed; then the run stops rather than train on without
-a safety net.
+a safety net. While a save is still being written (slow or failing storage, retrying) the next
+one due is skipped instead of waited for, so the training thread never stalls on storage.
+
+Fencing: before each write the writer checks that it still holds the run's lease
+(`pipeline.storage.lease`); a writer whose lease was taken over stops the run instead of
+writing beside the new holder.
 """
 
 from __future__ import annotations
@@ -19,15 +24,18 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.storage.checkpoints import CheckpointStore
+from pipeline.storage.lease import LeaseLostError, RunLease
 
 log = logging.getLogger("pipeline.train")
 
 
 class Checkpointer:
-    def __init__(self, store: CheckpointStore, *, writer: bool, async_save: bool = True,
-                 max_failed_saves: int = 3):
+    def __init__(self, store: CheckpointStore, *, writer: bool, lease: RunLease | None = None,
+                 async_save: bool = True, max_failed_saves: int = 3):
         self.store = store
         self.writer = writer  # only one rank writes; the others just take part in the schedule
+        self.lease = lease
+        self.fenced: LeaseLostError | None = None
         self.async_save = async_save
         self.max_failed_saves = max_failed_saves
         self.failed_in_a_row = 0
@@ -40,6 +48,10 @@ class Checkpointer:
              blocking: bool = False) -> None:
         """Snapshot `state` now; write it in the background, or before returning if `blocking`."""
         if not self.writer:
+            return
+        if self.busy and not blocking:
+            log.warning("checkpoint step %d skipped: the save before it is still being written "
+                        "to %s; training goes on", step, self.store.url)
             return
         self.wait()  # one save at a time: keeps memory bounded and checkpoints in step order
         snapshot = to_host(state)
@@ -60,6 +72,8 @@ class Checkpointer:
         if self._in_flight is not None:
             self._in_flight.result()
             self._in_flight = None
+        if self.fenced is not None:
+            raise self.fenced
         if self.failed_in_a_row >= self.max_failed_saves:
             raise UserError(
                 f"{self.failed_in_a_row} checkpoint saves in a row to {self.store.url} failed "
@@ -68,14 +82,18 @@ class Checkpointer:
             )
 
     def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self._pool.shutdown(wait=True)
+        """Let a save in flight finish (its errors were logged), then stop the writer thread."""
+        self._pool.shutdown(wait=True)
 
     def _write(self, step: int, snapshot: dict[str, Any], meta: dict[str, Any]) -> None:
         try:
+            if self.lease is not None:
+                self.lease.check()  # fencing: never write once another job holds the run
             name = self.store.save(step, snapshot, meta)
+        except LeaseLostError as e:  # not a storage failure: no retry can make it right
+            self.fenced = e
+            log.error("checkpoint step %d not written: %s", step, e)
+            return
         except Exception as e:  # logged and counted; the training thread decides what follows
             self.failed_in_a_row += 1
             self.last_error = f"{type(e).__name__}: {e}"

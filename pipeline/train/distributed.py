@@ -48,3 +48,22 @@ def init_distributed(device: torch.device) -> DistInfo:
 def close_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any rank: one tiny all-reduce (a host sync),
+    so that all ranks take the same branch (stop, save) and none waits in a collective alone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_from_main(obj: object) -> object:
+    """Rank 0's `obj` on every rank (a picklable object); `obj` itself in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

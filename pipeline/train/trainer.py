@@ -14,7 +14,7 @@ import logging
 import subprocess
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +29,24 @@ from torch.nn.parallel import DistributedDataParallel
 import pipeline.models  # noqa: F401  (registers the anytime models with timm)
 from pipeline.anytime.loss import AnytimeLoss
 from pipeline.anytime.metrics import ExitErrors
-from pipeline.config import Config
+from pipeline.config import Config, resume_changes
 from pipeline.data import build_loader
 from pipeline.data.torch import TorchLoader
-from pipeline.errors import UserError
+from pipeline.errors import TrainingDiverged, UserError
 from pipeline.models import exit_costs
 from pipeline.report import format_table, plot_anytime_curve
 from pipeline.storage.checkpoints import CheckpointInfo, CheckpointStore
+from pipeline.storage.lease import RunLease
 from pipeline.train.checkpointing import Checkpointer
-from pipeline.train.distributed import DistInfo, close_distributed, init_distributed, local_rank
-from pipeline.train.preemption import PreemptionFlag
+from pipeline.train.distributed import (
+    DistInfo,
+    any_rank,
+    broadcast_from_main,
+    close_distributed,
+    init_distributed,
+    local_rank,
+)
+from pipeline.train.preemption import watch_preemption
 from pipeline.train.progress import MetricsWriter, Progress, format_duration
 from pipeline.train.state import capture_rng_all_ranks, restore_rng_of_rank, seed_everything
 
@@ -51,6 +59,7 @@ def train(cfg: Config,
 
     `on_epoch_end`, when given, is called on every rank after each validation with the epoch,
     step and per-exit errors (a launcher reports them to its scheduler, e.g. Ray Train)."""
+    preemption = watch_preemption()  # first: a signal during set-up still exits EXIT_PREEMPTED
     started = time.perf_counter()
     if cfg.data.dtype == "float16" and cfg.train.amp == "none":  # fp16 images, fp32 weights
         raise UserError("data.dtype=float16 needs mixed precision: set train.amp=bf16 or fp16, "
@@ -61,129 +70,169 @@ def train(cfg: Config,
         logging.getLogger("pipeline").setLevel(logging.WARNING)
     seed_everything(cfg.seed + dist_info.rank)
 
-    store = CheckpointStore(
-        cfg.checkpoint_url, keep_last=cfg.checkpoint.keep_last,
-        keep_every_epochs=cfg.checkpoint.keep_every_epochs,
-        endpoint_url=cfg.checkpoint.endpoint_url, retries=cfg.checkpoint.retries,
-        retry_delay=cfg.checkpoint.retry_delay,
-    )
-    resume_from = check_run_folder(cfg, store)  # (info, state) or None
+    with ExitStack() as teardown:  # runs last to first, however the run ends
+        teardown.callback(close_distributed)
+        teardown.callback(preemption.restore)
+        if dist_info.is_main:
+            make_run_dir(cfg)
+        store = CheckpointStore(
+            cfg.checkpoint_url, keep_last=cfg.checkpoint.keep_last,
+            keep_every_epochs=cfg.checkpoint.keep_every_epochs,
+            endpoint_url=cfg.checkpoint.endpoint_url, retries=cfg.checkpoint.retries,
+            retry_delay=cfg.checkpoint.retry_delay,
+        )
+        lease = hold_run_lease(cfg, store, dist_info)  # one writer per run, before anything else
+        if lease is not None:
+            teardown.callback(lease.release)
+        resume_from = check_run_folder(cfg, store, dist_info.world_size)  # (info, state) or None
+        if dist_info.is_main:
+            record_config(cfg, resume_from[0] if resume_from else None)
+
+        train_loader = build_loader(cfg.data, "train", train=True, rank=dist_info.rank,
+                                    world_size=dist_info.world_size, seed=cfg.seed)
+        val_loader = build_loader(cfg.data, "val", train=False, rank=dist_info.rank,
+                                  world_size=dist_info.world_size, seed=cfg.seed)
+        num_classes = cfg.model.num_classes or len(train_loader.classes)
+
+        model = create_anytime_model(cfg, num_classes).to(device)
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        model = model.to(memory_format=memory_format)
+        criterion = build_loss(cfg, model.num_exits).to(device)
+
+        optimizer = build_optimizer(cfg, model, dist_info.world_size)
+        steps_per_epoch = len(train_loader)
+        if cfg.train.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+        scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+
+        epoch, step = 0, 0
+        if resume_from is not None:
+            info, state = resume_from
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            criterion.load_state_dict(state["loss"])
+            if not restore_rng_of_rank(state["rng"], dist_info.rank):
+                log.warning("the checkpoint holds no random state for rank %d (written before "
+                            "per-rank states were saved); it keeps its fresh seed", dist_info.rank)
+            epoch, step = state["epoch"], state["step"]
+            log.info("resumed from %s/%s at epoch %d, step %d", store.url, info.name, epoch, step)
+
+        ddp_model = model
+        if dist_info.world_size > 1:
+            ddp_model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        autocast = amp_context(device, cfg.train.amp)
+        metrics = MetricsWriter(cfg.run_dir, enabled=dist_info.is_main)
+        teardown.callback(metrics.close)
+        progress = Progress(cfg.train.epochs * steps_per_epoch, step, cfg.train.log_every,
+                            enabled=dist_info.is_main)
+        log.info("training %s (%d exits, %s loss%s) on %s: %d epochs x %d steps, batch %d x %d",
+                 cfg.model.name, model.num_exits, cfg.loss.scheme,
+                 " + alternating" if cfg.loss.alternating else "", device, cfg.train.epochs,
+                 steps_per_epoch, cfg.data.batch_size, dist_info.world_size)
+
+        checkpointer = Checkpointer(store, writer=dist_info.is_main, lease=lease,
+                                    async_save=cfg.checkpoint.async_save,
+                                    max_failed_saves=cfg.checkpoint.max_failed_saves)
+        teardown.callback(checkpointer.close)
+
+        def save(end_of_epoch: bool, blocking: bool = False) -> None:
+            stop_if_diverged(loss, model, step, device)  # never a non-finite checkpoint
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "loss": criterion.state_dict(), "rng": capture_rng_all_ranks(),
+                     "epoch": epoch, "step": step}
+            meta = {"epoch": epoch, "end_of_epoch": end_of_epoch, "config": cfg.to_dict(),
+                    "world_size": dist_info.world_size, "code_version": code_version()}
+            checkpointer.save(step, state, meta, blocking=blocking)
+
+        if preemption.requested(step, device, every=1):  # signalled while setting up
+            log.warning("preempted (%s) before the first step: nothing new to save; exiting",
+                        preemption.signal_name)
+            return {"name": cfg.name, "preempted": True, "step": step}
+        loss = torch.zeros(())  # the last step's loss, checked before each save
+        val_errors = None
+        while epoch < cfg.train.epochs:
+            model.train()
+            criterion.train()
+            train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
+            for images, labels in train_loader:
+                if step >= (epoch + 1) * steps_per_epoch:
+                    break
+                images = images.to(device, non_blocking=True, memory_format=memory_format)
+                labels = labels.to(device, non_blocking=True)
+                loss, exit_losses = train_step(ddp_model, criterion, optimizer, scaler, autocast,
+                                               images, labels, cfg.optim.grad_clip)
+                step += 1
+                scheduler.step_update(step)
+                progress.advance(images.shape[0] * dist_info.world_size)
+                if progress.due(step):
+                    stop_if_diverged(loss, None, step, device)
+                    values = {"loss": loss.item(), "final_exit_loss": exit_losses[-1].item(),
+                              "lr": optimizer.param_groups[0]["lr"]}
+                    progress.log(step, epoch, cfg.train.epochs, values)
+                    metrics.write("train", step, {**values, "images_per_s": progress.rate})
+                if preemption.requested(step, device):
+                    save(end_of_epoch=False, blocking=True)
+                    log.warning("preempted (%s): checkpoint at step %d saved; exiting",
+                                preemption.signal_name, step)
+                    if dist_info.world_size > 1:  # no rank exits before the checkpoint is
+                        torch.distributed.barrier()  # written: a launcher may kill the rest
+                    return {"name": cfg.name, "preempted": True, "step": step}
+                every = cfg.checkpoint.every_steps
+                if every and step % every == 0 and step % steps_per_epoch:
+                    save(end_of_epoch=False)
+            epoch += 1
+
+            val_errors = evaluate(model, val_loader, device, memory_format, autocast)
+            metrics.write("val", step, {"epoch": epoch, "top1": val_errors["top1"],
+                                        "top5": val_errors["top5"], "weights": criterion.weights,
+                                        "bad_images": len(train_loader.bad_files)})
+            log.info("epoch %d/%d  val top-1 error per exit: %s", epoch, cfg.train.epochs,
+                     " ".join(f"{e:.2f}" for e in val_errors["top1"]))
+            save(end_of_epoch=True, blocking=epoch == cfg.train.epochs)
+            if on_epoch_end is not None:
+                on_epoch_end({"epoch": epoch, "step": step, "top1": val_errors["top1"],
+                              "top5": val_errors["top5"]})
+
+        checkpointer.wait()  # the last save is written, or the run fails here
+        if val_errors is None:  # resumed a finished run: report it again
+            val_errors = evaluate(model, val_loader, device, memory_format, autocast)
+        return report(cfg, model, val_errors, time.perf_counter() - started, dist_info)
+
+
+def hold_run_lease(cfg: Config, store: CheckpointStore, dist_info: DistInfo) -> RunLease | None:
+    """Rank 0 takes the run's writer lease (the one process that writes checkpoints); every
+    rank learns the outcome, so a refused job stops on all ranks before it trains."""
+    lease, refusal = None, None
     if dist_info.is_main:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        lease = RunLease(store.url, ttl=cfg.checkpoint.lease_ttl, fs=store.fs, root=store.root)
+        try:
+            lease.acquire()
+        except UserError as e:
+            refusal = e
+    refusal = broadcast_from_main(None if refusal is None else str(refusal))
+    if refusal is not None:
+        raise UserError(refusal)
+    return lease
 
-    train_loader = build_loader(cfg.data, "train", train=True, rank=dist_info.rank,
-                                world_size=dist_info.world_size, seed=cfg.seed)
-    val_loader = build_loader(cfg.data, "val", train=False, rank=dist_info.rank,
-                              world_size=dist_info.world_size, seed=cfg.seed)
-    num_classes = cfg.model.num_classes or len(train_loader.classes)
 
-    model = create_anytime_model(cfg, num_classes).to(device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    criterion = build_loss(cfg, model.num_exits).to(device)
-
-    optimizer = build_optimizer(cfg, model, dist_info.world_size)
-    steps_per_epoch = len(train_loader)
-    if cfg.train.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
-
-    epoch, step = 0, 0
-    if resume_from is not None:
-        info, state = resume_from
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        criterion.load_state_dict(state["loss"])
-        if not restore_rng_of_rank(state["rng"], dist_info.rank):
-            log.warning("the checkpoint holds random states for fewer ranks than this job's %d; "
-                        "the new ranks keep fresh seeds", dist_info.world_size)
-        epoch, step = state["epoch"], state["step"]
-        log.info("resumed from %s/%s at epoch %d, step %d", store.url, info.name, epoch, step)
-
-    ddp_model = model
-    if dist_info.world_size > 1:
-        ddp_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = amp_context(device, cfg.train.amp)
-    metrics = MetricsWriter(cfg.run_dir, enabled=dist_info.is_main)
-    progress = Progress(cfg.train.epochs * steps_per_epoch, step, cfg.train.log_every,
-                        enabled=dist_info.is_main)
-    log.info("training %s (%d exits, %s loss%s) on %s: %d epochs x %d steps, batch %d x %d",
-             cfg.model.name, model.num_exits, cfg.loss.scheme,
-             " + alternating" if cfg.loss.alternating else "", device, cfg.train.epochs,
-             steps_per_epoch, cfg.data.batch_size, dist_info.world_size)
-
-    checkpointer = Checkpointer(store, writer=dist_info.is_main,
-                                async_save=cfg.checkpoint.async_save,
-                                max_failed_saves=cfg.checkpoint.max_failed_saves)
-
-    def save(end_of_epoch: bool, blocking: bool = False) -> None:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                 "loss": criterion.state_dict(), "rng": capture_rng_all_ranks(),
-                 "epoch": epoch, "step": step}
-        meta = {"epoch": epoch, "end_of_epoch": end_of_epoch, "config": cfg.to_dict(),
-                "code_version": code_version()}
-        checkpointer.save(step, state, meta, blocking=blocking)
-
-    preemption = PreemptionFlag()
-    val_errors = None
-    while epoch < cfg.train.epochs:
-        model.train()
-        criterion.train()
-        train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
-        for images, labels in train_loader:
-            if step >= (epoch + 1) * steps_per_epoch:
-                break
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
-            labels = labels.to(device, non_blocking=True)
-            loss, exit_losses = train_step(ddp_model, criterion, optimizer, scaler, autocast,
-                                           images, labels, cfg.optim.grad_clip)
-            step += 1
-            scheduler.step_update(step)
-            progress.advance(images.shape[0] * dist_info.world_size)
-            if progress.due(step):
-                values = {"loss": loss.item(), "final_exit_loss": exit_losses[-1].item(),
-                          "lr": optimizer.param_groups[0]["lr"]}
-                progress.log(step, epoch, cfg.train.epochs, values)
-                metrics.write("train", step, {**values, "images_per_s": progress.rate})
-            if preemption.requested(step, device):
-                save(end_of_epoch=False, blocking=True)
-                log.warning("preempted (%s): checkpoint at step %d saved; exiting",
-                            preemption.signal_name, step)
-                checkpointer.close()
-                if dist_info.world_size > 1:  # no rank exits before the checkpoint is written:
-                    torch.distributed.barrier()  # a launcher may kill the rest at the 1st exit
-                close_distributed()
-                return {"name": cfg.name, "preempted": True, "step": step}
-            every = cfg.checkpoint.every_steps
-            if every and step % every == 0 and step % steps_per_epoch:
-                save(end_of_epoch=False)
-        epoch += 1
-
-        val_errors = evaluate(model, val_loader, device, memory_format, autocast)
-        metrics.write("val", step, {"epoch": epoch, "top1": val_errors["top1"],
-                                    "top5": val_errors["top5"], "weights": criterion.weights,
-                                    "bad_images": len(train_loader.bad_files)})
-        log.info("epoch %d/%d  val top-1 error per exit: %s", epoch, cfg.train.epochs,
-                 " ".join(f"{e:.2f}" for e in val_errors["top1"]))
-        save(end_of_epoch=True, blocking=epoch == cfg.train.epochs)
-        if on_epoch_end is not None:
-            on_epoch_end({"epoch": epoch, "step": step, "top1": val_errors["top1"],
-                          "top5": val_errors["top5"]})
-
-    checkpointer.close()
-    preemption.restore()
-    if val_errors is None:  # resumed a finished run: report it again
-        val_errors = evaluate(model, val_loader, device, memory_format, autocast)
-    results = report(cfg, model, val_errors, time.perf_counter() - started, dist_info)
-    metrics.close()
-    close_distributed()
-    return results
+def stop_if_diverged(loss: torch.Tensor, model: torch.nn.Module | None, step: int,
+                     device: torch.device) -> None:
+    """Raise TrainingDiverged on every rank when the loss (or, with `model`, any weight) of any
+    rank is NaN or infinite. A host sync: called at log steps and before saves only."""
+    bad = not torch.isfinite(loss).all()
+    if model is not None and not bad:
+        bad = not torch.stack([p.isfinite().all() for p in model.parameters()]).all()
+    if any_rank(bool(bad), device):
+        raise TrainingDiverged(
+            f"training diverged at step {step}: the loss is {loss.item():.4g} (or a weight is not "
+            "finite); no checkpoint holds this state. Lower optim.lr, set optim.grad_clip, or "
+            "use train.amp=bf16 instead of fp16, then start again (resume=auto continues from "
+            "the newest checkpoint, written before this)")
 
 
 def build_loss(cfg: Config, num_exits: int) -> AnytimeLoss:
@@ -289,10 +338,10 @@ def report(cfg: Config, model: torch.nn.Module, val_errors: dict, seconds: float
     return results
 
 
-def check_run_folder(cfg: Config,
-                     store: CheckpointStore) -> tuple[CheckpointInfo, dict] | None:
-    """The checkpoint to resume from and its state, or None; refuses to mix two runs in one
-    folder."""
+def check_run_folder(cfg: Config, store: CheckpointStore,
+                     world_size: int) -> tuple[CheckpointInfo, dict] | None:
+    """The checkpoint to resume from and its state, or None. Refuses to mix two runs in one
+    folder, and a resume whose config or number of ranks does not fit the checkpoint."""
     previous = store.list() or (cfg.run_dir / "metrics.jsonl").exists()
     if cfg.resume == "never":
         if previous:
@@ -300,9 +349,55 @@ def check_run_folder(cfg: Config,
                             f"continue it, or name=NEW_NAME to start a new one")
         return None
     latest = store.load_latest_valid()
-    if latest is None and previous:
-        log.warning("resume=auto: no valid checkpoint in %s; starting from scratch", store.url)
+    if latest is None:
+        if previous:
+            log.warning("resume=auto: no valid checkpoint in %s; starting from scratch",
+                        store.url)
+        return None
+    info, state = latest
+    where = f"{store.url}/{info.name}"
+    saved = info.meta.get("config")
+    if isinstance(saved, dict):
+        refused, accepted = resume_changes(saved, cfg.to_dict())
+        if refused:
+            raise UserError(f"cannot resume {where} with a different run: {'; '.join(refused)}. "
+                            "Undo these changes, or start a new run with name=NEW_NAME")
+        if accepted:
+            log.info("resuming %s with changes: %s", where, "; ".join(accepted))
+    else:
+        log.warning("checkpoint %s records no config (an older version wrote it): resuming "
+                    "without checking that the config still fits", where)
+    saved_ranks = info.meta.get("world_size", len(state["rng"]) if isinstance(state.get("rng"),
+                                                                                list) else None)
+    if saved_ranks is not None and saved_ranks != world_size:
+        raise UserError(f"checkpoint {where} was written by {saved_ranks} ranks and this job has "
+                        f"{world_size}: resuming on another number of ranks changes the data "
+                        f"order and the global batch and is not supported yet; run on "
+                        f"{saved_ranks} ranks")
     return latest
+
+
+def make_run_dir(cfg: Config) -> None:
+    try:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {cfg.run_dir}: {e.strerror or e}; set "
+                        "out_dir= to a writable folder") from e
+
+
+def record_config(cfg: Config, resumed: CheckpointInfo | None) -> None:
+    """The run folder keeps the config the run started with (config.yaml); each resume's config
+    is recorded beside it in resumes/, so the folder tells what every part of the run used."""
+    path = cfg.run_dir / "config.yaml"
+    if resumed is not None and path.exists():
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        path = cfg.run_dir / "resumes" / f"{stamp}-{resumed.name}.yaml"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    except OSError as e:
+        raise UserError(f"cannot write the run folder {cfg.run_dir}: {e.strerror or e}; set "
+                        "out_dir= to a writable folder") from e
 
 
 @functools.cache

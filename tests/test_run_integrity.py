@@ -1,0 +1,253 @@
+"""Run integrity, end to end through the real trainer and CLI, on a local folder and on the real
+S3 server: corrupt newest checkpoints never wedge a resume, one writer per run, a resume checks
+its config, a diverged run stops without saving, a signal while starting up still exits 75."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import s3fs
+import torch
+
+from pipeline.config import load_config
+from pipeline.storage.checkpoints import MANIFEST, PAYLOAD, CheckpointStore
+from pipeline.train.trainer import train
+
+# 3 classes x 12 training images, batch 4: 9 steps an epoch, a checkpoint every 3 steps.
+TINY = ["model.name=resnet_ann_cifar", "model.kwargs={depth: 8, width: 4}",
+        "data.image_size=32", "data.augment=small", "data.batch_size=4", "data.workers=0",
+        "train.epochs=2", "train.log_every=3", "checkpoint.every_steps=3",
+        "checkpoint.retry_delay=0.1", "optim.lr=0.5", "loss.alternating=true"]
+
+
+def tiny(data: Path, out: Path, *extra: str) -> list[str]:
+    return [f"data.root={data}", f"out_dir={out}", "name=tiny", *TINY, *extra]
+
+
+def cli_train(overrides: list[str], **popen) -> subprocess.Popen:
+    """`python -m pipeline train` with the defaults plus `overrides`, as a running process."""
+    empty = Path(__file__).parent / "empty_config.yaml"
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--config", str(empty),
+                             *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **popen)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 300) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def final_model(url: str, endpoint: str = "") -> dict[str, torch.Tensor]:
+    store = CheckpointStore(url, endpoint_url=endpoint)
+    info, state = store.load_latest_valid()
+    assert info.step == 18
+    return state["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+class Location:
+    """A checkpoint location on the local disk or on the S3 server, with raw access to damage
+    what is stored there."""
+
+    def __init__(self, kind: str, tmp_path: Path, request: pytest.FixtureRequest):
+        self.endpoint = ""
+        if kind == "s3":
+            self.endpoint = request.getfixturevalue("s3_server")
+            self.url = f"{request.getfixturevalue('s3_bucket')}/tiny"
+            self.fs = s3fs.S3FileSystem(endpoint_url=self.endpoint)
+            self.root = self.url[len("s3://"):]
+        else:
+            self.url = str(tmp_path / "ckpt")
+            import fsspec
+
+            self.fs, self.root = fsspec.filesystem("file"), self.url
+
+    def overrides(self) -> list[str]:
+        return [f"checkpoint.url={self.url}", f"checkpoint.endpoint_url={self.endpoint}"]
+
+    def damage(self, step: int, how: str) -> None:
+        folder = f"{self.root}/step-{step:08d}"
+        if how == "flip_byte":
+            payload = self.fs.cat_file(f"{folder}/{PAYLOAD}")
+            i = len(payload) // 2
+            self.fs.pipe_file(f"{folder}/{PAYLOAD}",
+                              payload[:i] + bytes([payload[i] ^ 0x01]) + payload[i + 1:])
+        elif how == "truncate":
+            payload = self.fs.cat_file(f"{folder}/{PAYLOAD}")
+            self.fs.pipe_file(f"{folder}/{PAYLOAD}", payload[: len(payload) // 2])
+        elif how == "manifest_not_json":
+            self.fs.pipe_file(f"{folder}/{MANIFEST}", b"{not json")
+        elif how == "manifest_without_step":
+            manifest = json.loads(self.fs.cat_file(f"{folder}/{MANIFEST}"))
+            del manifest["step"]
+            self.fs.pipe_file(f"{folder}/{MANIFEST}", json.dumps(manifest).encode())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The reference: the tiny run trained start to end in one go."""
+    from conftest import write_image_folder
+
+    root = tmp_path_factory.mktemp("reference")
+    data = write_image_folder(root / "data")
+    train(load_config(None, tiny(data, root / "runs")))
+    return final_model(str(root / "runs" / "tiny" / "checkpoints"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_resume_past_corrupt_newest_checkpoints_ends_bitwise_equal(
+        kind, image_folder, tmp_path, request, uninterrupted, caplog):
+    where = Location(kind, tmp_path, request)
+    run = tiny(image_folder, tmp_path / "runs", *where.overrides())
+    train(load_config(None, run))
+    # keep_last=3 leaves steps 12, 15 and 18; the two newest are broken, each its own way
+    where.damage(18, "flip_byte" if kind == "local" else "manifest_without_step")
+    where.damage(15, "manifest_not_json" if kind == "local" else "truncate")
+    with caplog.at_level("WARNING"):
+        train(load_config(None, [*run, "resume=auto"]))
+    assert "step-00000018" in caplog.text and "step-00000015" in caplog.text
+    assert "resumed from" in caplog.text and "step 12" in caplog.text
+    assert_same_weights(uninterrupted, final_model(where.url, where.endpoint))
+    # the broken ones were moved aside, not overwritten or deleted
+    quarantined = where.fs.ls(f"{where.root}/quarantine", detail=False)
+    assert len(quarantined) == 2, quarantined
+
+
+@pytest.mark.slow
+def test_every_checkpoint_corrupt_starts_afresh_and_ends_like_the_reference(
+        image_folder, tmp_path, uninterrupted):
+    where = Location("local", tmp_path, None)
+    run = tiny(image_folder, tmp_path / "runs", *where.overrides())
+    train(load_config(None, run))
+    for step, how in ((12, "truncate"), (15, "manifest_not_json"), (18, "flip_byte")):
+        where.damage(step, how)
+    train(load_config(None, [*run, "resume=auto"]))
+    assert_same_weights(uninterrupted, final_model(where.url))
+
+
+def wait_for_checkpoint(url: str, proc: subprocess.Popen, endpoint: str = "") -> int:
+    store = CheckpointStore(url, endpoint_url=endpoint)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        info = store.latest_valid()
+        if info is not None:
+            return info.step
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint appeared; exit code {proc.poll()}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_two_trainers_on_one_run_exactly_one_trains(kind, image_folder, tmp_path, request):
+    where = Location(kind, tmp_path, request)
+    run = tiny(image_folder, tmp_path / "runs", *where.overrides(), "train.epochs=4",
+               "resume=auto")
+    procs = [cli_train(run) for _ in range(2)]
+    results = [finish(p) for p in procs]
+    assert sorted(r[0] for r in results) == [0, 2], results
+    winner, loser = (procs[0], results[1]) if results[0][0] == 0 else (procs[1], results[0])
+    refusal = loser[2].strip()
+    assert len(refusal.splitlines()) == 1, refusal
+    assert "lease" in refusal and str(winner.pid) in refusal, refusal
+    assert "Traceback" not in loser[1] + loser[2]
+    # only the winner wrote: one validation per epoch in the log, and its final checkpoint
+    metrics = [json.loads(line) for line in
+               (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics if m["kind"] == "val"] == [1, 2, 3, 4]
+    assert CheckpointStore(where.url, endpoint_url=where.endpoint).latest_valid().step == 36
+
+
+@pytest.mark.slow
+def test_a_sigkilled_holder_on_this_host_is_taken_over_at_once(image_folder, tmp_path):
+    run = tiny(image_folder, tmp_path / "runs", "train.epochs=4", "resume=auto")
+    holder = cli_train(run)
+    wait_for_checkpoint(str(tmp_path / "runs" / "tiny" / "checkpoints"), holder)
+    holder.kill()  # SIGKILL: the lease stays behind, its holder gone
+    holder.wait()
+    code, out, err = finish(cli_train(run))
+    assert code == 0, err
+    assert "resumed from" in out and "step 36/36" in out
+
+
+@pytest.mark.slow
+def test_a_lost_node_is_taken_over_once_its_lease_expires(image_folder, tmp_path, s3_server,
+                                                          s3_bucket):
+    """The holder runs on "another host" (its own UTS namespace, another hostname): its pid
+    means nothing here, so its lease is honoured until it expires."""
+    url = f"{s3_bucket}/lost"
+    run = tiny(image_folder, tmp_path / "runs", "train.epochs=4", "resume=auto",
+               f"checkpoint.url={url}", f"checkpoint.endpoint_url={s3_server}",
+               "checkpoint.lease_ttl=6")
+    empty = Path(__file__).parent / "empty_config.yaml"
+    argv = " ".join([sys.executable, "-m", "pipeline", "train", "--config", str(empty),
+                     *(f"'{o}'" for o in run)])
+    holder = subprocess.Popen(["unshare", "--uts", "sh", "-c",
+                               f"hostname lost-node && exec {argv}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_checkpoint(url, holder, s3_server)
+    holder.kill()
+    holder.wait()
+    killed = time.monotonic()
+    code, _, err = finish(cli_train(run))
+    assert code == 2 and "lost-node" in err, err  # refused: the lease has not expired yet
+    time.sleep(max(0.0, killed + 7 - time.monotonic()))
+    code, out, err = finish(cli_train(run))
+    assert code == 0, err
+    assert "resumed from" in out and "step 36/36" in out
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_recipe_and_accepts_more_epochs(image_folder, tmp_path):
+    run = tiny(image_folder, tmp_path / "runs", "train.epochs=1")
+    train(load_config(None, run))
+    run_dir = tmp_path / "runs" / "tiny"
+    first_config = (run_dir / "config.yaml").read_text()
+    for change, words in [("model.kwargs={depth: 14, width: 4}", "model.kwargs.depth"),
+                          ("optim.name=adamw", "optim.name"),
+                          ("data.batch_size=6", "data.batch_size")]:
+        code, _, err = finish(cli_train([*run, "resume=auto", change]))
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+        assert "Traceback" not in err
+    assert (run_dir / "config.yaml").read_text() == first_config
+    train(load_config(None, [*run, "resume=auto", "train.epochs=2", "train.log_every=5"]))
+    assert (run_dir / "config.yaml").read_text() == first_config  # the first config stays
+    [resumed] = (run_dir / "resumes").glob("*.yaml")
+    assert "epochs: 2" in resumed.read_text() and "step-00000009" in resumed.name
+    assert CheckpointStore(str(run_dir / "checkpoints")).latest_valid().step == 18
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_with_its_own_exit_code_and_saves_nothing(image_folder,
+                                                                        tmp_path):
+    code, _, err = finish(cli_train(tiny(image_folder, tmp_path / "runs", "optim.lr=1e12")))
+    assert code == 3, err
+    assert "diverged at step 3" in err and len(err.strip().splitlines()) == 1, err
+    assert CheckpointStore(str(tmp_path / "runs" / "tiny" / "checkpoints")).list() == []
+
+
+@pytest.mark.slow
+def test_a_signal_while_starting_up_exits_75(image_folder, tmp_path):
+    proc = cli_train(tiny(image_folder, tmp_path / "runs"))
+    time.sleep(1.0)  # importing torch, reading the config: long before the first step
+    proc.send_signal(signal.SIGUSR1)
+    code, out, err = finish(proc)
+    assert code == 75, out + err
+    assert "SIGUSR1 received" in out
+
+
+def test_an_unwritable_out_dir_is_one_line(image_folder, tmp_path):
+    code, _, err = finish(cli_train(tiny(image_folder, "/proc/no-such-place")))
+    assert code == 2 and "cannot create the run folder" in err, err
+    assert len(err.strip().splitlines()) == 1, err
