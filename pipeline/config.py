@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
+from pipeline.anytime.weights import SCHEMES
 from pipeline.errors import UserError
 
 
@@ -52,12 +55,39 @@ class DataConfig:
     dali_device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: gpu when CUDA is available
     endpoint_url: str = ""  # for an s3:// data.root on an S3-compatible server; "" = AWS
 
+    def __post_init__(self) -> None:
+        c = _Check(self, "data.")
+        if self.backend != "synthetic":  # synthetic batches read nothing
+            c.text("root", "data/imagenet")
+        c.integer("image_size", 1, "224")
+        c.numbers("crop_scale", "[0.08,1.0]", "two finite numbers 0 < a <= b <= 1",
+                  lambda a, b: 0 < a <= b <= 1)
+        c.numbers("crop_ratio", "[0.75,1.333]", "two finite numbers 0 < a <= b",
+                  lambda a, b: 0 < a <= b)
+        c.number("val_resize_ratio", "0.875", gt=0, le=1)
+        c.numbers("mean", "[0.485,0.456,0.406]", "three finite numbers", lambda *m: True)
+        c.numbers("std", "[0.229,0.224,0.225]", "three finite numbers > 0",
+                  lambda *s: min(s) > 0)
+        c.integer("batch_size", 1, "256")
+        c.integer("workers", 0, "4", " (0 = load in the main process)")
+        c.number("max_bad_fraction", "0.01", ge=0, le=1)
+        c.url("endpoint_url", "http://localhost:9000")
+
 
 @dataclass
 class ModelConfig:
     name: str = "resnet_ann_cifar20"  # any name registered with timm by pipeline.models
     num_classes: int = 0  # 0: the number of class folders in the data set
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+
+    def __post_init__(self) -> None:
+        # Whether the name is registered needs torch and the models: the trainer checks it.
+        c = _Check(self, "model.")
+        c.text("name", "resnet_ann_cifar20")
+        c.integer("num_classes", 0, "1000", " (0 = one per class folder)")
+        for key in self.kwargs:
+            if not isinstance(key, str) or not key.isidentifier():
+                c.fail("kwargs", f"needs argument names as keys, not {key!r}", "{depth: 20}")
 
 
 @dataclass
@@ -70,6 +100,18 @@ class LossConfig:
     adaloss_gamma: float = 0.07
     adaloss_final_boost: float = 0.0
 
+    def __post_init__(self) -> None:
+        c = _Check(self, "loss.")
+        if self.scheme not in SCHEMES:
+            c.fail("scheme", f"is not a loss weight scheme{_near(str(self.scheme), list(SCHEMES))}"
+                   f" (schemes: {', '.join(SCHEMES)})", "sieve")
+        # The upper bound is the model's number of exits, checked where the loss is built.
+        c.integer("opt_exit", 0, "1", " (0 = the final exit)")
+        c.integer("adaloss_update_every", 1, "100")
+        c.number("adaloss_momentum", "0.9", ge=0, lt=1)
+        c.number("adaloss_gamma", "0.07", ge=0, le=1)
+        c.number("adaloss_final_boost", "0.0", ge=0)
+
 
 @dataclass
 class OptimConfig:
@@ -78,6 +120,16 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     grad_clip: float = 0.0  # max global grad norm; 0 = off
+
+    def __post_init__(self) -> None:
+        c = _Check(self, "optim.")
+        problem = _optimizer_problem(self.name)
+        if problem:
+            c.fail("name", problem, "sgd")
+        c.number("lr", "0.1", gt=0)
+        c.number("momentum", "0.9", ge=0, lt=1)
+        c.number("weight_decay", "1e-4", ge=0)
+        c.number("grad_clip", "1.0", ge=0, note=" (0 = off)")
 
 
 @dataclass
@@ -89,6 +141,17 @@ class ScheduleConfig:
     decay_epochs: list[int] = field(default_factory=lambda: [30, 60, 90])  # for name=step
     decay_rate: float = 0.1
 
+    def __post_init__(self) -> None:
+        c = _Check(self, "schedule.")
+        c.number("warmup_epochs", "5", ge=0)
+        c.number("warmup_lr", "1e-4", ge=0)
+        c.number("min_lr", "0.0", ge=0)
+        epochs = self.decay_epochs
+        if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in epochs) \
+                or any(a >= b for a, b in zip(epochs, epochs[1:])):
+            c.fail("decay_epochs", "must be increasing whole epochs >= 0", "[30,60,90]")
+        c.number("decay_rate", "0.1", gt=0, le=1)
+
 
 @dataclass
 class TrainConfig:
@@ -99,6 +162,12 @@ class TrainConfig:
     log_every: int = 50  # steps between progress lines
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; small values for smoke tests
 
+    def __post_init__(self) -> None:
+        c = _Check(self, "train.")
+        c.integer("epochs", 1, "90")
+        c.integer("log_every", 1, "50")
+        c.integer("max_steps_per_epoch", 0, "10", " (0 = the whole epoch)")
+
 
 @dataclass
 class CheckpointConfig:
@@ -106,11 +175,25 @@ class CheckpointConfig:
     endpoint_url: str = ""  # an S3-compatible server (MinIO, Ceph, ...); "" = AWS
     every_steps: int = 0  # also save every N steps within an epoch; 0 = at epoch ends only
     async_save: bool = True  # write in a background thread; preemption saves are always blocking
-    keep_last: int = 3
+    keep_last: int = 3  # the newest N checkpoints; 0 = keep every checkpoint
     keep_every_epochs: int = 0  # also keep every N-th epoch's checkpoint; 0 = none
     retries: int = 4  # per storage call, with exponential backoff from retry_delay seconds
     retry_delay: float = 1.0
     max_failed_saves: int = 3  # stop the run after this many failed saves in a row
+    # Seconds a writer's lease on the checkpoint location lasts without a heartbeat; a second
+    # trainer is refused while it lasts.
+    lease_ttl: float = 120.0
+
+    def __post_init__(self) -> None:
+        c = _Check(self, "checkpoint.")
+        c.url("endpoint_url", "http://localhost:9000")
+        c.integer("every_steps", 0, "1000", " (0 = at epoch ends only)")
+        c.integer("keep_last", 0, "3", " (0 = keep all)")
+        c.integer("keep_every_epochs", 0, "10", " (0 = none)")
+        c.integer("retries", 0, "4")
+        c.number("retry_delay", "1.0", ge=0)
+        c.integer("max_failed_saves", 1, "3")
+        c.number("lease_ttl", "120", gt=0)
 
 
 @dataclass
@@ -128,6 +211,19 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        c = _Check(self, "")
+        c.text("name", "demo")
+        if self.name in (".", "..") or any(ch in self.name for ch in "/\\\0") \
+                or self.name != self.name.strip():
+            c.fail("name", "must be a plain folder name (no /, no surrounding spaces, not . "
+                   "or ..); the run lives in out_dir/name", "demo")
+        c.text("out_dir", "runs")
+        # Each rank seeds numpy with seed + rank, which must stay below 2**32.
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) \
+                or not 0 <= self.seed < 2**31:
+            c.fail("seed", "must be an integer in [0, 2**31)", "0")
 
     @property
     def run_dir(self) -> Path:
@@ -234,6 +330,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4, nan and inf as strings; the range checks refuse nan and inf
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # names like "50" typed bare on the command line
     if hint in (int, float, str, bool) and not (
@@ -241,6 +342,100 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     ):
         raise UserError(f"{key}={value!r} must be of type {hint.__name__}")
     return value
+
+
+class _Check:
+    """Value checks of one config section, run by its `__post_init__` (so on every construction,
+    after `_coerce` when loading). Each failure is a one-line UserError naming the dotted key, the
+    value, the allowed range and an example of a good value."""
+
+    def __init__(self, section: Any, prefix: str):
+        self.section, self.prefix = section, prefix
+        hints = _hints(type(section))
+        for f in dataclasses.fields(section):  # types and choices, also when built directly
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                if not isinstance(value, hints[f.name]):
+                    raise UserError(f"{prefix}{f.name} must be a section (a mapping), "
+                                    f"got {value!r:.60}")
+            else:
+                setattr(section, f.name, _coerce(hints[f.name], value, prefix + f.name))
+
+    def fail(self, name: str, rule: str, example: str) -> typing.NoReturn:
+        key = self.prefix + name
+        raise UserError(f"{key}={_show(getattr(self.section, name))} {rule}; e.g. {key}={example}")
+
+    def integer(self, name: str, low: int, example: str, note: str = "") -> None:
+        if getattr(self.section, name) < low:  # the type is checked already
+            self.fail(name, f"must be an integer >= {low}{note}", example)
+
+    def number(self, name: str, example: str, *, gt: float | None = None,
+               ge: float | None = None, lt: float | None = None, le: float | None = None,
+               note: str = "") -> None:
+        value = getattr(self.section, name)
+        ok = (math.isfinite(value) and (gt is None or value > gt) and (ge is None or value >= ge)
+              and (lt is None or value < lt) and (le is None or value <= le))
+        if not ok:
+            low = "" if gt is None and ge is None else \
+                ("(" if gt is not None else "[") + f"{gt if gt is not None else ge:g}"
+            high = "" if lt is None and le is None else \
+                f"{lt if lt is not None else le:g}" + (")" if lt is not None else "]")
+            bounds = f"in {low}, {high}" if low and high else \
+                f"{'>' if gt is not None else '>='} {low[1:]}" if low else \
+                f"{'<' if lt is not None else '<='} {high[:-1]}" if high else ""
+            self.fail(name, f"must be a finite number {bounds}".rstrip() + note, example)
+
+    def numbers(self, name: str, example: str, rule: str,
+                test: typing.Callable[..., bool]) -> None:
+        values = getattr(self.section, name)
+        if not all(math.isfinite(v) for v in values) or not test(*values):
+            self.fail(name, f"must be {rule}", example)
+
+    def text(self, name: str, example: str) -> None:
+        if not getattr(self.section, name).strip():
+            self.fail(name, "must not be empty", example)
+
+    def url(self, name: str, example: str) -> None:
+        value = getattr(self.section, name)
+        if value and "://" not in value:
+            self.fail(name, "must be a URL with a scheme, or empty", example)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _show(value: Any) -> str:
+    """A value as a user would type it in an override, on one line."""
+    text = repr(list(value) if isinstance(value, tuple) else value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@functools.cache
+def _timm_optimizers() -> tuple[str, ...]:
+    from timm.optim import list_optimizers  # lazily: timm imports torch (seconds)
+
+    return tuple(list_optimizers())
+
+
+def _optimizer_problem(name: str) -> str:
+    """What is wrong with `name` as timm's `create_optimizer_v2(opt=name)`, or "" when nothing.
+
+    timm lower-cases the name, splits it at "_", uses the last part and wraps the optimizer in
+    Lookahead when the first part is "lookahead". Any other prefix timm silently drops, so it is
+    refused here (a typo that would train with a different optimizer than the one named)."""
+    try:
+        known = _timm_optimizers()
+    except ImportError:  # a launcher-only environment: the trainer's own import will check
+        return ""
+    base = name.lower().removeprefix("lookahead_")
+    if base in known:
+        return ""
+    near = difflib.get_close_matches(base, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(near)}?" if near else \
+        "see timm.optim.list_optimizers() for the names"
+    return f"is not a timm optimizer; {hint} (a lookahead_ prefix is allowed)"
 
 
 def _near(word: str, choices: list[str], prefix: str = "") -> str:
