@@ -17,7 +17,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -266,6 +266,90 @@ def with_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, A
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     return _build(Config, raw, prefix="")
+
+
+# What a resumed run may change, each with why: these steer where and how the run goes on, not
+# what it computes. Every other key is refused (fail closed, so a field added later is refused
+# until someone decides otherwise). Refused, among others: model.* (the saved weights fit one
+# architecture), loss.* (the loss state and the experiment's weighting), optim.* and schedule.*
+# (a different recipe; the optimizer and scheduler states belong to the saved one), seed, the data
+# geometry and augmentation (batch_size: the lr is scaled by it; image_size, augment, crop_*,
+# mean, std, val_resize_ratio: what the model learns from), train.amp (precision changes the
+# numerics of every step, and fp16's GradScaler state means nothing to bf16 or none),
+# train.max_steps_per_epoch (the step <-> epoch mapping the saved step and schedule rely on), and
+# name (another run).
+RESUME_MAY_CHANGE: dict[str, str] = {
+    "train.epochs": "a longer or shorter run; the caller compares it with the saved epoch",
+    "train.log_every": "logging only",
+    "train.device": "where the steps run; the state loads onto any device",
+    "train.channels_last": "memory layout only; the same computation",
+    "data.root": "the same data set moved (a local copy, a bucket)",
+    "data.endpoint_url": "where the data's server is",
+    "data.backend": "the loader implementation, with the same augmentations",
+    "data.workers": "loader processes only",
+    "data.file_lists": "where the verified image lists are kept",
+    "data.max_bad_fraction": "when to give up on undecodable images, a policy",
+    "data.dtype": "the loader's output type; the model computes in train.amp's precision",
+    "data.channels_last": "memory layout only",
+    "data.dali_device": "where DALI decodes",
+    "checkpoint": "where, how often and how safely state is saved, not what is trained",
+    "out_dir": "where the run folder lies",
+    "resume": "how this start treats the run folder",
+}
+
+
+def classify_resume_changes(saved: dict[str, Any],
+                            new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """What resuming a checkpoint saved with config `saved` under config `new` changes.
+
+    Both are `Config.to_dict()` dicts; `saved` may come from older code: a key it lacks counts as
+    today's default and a key today's Config lacks is ignored. Returns (refused, accepted): sorted
+    `"dotted.key: old -> new"` lines, refused unless `RESUME_MAY_CHANGE` allows the key. Free-form
+    mappings (model.kwargs) are compared key by key, e.g. `model.kwargs.depth: 20 -> 32`."""
+    defaults = Config().to_dict()
+    old = _flatten(_known(Config, saved, defaults))
+    now = _flatten(_known(Config, new, defaults))
+    refused: list[str] = []
+    accepted: list[str] = []
+    for key in sorted(old.keys() | now.keys()):
+        before, after = old.get(key, _UNSET), now.get(key, _UNSET)
+        if before == after:
+            continue
+        line = f"{key}: {_show(before)} -> {_show(after)}"
+        allowed = any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+        (accepted if allowed else refused).append(line)
+    return refused, accepted
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "(unset)"
+
+
+_UNSET = _Unset()
+
+
+def _known(cls: type, raw: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """`raw`'s values for the fields of `cls` (recursively), defaults where it has none."""
+    raw = raw if isinstance(raw, dict) else {}
+    hints = _hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out[f.name] = _known(hints[f.name], raw.get(f.name), defaults[f.name])
+        else:
+            out[f.name] = _plain(raw.get(f.name, defaults[f.name]))
+    return out
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):  # an empty mapping adds no keys
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
