@@ -3,7 +3,10 @@
     cfg = load_config("configs/demo_fmnist_resnet_ann.yaml", ["train.epochs=3", "optim.lr=0.1"])
 
 Every section is a dataclass; a YAML key or override that names no field, or a value of the wrong
-type, raises `UserError` naming the key and the nearest valid names.
+type, raises `UserError` naming the key and the nearest valid names. Each section's `__post_init__`
+checks its values (ranges, finiteness, known names), so building a Config - from a file, a
+checkpoint's stored dict or in code - refuses a bad value in one line naming the dotted key, the
+allowed range and an example. `classify_resume_changes` tells which changes a resume may accept.
 """
 
 from __future__ import annotations
@@ -146,9 +149,8 @@ class ScheduleConfig:
         c.number("warmup_epochs", "5", ge=0)
         c.number("warmup_lr", "1e-4", ge=0)
         c.number("min_lr", "0.0", ge=0)
-        epochs = self.decay_epochs
-        if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in epochs) \
-                or any(a >= b for a, b in zip(epochs, epochs[1:])):
+        epochs = self.decay_epochs  # whole numbers already (the type check)
+        if any(e < 0 for e in epochs) or any(a >= b for a, b in zip(epochs, epochs[1:])):
             c.fail("decay_epochs", "must be increasing whole epochs >= 0", "[30,60,90]")
         c.number("decay_rate", "0.1", gt=0, le=1)
 
@@ -221,8 +223,7 @@ class Config:
                    "or ..); the run lives in out_dir/name", "demo")
         c.text("out_dir", "runs")
         # Each rank seeds numpy with seed + rank, which must stay below 2**32.
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) \
-                or not 0 <= self.seed < 2**31:
+        if not 0 <= self.seed < 2**31:
             c.fail("seed", "must be an integer in [0, 2**31)", "0")
 
     @property
@@ -434,9 +435,11 @@ class _Check:
     value, the allowed range and an example of a good value."""
 
     def __init__(self, section: Any, prefix: str):
+        """Checks (and converts, as loading does) every field's type and choices first, so the
+        value checks below also hold for a section built directly in code."""
         self.section, self.prefix = section, prefix
         hints = _hints(type(section))
-        for f in dataclasses.fields(section):  # types and choices, also when built directly
+        for f in dataclasses.fields(section):
             value = getattr(section, f.name)
             if dataclasses.is_dataclass(hints[f.name]):
                 if not isinstance(value, hints[f.name]):
@@ -460,14 +463,15 @@ class _Check:
         ok = (math.isfinite(value) and (gt is None or value > gt) and (ge is None or value >= ge)
               and (lt is None or value < lt) and (le is None or value <= le))
         if not ok:
-            low = "" if gt is None and ge is None else \
-                ("(" if gt is not None else "[") + f"{gt if gt is not None else ge:g}"
-            high = "" if lt is None and le is None else \
-                f"{lt if lt is not None else le:g}" + (")" if lt is not None else "]")
-            bounds = f"in {low}, {high}" if low and high else \
-                f"{'>' if gt is not None else '>='} {low[1:]}" if low else \
-                f"{'<' if lt is not None else '<='} {high[:-1]}" if high else ""
-            self.fail(name, f"must be a finite number {bounds}".rstrip() + note, example)
+            low = f"({gt:g}" if gt is not None else f"[{ge:g}" if ge is not None else ""
+            high = f"{lt:g})" if lt is not None else f"{le:g}]" if le is not None else ""
+            if low and high:
+                bounds = f" in {low}, {high}"  # e.g. in [0, 1)
+            elif low:
+                bounds = f" {'>' if low[0] == '(' else '>='} {low[1:]}"
+            else:
+                bounds = f" {'<' if high[-1] == ')' else '<='} {high[:-1]}" if high else ""
+            self.fail(name, f"must be a finite number{bounds}{note}", example)
 
     def numbers(self, name: str, example: str, rule: str,
                 test: typing.Callable[..., bool]) -> None:
