@@ -3,13 +3,18 @@
     cfg = load_config("configs/demo_fmnist_resnet_ann.yaml", ["train.epochs=3", "optim.lr=0.1"])
 
 Every section is a dataclass; a YAML key or override that names no field, or a value of the wrong
-type, raises `UserError` naming the key and the nearest valid names.
+type, raises `UserError` naming the key and the nearest valid names. Each section's `__post_init__`
+checks its values (ranges, finiteness, known names), so building a Config - from a file, a
+checkpoint's stored dict or in code - refuses a bad value in one line naming the dotted key, the
+allowed range and an example. `classify_resume_changes` tells which changes a resume may accept.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -19,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.anytime.weights import SCHEMES
 from pipeline.errors import UserError
 
 
@@ -52,12 +58,39 @@ class DataConfig:
     dali_device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: gpu when CUDA is available
     endpoint_url: str = ""  # for an s3:// data.root on an S3-compatible server; "" = AWS
 
+    def __post_init__(self) -> None:
+        c = _Check(self, "data.")
+        if self.backend != "synthetic":  # synthetic batches read nothing
+            c.text("root", "data/imagenet")
+        c.integer("image_size", 1, "224")
+        c.numbers("crop_scale", "[0.08,1.0]", "two finite numbers 0 < a <= b <= 1",
+                  lambda a, b: 0 < a <= b <= 1)
+        c.numbers("crop_ratio", "[0.75,1.333]", "two finite numbers 0 < a <= b",
+                  lambda a, b: 0 < a <= b)
+        c.number("val_resize_ratio", "0.875", gt=0, le=1)
+        c.numbers("mean", "[0.485,0.456,0.406]", "three finite numbers", lambda *m: True)
+        c.numbers("std", "[0.229,0.224,0.225]", "three finite numbers > 0",
+                  lambda *s: min(s) > 0)
+        c.integer("batch_size", 1, "256")
+        c.integer("workers", 0, "4", " (0 = load in the main process)")
+        c.number("max_bad_fraction", "0.01", ge=0, le=1)
+        c.url("endpoint_url", "http://localhost:9000")
+
 
 @dataclass
 class ModelConfig:
     name: str = "resnet_ann_cifar20"  # any name registered with timm by pipeline.models
     num_classes: int = 0  # 0: the number of class folders in the data set
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+
+    def __post_init__(self) -> None:
+        # Whether the name is registered needs torch and the models: the trainer checks it.
+        c = _Check(self, "model.")
+        c.text("name", "resnet_ann_cifar20")
+        c.integer("num_classes", 0, "1000", " (0 = one per class folder)")
+        for key in self.kwargs:
+            if not isinstance(key, str) or not key.isidentifier():
+                c.fail("kwargs", f"needs argument names as keys, not {key!r}", "{depth: 20}")
 
 
 @dataclass
@@ -70,6 +103,18 @@ class LossConfig:
     adaloss_gamma: float = 0.07
     adaloss_final_boost: float = 0.0
 
+    def __post_init__(self) -> None:
+        c = _Check(self, "loss.")
+        if self.scheme not in SCHEMES:
+            c.fail("scheme", f"is not a loss weight scheme{_near(str(self.scheme), list(SCHEMES))}"
+                   f" (schemes: {', '.join(SCHEMES)})", "sieve")
+        # The upper bound is the model's number of exits, checked where the loss is built.
+        c.integer("opt_exit", 0, "1", " (0 = the final exit)")
+        c.integer("adaloss_update_every", 1, "100")
+        c.number("adaloss_momentum", "0.9", ge=0, lt=1)
+        c.number("adaloss_gamma", "0.07", ge=0, le=1)
+        c.number("adaloss_final_boost", "0.0", ge=0)
+
 
 @dataclass
 class OptimConfig:
@@ -78,6 +123,16 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     grad_clip: float = 0.0  # max global grad norm; 0 = off
+
+    def __post_init__(self) -> None:
+        c = _Check(self, "optim.")
+        problem = _optimizer_problem(self.name)
+        if problem:
+            c.fail("name", problem, "sgd")
+        c.number("lr", "0.1", gt=0)
+        c.number("momentum", "0.9", ge=0, lt=1)
+        c.number("weight_decay", "1e-4", ge=0)
+        c.number("grad_clip", "1.0", ge=0, note=" (0 = off)")
 
 
 @dataclass
@@ -89,6 +144,16 @@ class ScheduleConfig:
     decay_epochs: list[int] = field(default_factory=lambda: [30, 60, 90])  # for name=step
     decay_rate: float = 0.1
 
+    def __post_init__(self) -> None:
+        c = _Check(self, "schedule.")
+        c.number("warmup_epochs", "5", ge=0)
+        c.number("warmup_lr", "1e-4", ge=0)
+        c.number("min_lr", "0.0", ge=0)
+        epochs = self.decay_epochs  # whole numbers already (the type check)
+        if any(e < 0 for e in epochs) or any(a >= b for a, b in zip(epochs, epochs[1:])):
+            c.fail("decay_epochs", "must be increasing whole epochs >= 0", "[30,60,90]")
+        c.number("decay_rate", "0.1", gt=0, le=1)
+
 
 @dataclass
 class TrainConfig:
@@ -99,6 +164,12 @@ class TrainConfig:
     log_every: int = 50  # steps between progress lines
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; small values for smoke tests
 
+    def __post_init__(self) -> None:
+        c = _Check(self, "train.")
+        c.integer("epochs", 1, "90")
+        c.integer("log_every", 1, "50")
+        c.integer("max_steps_per_epoch", 0, "10", " (0 = the whole epoch)")
+
 
 @dataclass
 class CheckpointConfig:
@@ -106,11 +177,25 @@ class CheckpointConfig:
     endpoint_url: str = ""  # an S3-compatible server (MinIO, Ceph, ...); "" = AWS
     every_steps: int = 0  # also save every N steps within an epoch; 0 = at epoch ends only
     async_save: bool = True  # write in a background thread; preemption saves are always blocking
-    keep_last: int = 3
+    keep_last: int = 3  # the newest N checkpoints; 0 = keep every checkpoint
     keep_every_epochs: int = 0  # also keep every N-th epoch's checkpoint; 0 = none
     retries: int = 4  # per storage call, with exponential backoff from retry_delay seconds
     retry_delay: float = 1.0
     max_failed_saves: int = 3  # stop the run after this many failed saves in a row
+    # Seconds a writer's lease on the checkpoint location lasts without a heartbeat; a second
+    # trainer is refused while it lasts.
+    lease_ttl: float = 120.0
+
+    def __post_init__(self) -> None:
+        c = _Check(self, "checkpoint.")
+        c.url("endpoint_url", "http://localhost:9000")
+        c.integer("every_steps", 0, "1000", " (0 = at epoch ends only)")
+        c.integer("keep_last", 0, "3", " (0 = keep all)")
+        c.integer("keep_every_epochs", 0, "10", " (0 = none)")
+        c.integer("retries", 0, "4")
+        c.number("retry_delay", "1.0", ge=0)
+        c.integer("max_failed_saves", 1, "3")
+        c.number("lease_ttl", "120", gt=0)
 
 
 @dataclass
@@ -128,6 +213,18 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        c = _Check(self, "")
+        c.text("name", "demo")
+        if self.name in (".", "..") or any(ch in self.name for ch in "/\\\0") \
+                or self.name != self.name.strip():
+            c.fail("name", "must be a plain folder name (no /, no surrounding spaces, not . "
+                   "or ..); the run lives in out_dir/name", "demo")
+        c.text("out_dir", "runs")
+        # Each rank seeds numpy with seed + rank, which must stay below 2**32.
+        if not 0 <= self.seed < 2**31:
+            c.fail("seed", "must be an integer in [0, 2**31)", "0")
 
     @property
     def run_dir(self) -> Path:
@@ -170,6 +267,90 @@ def with_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, A
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     return _build(Config, raw, prefix="")
+
+
+# What a resumed run may change, each with why: these steer where and how the run goes on, not
+# what it computes. Every other key is refused (fail closed, so a field added later is refused
+# until someone decides otherwise). Refused, among others: model.* (the saved weights fit one
+# architecture), loss.* (the loss state and the experiment's weighting), optim.* and schedule.*
+# (a different recipe; the optimizer and scheduler states belong to the saved one), seed, the data
+# geometry and augmentation (batch_size: the lr is scaled by it; image_size, augment, crop_*,
+# mean, std, val_resize_ratio: what the model learns from), train.amp (precision changes the
+# numerics of every step, and fp16's GradScaler state means nothing to bf16 or none),
+# train.max_steps_per_epoch (the step <-> epoch mapping the saved step and schedule rely on), and
+# name (another run).
+RESUME_MAY_CHANGE: dict[str, str] = {
+    "train.epochs": "a longer or shorter run; the caller compares it with the saved epoch",
+    "train.log_every": "logging only",
+    "train.device": "where the steps run; the state loads onto any device",
+    "train.channels_last": "memory layout only; the same computation",
+    "data.root": "the same data set moved (a local copy, a bucket)",
+    "data.endpoint_url": "where the data's server is",
+    "data.backend": "the loader implementation, with the same augmentations",
+    "data.workers": "loader processes only",
+    "data.file_lists": "where the verified image lists are kept",
+    "data.max_bad_fraction": "when to give up on undecodable images, a policy",
+    "data.dtype": "the loader's output type; the model computes in train.amp's precision",
+    "data.channels_last": "memory layout only",
+    "data.dali_device": "where DALI decodes",
+    "checkpoint": "where, how often and how safely state is saved, not what is trained",
+    "out_dir": "where the run folder lies",
+    "resume": "how this start treats the run folder",
+}
+
+
+def classify_resume_changes(saved: dict[str, Any],
+                            new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """What resuming a checkpoint saved with config `saved` under config `new` changes.
+
+    Both are `Config.to_dict()` dicts; `saved` may come from older code: a key it lacks counts as
+    today's default and a key today's Config lacks is ignored. Returns (refused, accepted): sorted
+    `"dotted.key: old -> new"` lines, refused unless `RESUME_MAY_CHANGE` allows the key. Free-form
+    mappings (model.kwargs) are compared key by key, e.g. `model.kwargs.depth: 20 -> 32`."""
+    defaults = Config().to_dict()
+    old = _flatten(_known(Config, saved, defaults))
+    now = _flatten(_known(Config, new, defaults))
+    refused: list[str] = []
+    accepted: list[str] = []
+    for key in sorted(old.keys() | now.keys()):
+        before, after = old.get(key, _UNSET), now.get(key, _UNSET)
+        if before == after:
+            continue
+        line = f"{key}: {_show(before)} -> {_show(after)}"
+        allowed = any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+        (accepted if allowed else refused).append(line)
+    return refused, accepted
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "(unset)"
+
+
+_UNSET = _Unset()
+
+
+def _known(cls: type, raw: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """`raw`'s values for the fields of `cls` (recursively), defaults where it has none."""
+    raw = raw if isinstance(raw, dict) else {}
+    hints = _hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out[f.name] = _known(hints[f.name], raw.get(f.name), defaults[f.name])
+        else:
+            out[f.name] = _plain(raw.get(f.name, defaults[f.name]))
+    return out
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):  # an empty mapping adds no keys
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -234,6 +415,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4, nan and inf as strings; the range checks refuse nan and inf
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # names like "50" typed bare on the command line
     if hint in (int, float, str, bool) and not (
@@ -241,6 +427,103 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     ):
         raise UserError(f"{key}={value!r} must be of type {hint.__name__}")
     return value
+
+
+class _Check:
+    """Value checks of one config section, run by its `__post_init__` (so on every construction,
+    after `_coerce` when loading). Each failure is a one-line UserError naming the dotted key, the
+    value, the allowed range and an example of a good value."""
+
+    def __init__(self, section: Any, prefix: str):
+        """Checks (and converts, as loading does) every field's type and choices first, so the
+        value checks below also hold for a section built directly in code."""
+        self.section, self.prefix = section, prefix
+        hints = _hints(type(section))
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                if not isinstance(value, hints[f.name]):
+                    raise UserError(f"{prefix}{f.name} must be a section (a mapping), "
+                                    f"got {value!r:.60}")
+            else:
+                setattr(section, f.name, _coerce(hints[f.name], value, prefix + f.name))
+
+    def fail(self, name: str, rule: str, example: str) -> typing.NoReturn:
+        key = self.prefix + name
+        raise UserError(f"{key}={_show(getattr(self.section, name))} {rule}; e.g. {key}={example}")
+
+    def integer(self, name: str, low: int, example: str, note: str = "") -> None:
+        if getattr(self.section, name) < low:  # the type is checked already
+            self.fail(name, f"must be an integer >= {low}{note}", example)
+
+    def number(self, name: str, example: str, *, gt: float | None = None,
+               ge: float | None = None, lt: float | None = None, le: float | None = None,
+               note: str = "") -> None:
+        value = getattr(self.section, name)
+        ok = (math.isfinite(value) and (gt is None or value > gt) and (ge is None or value >= ge)
+              and (lt is None or value < lt) and (le is None or value <= le))
+        if not ok:
+            low = f"({gt:g}" if gt is not None else f"[{ge:g}" if ge is not None else ""
+            high = f"{lt:g})" if lt is not None else f"{le:g}]" if le is not None else ""
+            if low and high:
+                bounds = f" in {low}, {high}"  # e.g. in [0, 1)
+            elif low:
+                bounds = f" {'>' if low[0] == '(' else '>='} {low[1:]}"
+            else:
+                bounds = f" {'<' if high[-1] == ')' else '<='} {high[:-1]}" if high else ""
+            self.fail(name, f"must be a finite number{bounds}{note}", example)
+
+    def numbers(self, name: str, example: str, rule: str,
+                test: typing.Callable[..., bool]) -> None:
+        values = getattr(self.section, name)
+        if not all(math.isfinite(v) for v in values) or not test(*values):
+            self.fail(name, f"must be {rule}", example)
+
+    def text(self, name: str, example: str) -> None:
+        if not getattr(self.section, name).strip():
+            self.fail(name, "must not be empty", example)
+
+    def url(self, name: str, example: str) -> None:
+        value = getattr(self.section, name)
+        if value and "://" not in value:
+            self.fail(name, "must be a URL with a scheme, or empty", example)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _show(value: Any) -> str:
+    """A value as a user would type it in an override, on one line."""
+    text = repr(list(value) if isinstance(value, tuple) else value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@functools.cache
+def _timm_optimizers() -> tuple[str, ...]:
+    from timm.optim import list_optimizers  # lazily: timm imports torch (seconds)
+
+    return tuple(list_optimizers())
+
+
+def _optimizer_problem(name: str) -> str:
+    """What is wrong with `name` as timm's `create_optimizer_v2(opt=name)`, or "" when nothing.
+
+    timm lower-cases the name, splits it at "_", uses the last part and wraps the optimizer in
+    Lookahead when the first part is "lookahead". Any other prefix timm silently drops, so it is
+    refused here (a typo that would train with a different optimizer than the one named)."""
+    try:
+        known = _timm_optimizers()
+    except ImportError:  # a launcher-only environment: the trainer's own import will check
+        return ""
+    base = name.lower().removeprefix("lookahead_")
+    if base in known:
+        return ""
+    near = difflib.get_close_matches(base, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(near)}?" if near else \
+        "see timm.optim.list_optimizers() for the names"
+    return f"is not a timm optimizer; {hint} (a lookahead_ prefix is allowed)"
 
 
 def _near(word: str, choices: list[str], prefix: str = "") -> str:

@@ -4,7 +4,14 @@ import sys
 import pytest
 import torch
 
-from pipeline.config import Config, load_config
+from pipeline.config import (
+    RESUME_MAY_CHANGE,
+    Config,
+    DataConfig,
+    TrainConfig,
+    classify_resume_changes,
+    load_config,
+)
 from pipeline.errors import UserError
 
 DEMO = "configs/demo_fmnist_resnet_ann.yaml"
@@ -80,3 +87,192 @@ def test_schedules(overrides, expect):
     for epoch, lr in expect:
         scheduler.step_update(round(epoch * 10))
         assert optimizer.param_groups[0]["lr"] == pytest.approx(lr, abs=1e-3), (epoch, lr)
+
+
+# --- value checks: each section's __post_init__ ---------------------------------------------------
+
+BAD_VALUES = [
+    "optim.lr=-0.1", "optim.lr=0", "optim.momentum=1", "optim.momentum=-0.5",
+    "optim.weight_decay=-0.0001", "optim.grad_clip=-1", "optim.name=sgdd", "optim.name=foo_sgd",
+    "train.epochs=0", "train.max_steps_per_epoch=-5", "train.log_every=0",
+    "checkpoint.every_steps=-1", "checkpoint.keep_last=-1", "checkpoint.keep_every_epochs=-2",
+    "checkpoint.retries=-1", "checkpoint.retry_delay=-1", "checkpoint.max_failed_saves=0",
+    "checkpoint.lease_ttl=0", "checkpoint.lease_ttl=-5", "checkpoint.endpoint_url=localhost:9000",
+    "data.batch_size=0", "data.image_size=-1", "data.workers=-1", "data.max_bad_fraction=1.5",
+    "data.val_resize_ratio=0", "data.val_resize_ratio=1.2", "data.crop_scale=[0.5,0.2]",
+    "data.crop_scale=[0,1]", "data.crop_scale=[0.5,1.5]", "data.crop_ratio=[1.3,0.7]",
+    "data.crop_ratio=[0,1]", "data.std=[0.2,0,0.2]", "data.root=",
+    "model.num_classes=-1", "model.name=", "model.kwargs={1: 2}",
+    "loss.scheme=siev", "loss.opt_exit=-1", "loss.adaloss_update_every=0",
+    "loss.adaloss_momentum=1", "loss.adaloss_gamma=2", "loss.adaloss_final_boost=-1",
+    "schedule.warmup_epochs=-1", "schedule.warmup_lr=-1", "schedule.min_lr=-0.1",
+    "schedule.decay_epochs=[60,30]", "schedule.decay_epochs=[30,30]", "schedule.decay_epochs=[-1]",
+    "schedule.decay_rate=0", "schedule.decay_rate=1.5",
+    "name=", "name=a/b", "name=..", "out_dir=", "seed=-1",
+]
+NON_FINITE = [f"{key}={v}" for key in (
+    "optim.lr", "optim.momentum", "optim.weight_decay", "optim.grad_clip", "data.max_bad_fraction",
+    "data.val_resize_ratio", "schedule.warmup_epochs", "schedule.min_lr", "schedule.decay_rate",
+    "checkpoint.retry_delay", "checkpoint.lease_ttl", "loss.adaloss_gamma",
+) for v in ("nan", ".nan", "inf", "-.inf")] + [
+    "data.crop_scale=[.nan,1]", "data.std=[0.2,.inf,0.2]", "data.mean=[.nan,0,0]"]
+
+
+@pytest.mark.parametrize("override", BAD_VALUES)
+def test_bad_value_is_refused_in_one_line_naming_the_key(override):
+    message = refusal(override)
+    assert message.startswith(override.partition("=")[0] + "="), message
+
+
+@pytest.mark.parametrize("override", NON_FINITE)
+def test_nan_and_inf_are_refused(override):
+    # Bare nan/inf are strings to YAML 1.1 (.nan/.inf are floats): both read as the float and
+    # are refused for not being finite, not for their type.
+    message = refusal(override)
+    assert message.startswith(override.partition("=")[0] + "="), message
+    assert "must be" in message and "finite" in message, message
+
+
+def refusal(override: str) -> str:
+    with pytest.raises(UserError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.lr=-0.1", ["optim.lr=-0.1 must be a finite number > 0", "e.g. optim.lr=0.1"]),
+    ("optim.lr=nan", ["optim.lr=nan must be a finite number > 0"]),
+    ("optim.momentum=1", ["in [0, 1)"]),
+    ("optim.name=sgdd", ["not a timm optimizer", "did you mean sgd"]),
+    ("loss.scheme=siev", ["did you mean sieve", "half_end"]),
+    ("checkpoint.keep_last=-1", [">= 0 (0 = keep all)"]),
+])
+def test_value_messages_give_the_range_and_the_fix(override, words):
+    with pytest.raises(UserError) as err:
+        load_config(None, [override])
+    for word in words:
+        assert word in str(err.value)
+
+
+@pytest.mark.parametrize("override", [
+    "optim.name=lookahead_sgd", "optim.name=AdamW", "optim.name=momentum", "optim.lr=1e-4",
+    "checkpoint.keep_last=0", "checkpoint.lease_ttl=0.5", "schedule.decay_epochs=[]",
+    "data.backend=synthetic", "data.crop_scale=[1,1]", "optim.momentum=0",
+])
+def test_edge_values_are_accepted(override):
+    load_config(None, [override, *(["data.root="] if "synthetic" in override else [])])
+
+
+def test_defaults_are_valid_and_checks_run_on_direct_construction():
+    cfg = Config()
+    assert cfg.checkpoint.lease_ttl == 120.0
+    with pytest.raises(UserError, match=r"^train\.epochs=0 "):
+        TrainConfig(epochs=0)
+    with pytest.raises(UserError, match=r"^data\.backend='ffcv' is not one of"):
+        DataConfig(backend="ffcv")
+
+
+def test_cli_bad_value_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "--config", DEMO,
+                           "optim.lr=-0.1"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith("error: optim.lr=-0.1 must be a finite number > 0")
+
+
+# --- what a resume may change ---------------------------------------------------------------------
+
+
+def changes(saved_overrides, new_overrides, edit_saved=None):
+    saved = load_config(None, saved_overrides).to_dict()
+    if edit_saved:
+        edit_saved(saved)
+    return classify_resume_changes(saved, load_config(None, new_overrides).to_dict())
+
+
+def test_same_config_changes_nothing():
+    assert changes(["optim.lr=0.2"], ["optim.lr=0.2"]) == ([], [])
+
+
+@pytest.mark.parametrize("override, line", [
+    ("model.name=msdnet_cifar", "model.name: 'resnet_ann_cifar20' -> 'msdnet_cifar'"),
+    ("model.num_classes=10", "model.num_classes: 0 -> 10"),
+    ("loss.scheme=const", "loss.scheme: 'sieve' -> 'const'"),
+    ("loss.alternating=true", "loss.alternating: False -> True"),
+    ("optim.name=adamw", "optim.name: 'sgd' -> 'adamw'"),
+    ("optim.lr=0.2", "optim.lr: 0.1 -> 0.2"),
+    ("optim.grad_clip=1", "optim.grad_clip: 0.0 -> 1.0"),
+    ("schedule.decay_epochs=[30,60]", "schedule.decay_epochs: [30, 60, 90] -> [30, 60]"),
+    ("data.batch_size=128", "data.batch_size: 256 -> 128"),
+    ("data.image_size=192", "data.image_size: 224 -> 192"),
+    ("data.crop_scale=[0.2,1]", "data.crop_scale: [0.08, 1.0] -> [0.2, 1.0]"),
+    ("data.std=[0.5,0.5,0.5]", "data.std: [0.229, 0.224, 0.225] -> [0.5, 0.5, 0.5]"),
+    ("seed=1", "seed: 0 -> 1"),
+    ("train.amp=bf16", "train.amp: 'none' -> 'bf16'"),
+    ("train.max_steps_per_epoch=10", "train.max_steps_per_epoch: 0 -> 10"),
+    ("name=other", "name: 'run' -> 'other'"),
+])
+def test_resume_refuses_a_different_experiment(override, line):
+    assert changes([], [override]) == ([line], [])
+
+
+@pytest.mark.parametrize("override, line", [
+    ("train.epochs=120", "train.epochs: 90 -> 120"),
+    ("train.epochs=10", "train.epochs: 90 -> 10"),
+    ("train.log_every=5", "train.log_every: 50 -> 5"),
+    ("train.device=cpu", "train.device: 'auto' -> 'cpu'"),
+    ("train.channels_last=true", "train.channels_last: False -> True"),
+    ("data.workers=8", "data.workers: 4 -> 8"),
+    ("data.backend=dali", "data.backend: 'torch' -> 'dali'"),
+    ("data.root=/mnt/copy", "data.root: 'data/fashion-mnist' -> '/mnt/copy'"),
+    ("data.file_lists=lists", "data.file_lists: '' -> 'lists'"),
+    ("checkpoint.every_steps=100", "checkpoint.every_steps: 0 -> 100"),
+    ("checkpoint.url=s3://b/p", "checkpoint.url: '' -> 's3://b/p'"),
+    ("checkpoint.lease_ttl=30", "checkpoint.lease_ttl: 120.0 -> 30.0"),
+    ("out_dir=/scratch/runs", "out_dir: 'runs' -> '/scratch/runs'"),
+    ("resume=auto", "resume: 'never' -> 'auto'"),
+])
+def test_resume_accepts_where_and_how_the_run_goes_on(override, line):
+    assert changes([], [override]) == ([], [line])
+
+
+def test_resume_lists_are_sorted_and_split():
+    refused, accepted = changes([], ["train.epochs=100", "optim.lr=0.2", "data.workers=1",
+                                     "loss.scheme=linear"])
+    assert refused == ["loss.scheme: 'sieve' -> 'linear'", "optim.lr: 0.1 -> 0.2"]
+    assert accepted == ["data.workers: 4 -> 1", "train.epochs: 90 -> 100"]
+
+
+def test_resume_from_an_older_config_uses_defaults_and_ignores_unknown_keys():
+    def older(saved):
+        del saved["checkpoint"]["lease_ttl"]  # a field this code added
+        del saved["loss"]  # a whole section missing
+        saved["train"]["retired_option"] = 1  # a field this code dropped
+        saved["legacy"] = {"x": 1}
+
+    assert changes([], [], older) == ([], [])
+    assert changes([], ["checkpoint.lease_ttl=60"], older) == (
+        [], ["checkpoint.lease_ttl: 120.0 -> 60.0"])
+
+
+def test_resume_compares_model_kwargs_key_by_key():
+    refused, accepted = changes(["model.kwargs={depth: 20, width: 8}"],
+                                ["model.kwargs={depth: 32, width: 8, drop: 0.1}"])
+    assert refused == ["model.kwargs.depth: 20 -> 32", "model.kwargs.drop: (unset) -> 0.1"]
+    assert accepted == []
+
+
+def test_every_accepted_prefix_names_a_config_key():
+    keys = set(_flat_keys(Config().to_dict()))
+    for prefix in RESUME_MAY_CHANGE:
+        assert any(k == prefix or k.startswith(prefix + ".") for k in keys), prefix
+
+
+def _flat_keys(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _flat_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"

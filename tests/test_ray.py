@@ -241,6 +241,20 @@ def test_submit_checks_the_config_before_contacting_the_cluster(tmp_path):
     assert proc.stderr.startswith("error: cannot reach the Ray cluster at http://127.0.0.1:1")
 
 
+def test_submit_refuses_a_bad_value_before_contacting_the_cluster(capsys, monkeypatch):
+    try:
+        import ray.job_submission  # noqa: F401
+    except ImportError as e:
+        missing(f"Ray is not installed ({e}): pip install 'anytime-pipeline[ray]'")
+    from launchers.ray_submit import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["--address", "http://127.0.0.1:1", "--config", DEMO, "optim.lr=-0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: optim.lr=-0.1 must be a finite number > 0"), err
+    assert err.count("\n") == 1
+
+
 def test_submit_without_the_clusters_token_says_how_to_give_it(ray_cluster):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = submit("--address", ray_cluster.dashboard, "--config", DEMO, env=env)
