@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 import pipeline.models  # noqa: F401  (registers the anytime models with timm)
 from pipeline.anytime.loss import AnytimeLoss
 from pipeline.anytime.metrics import ExitErrors
-from pipeline.config import Config, resume_changes
+from pipeline.config import Config, classify_resume_changes
 from pipeline.data import build_loader
 from pipeline.data.torch import TorchLoader
 from pipeline.errors import TrainingDiverged, UserError
@@ -358,7 +358,7 @@ def check_run_folder(cfg: Config, store: CheckpointStore,
     where = f"{store.url}/{info.name}"
     saved = info.meta.get("config")
     if isinstance(saved, dict):
-        refused, accepted = resume_changes(saved, cfg.to_dict())
+        refused, accepted = classify_resume_changes(saved, cfg.to_dict())
         if refused:
             raise UserError(f"cannot resume {where} with a different run: {'; '.join(refused)}. "
                             "Undo these changes, or start a new run with name=NEW_NAME")
