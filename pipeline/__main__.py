@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = verbs.add_parser("checkpoints", help="list or verify the checkpoints at a URL")
     p.add_argument("action", choices=["list", "verify"],
-                   help="list: read manifests only; verify: also check every payload (size, sha256, "
-                        "loads as plain tensors); exit status 1 when any is broken")
+                   help="list: read manifests only; verify: also check every payload (size, "
+                        "sha256, loads as plain tensors); exit status 1 when any is broken")
     p.add_argument("url", help="checkpoint folder: a path, file://, s3://, gs:// ...")
     p.add_argument("--endpoint-url", default="", help="S3-compatible server, e.g. MinIO")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
