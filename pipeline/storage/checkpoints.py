@@ -188,7 +188,7 @@ class CheckpointStore:
         try:
             raw = self._retry(lambda: self.fs.cat_file(f"{self.root}/{name}/{MANIFEST}"),
                               f"read {name}/{MANIFEST}")
-        except (FileNotFoundError, IsADirectoryError):
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return CheckpointInfo(name, step, {}, 0, NO_MANIFEST), None
         try:
             manifest = parse(raw, step)
@@ -207,7 +207,7 @@ class CheckpointStore:
             try:
                 data = self._retry(lambda f=file: self.fs.cat_file(f"{self.root}/{name}/{f}"),
                                    f"read {name}/{file}")
-            except (FileNotFoundError, IsADirectoryError):
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 return f"{file} is missing", None
             if len(data) != expected.size:
                 return f"{file} has {len(data)} bytes, the manifest says {expected.size}", None
@@ -305,7 +305,8 @@ class CheckpointStore:
                     reason, fix = final
                     raise StorageError(f"{what} at {self.url} failed: {reason} "
                                        f"({type(e).__name__}: {e}); {fix}") from e
-                if isinstance(e, (FileNotFoundError, FileExistsError, IsADirectoryError)):
+                if isinstance(e, (FileNotFoundError, FileExistsError, IsADirectoryError,
+                                  NotADirectoryError)):
                     raise  # answers, not outages
                 error: Exception = e
             except Exception as e:  # botocore / aiohttp errors that fsspec did not translate
