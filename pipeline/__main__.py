@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = verbs.add_parser("checkpoints", help="list or verify the checkpoints at a URL")
     p.add_argument("action", choices=["list", "verify"],
-                   help="list: read manifests only; verify: also check every payload's sha256")
+                   help="list: read manifests only; verify: also check every payload (size, "
+                        "sha256, loads as plain tensors); exit status 1 when any is broken")
     p.add_argument("url", help="checkpoint folder: a path, file://, s3://, gs:// ...")
     p.add_argument("--endpoint-url", default="", help="S3-compatible server, e.g. MinIO")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -313,18 +314,23 @@ def checkpoints(args: argparse.Namespace) -> int:
     from pipeline.storage.checkpoints import CheckpointStore
 
     store = CheckpointStore(args.url, endpoint_url=args.endpoint_url)
-    rows = []
-    for info in store.list():
-        status = "manifest ok" if args.action == "list" else (store.verify(info) or "valid")
+    rows, broken = [], []
+    for info in store.list():  # every step-* folder, broken ones too
+        problem = info.problem if args.action == "list" or info.problem else store.verify(info)
+        status = problem or ("manifest ok" if args.action == "list" else "valid")
         rows.append({"name": info.name, "step": info.step, "epoch": info.meta.get("epoch", ""),
                      "MB": info.size / 1e6, "status": status})
+        if problem:
+            broken.append(f"{info.name} ({problem})")
     if args.json:
         print(json.dumps(rows, indent=1))
     elif rows:
         print(format_table(rows, list(rows[0])))
     else:
         print(f"no checkpoints at {args.url}")
-    broken = [r for r in rows if r["status"] not in ("manifest ok", "valid")]
+    if broken:
+        print(f"{len(broken)} broken checkpoint(s) at {store.url}: {'; '.join(broken)}",
+              file=sys.stderr)
     return 1 if broken else 0
 
 

@@ -67,9 +67,9 @@ def load_member(url: str, endpoint_url: str = "",
         store = CheckpointStore(url.rsplit("/", 1)[0], endpoint_url=endpoint_url, retries=2)
         info = next((i for i in store.list() if i.name == name), None)
         if info is None:
-            raise UserError(f"no checkpoint {url} (no readable manifest.json); list them with "
+            raise UserError(f"no checkpoint {url} (no such folder); list them with "
                             f"`python -m pipeline checkpoints list {store.url}`")
-        found = info, store.load(info, map_location)
+        found = info, store.load(info, map_location)  # a broken one: UserError naming why
     else:
         store = CheckpointStore(url, endpoint_url=endpoint_url, retries=2)
         found = store.load_latest_valid(map_location)

@@ -1,10 +1,45 @@
-import logging
+from __future__ import annotations
 
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
 import pytest
 import torch
 
+from pipeline.__main__ import main
+from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.storage.checkpoints import MANIFEST, PAYLOAD, CheckpointStore
+from pipeline.evaluation import load_member
+from pipeline.storage.checkpoints import (
+    MANIFEST,
+    NO_MANIFEST,
+    PAYLOAD,
+    QUARANTINE,
+    CheckpointStore,
+    StorageError,
+)
+from pipeline.train.trainer import create_anytime_model
+
+
+class Evil:
+    """Unpickling this runs a command: what a malicious object in a bucket would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
 
 def state(value: float) -> dict:
@@ -31,11 +66,21 @@ def test_file_url_works(tmp_path):
     assert store.load(store.latest_valid())["step"] == 1
 
 
-def test_never_overwrites(tmp_path):
-    store = CheckpointStore(str(tmp_path))
+def test_a_folder_in_the_way_is_moved_to_quarantine_never_overwritten(tmp_path, caplog):
+    store = CheckpointStore(str(tmp_path), keep_last=1)
     store.save(5, state(5.0))
-    with pytest.raises(FileExistsError):
-        store.save(5, state(6.0))
+    first = (tmp_path / "step-00000005" / PAYLOAD).read_bytes()
+    with caplog.at_level(logging.WARNING):
+        store.save(5, state(6.0))  # a resumed run saving the same step again
+    (moved,) = (tmp_path / QUARANTINE).iterdir()
+    assert moved.name.startswith("step-00000005.")
+    assert str(moved.relative_to(tmp_path)) in caplog.text
+    assert (moved / PAYLOAD).read_bytes() == first
+    assert store.load(store.latest_valid())["step"] == 6
+    for step in (6, 7):  # retention rotates checkpoints, never the quarantine
+        store.save(step, state(float(step)))
+    assert [i.name for i in store.list()] == ["step-00000007"]
+    assert (moved / PAYLOAD).read_bytes() == first
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest", "no_payload"])
@@ -57,21 +102,22 @@ def test_latest_valid_skips_damaged_checkpoints(tmp_path, caplog, damage):
     with caplog.at_level(logging.WARNING):
         latest = store.latest_valid()
     assert latest.step == 1
-    if damage != "no_manifest":  # without a manifest the folder is not a checkpoint at all
-        assert "step-00000002" in caplog.text
-        with pytest.raises(UserError, match="corrupt"):
-            store.load(store.list()[-1])
+    assert "step-00000002" in caplog.text
+    with pytest.raises(UserError, match="step-00000002 is broken"):
+        store.load(store.list()[-1])
 
 
 def test_loading_refuses_arbitrary_pickles(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
-    store = CheckpointStore(str(tmp_path))
-    store.save(1, {"x": Evil()})  # verifies fine: the bytes are what was written
-    with pytest.raises(Exception, match="[Ww]eights only"):
-        store.load(store.latest_valid())
+    marker = tmp_path / "MARKER"
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    store.save(1, {"x": Evil(marker)})  # sha256 fine: the bytes are what was written
+    (info,) = store.list()
+    assert info.problem is None  # the manifest is sound; the payload is not
+    assert store.latest_valid() is None
+    with pytest.raises(UserError, match=r"step-00000001 is broken.*posix\.system.*untrusted") as e:
+        store.load(info)
+    assert "weights_only=False" not in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
 
 
 def test_retention_keeps_the_newest(tmp_path):
@@ -93,3 +139,255 @@ def test_load_latest_valid_reads_each_payload_once(tmp_path, monkeypatch):
     info, loaded = store.load_latest_valid()
     assert info.step == 1 and loaded["step"] == 1
     assert sum(p.endswith(PAYLOAD) for p in reads) == 2  # the broken one, then the good one
+
+
+# --- broken for any reason, locally and on the S3 server: reported, skipped, moved aside --------
+
+
+@dataclass
+class Where:
+    """A checkpoint URL and raw access to its objects, to damage them for real."""
+
+    url: str
+    endpoint: str
+    fs: Any
+    root: str
+
+    def store(self, **kw: Any) -> CheckpointStore:
+        return CheckpointStore(self.url, endpoint_url=self.endpoint, retry_delay=0.2, **kw)
+
+    def cli(self, *args: str) -> int:
+        return main(["checkpoints", *args, self.url, "--endpoint-url", self.endpoint])
+
+    def read(self, path: str) -> bytes:
+        return self.fs.cat_file(f"{self.root}/{path}")
+
+    def write(self, path: str, data: bytes) -> None:
+        self.fs.pipe_file(f"{self.root}/{path}", data)
+
+    def tree(self, folder: str) -> dict[str, bytes]:
+        self.fs.invalidate_cache()
+        base = f"{self.root}/{folder}"
+        return {p[len(base) + 1:]: self.fs.cat_file(p) for p in self.fs.find(base)}
+
+    def rewrite_manifest(self, folder: str, change: Callable[[dict], object]) -> None:
+        manifest = json.loads(self.read(f"{folder}/{MANIFEST}"))
+        change(manifest)
+        self.write(f"{folder}/{MANIFEST}", json.dumps(manifest).encode())
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path) -> Where:
+    if request.param == "local":
+        return Where(str(tmp_path / "ckpt"), "", fsspec.filesystem("file"), str(tmp_path / "ckpt"))
+    import s3fs
+
+    server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+    return Where(f"{bucket}/run", server, s3fs.S3FileSystem(endpoint_url=server),
+                 f"{bucket[5:]}/run")
+
+
+def flip(where: Where, folder: str, marker: Path) -> None:
+    data = where.read(f"{folder}/{PAYLOAD}")
+    i = len(data) // 2
+    where.write(f"{folder}/{PAYLOAD}", data[:i] + bytes([data[i] ^ 0x40]) + data[i + 1:])
+
+
+def truncate(where: Where, folder: str, marker: Path) -> None:
+    where.write(f"{folder}/{PAYLOAD}", where.read(f"{folder}/{PAYLOAD}")[:100])
+
+
+def not_json(where: Where, folder: str, marker: Path) -> None:
+    where.write(f"{folder}/{MANIFEST}", b'{"format": 1, "step": ')
+
+
+def no_step(where: Where, folder: str, marker: Path) -> None:
+    where.rewrite_manifest(folder, lambda m: m.pop("step"))
+
+
+def size_as_text(where: Where, folder: str, marker: Path) -> None:
+    where.rewrite_manifest(folder, lambda m: m["files"][PAYLOAD].update(size="123"))
+
+
+def outside_file(where: Where, folder: str, marker: Path) -> None:
+    """An entry naming the older checkpoint's payload, with its right size and sha256."""
+    older = json.loads(where.read(f"step-00000001/{MANIFEST}"))["files"][PAYLOAD]
+    where.rewrite_manifest(folder, lambda m: m["files"].update({f"../step-00000001/{PAYLOAD}":
+                                                                older}))
+
+
+def malicious_pickle(where: Where, folder: str, marker: Path) -> None:
+    """A payload whose unpickling runs a command, with its size and sha256 recomputed."""
+    buffer = io.BytesIO()
+    torch.save({"model": Evil(marker)}, buffer)
+    payload = buffer.getvalue()
+    where.write(f"{folder}/{PAYLOAD}", payload)
+    where.rewrite_manifest(folder, lambda m: m["files"].update(
+        {PAYLOAD: {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}))
+
+
+@pytest.mark.parametrize("damage, words", [
+    (flip, "does not match its sha256"),
+    (truncate, "has 100 bytes, the manifest says"),
+    (not_json, "manifest.json is not JSON"),
+    (no_step, "manifest.json lacks step"),
+    (size_as_text, f"entry for {PAYLOAD} is not"),
+    (outside_file, "'../step-00000001/state.pt', not a plain name inside the checkpoint folder"),
+    (malicious_pickle, "Trying to load unsupported GLOBAL posix.system"),
+])
+def test_a_broken_checkpoint_is_reported_skipped_and_moved_aside(where, tmp_path, caplog, capsys,
+                                                                damage, words):
+    marker = tmp_path / "MARKER"
+    store = where.store(keep_last=0)
+    store.save(1, state(1.0))
+    store.save(2, state(2.0))
+    damage(where, "step-00000002", marker)
+    broken = where.tree("step-00000002")
+
+    good, bad = store.list()
+    assert (good.name, good.problem, bad.name) == ("step-00000001", None, "step-00000002")
+    assert bad.problem is None or words in bad.problem  # list() reads manifests only
+    assert words in store.verify(bad) and store.verify(good) is None
+    with caplog.at_level(logging.WARNING):
+        assert store.latest_valid().step == 1
+        info, loaded = store.load_latest_valid()
+    assert info.step == 1 and loaded["step"] == 1
+    assert f"{where.url}/step-00000002: " in caplog.text and words in caplog.text
+    with pytest.raises(UserError, match="step-00000002 is broken") as e:
+        store.load(bad)
+    assert words in str(e.value) and "weights_only=False" not in str(e.value)
+
+    capsys.readouterr()
+    assert where.cli("verify") == 1
+    out, err = capsys.readouterr()
+    assert "step-00000001" in out and "step-00000002" in err and words in err
+    assert where.cli("verify", "--json") == 1
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["status"]) for r in rows][0] == ("step-00000001", "valid")
+    assert words in rows[1]["status"]
+    assert where.cli("list") == (1 if bad.problem else 0)
+    assert "step-00000002" in capsys.readouterr().out
+
+    with caplog.at_level(logging.WARNING):
+        assert store.save(2, state(22.0)) == "step-00000002"  # the resumed run saves step 2 again
+    assert [(i.name, i.problem) for i in store.list()] == [("step-00000001", None),
+                                                            ("step-00000002", None)]
+    assert store.load(store.latest_valid())["step"] == 22
+    where.fs.invalidate_cache()
+    (moved,) = [p.rsplit("/", 1)[-1] for p in where.fs.ls(f"{where.root}/{QUARANTINE}")]
+    assert moved.startswith("step-00000002.") and f"{QUARANTINE}/{moved}" in caplog.text
+    assert where.tree(f"{QUARANTINE}/{moved}") == broken  # kept as it was, for a person to see
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda m: m.clear() or m.update(files={PAYLOAD: {}}), "lacks format, step, meta"),
+    (lambda m: m.update(format=2), "format 2"),
+    (lambda m: m.update(format=True), "format True"),
+    (lambda m: m.update(step="2"), "names step '2'"),
+    (lambda m: m.update(step=3), "names step 3, its folder step 2"),
+    (lambda m: m.update(meta=[]), "meta is a list"),
+    (lambda m: m.update(files=[]), "files is not a non-empty object"),
+    (lambda m: m.update(files={}), "files is not a non-empty object"),
+    (lambda m: m["files"][PAYLOAD].update(sha256="A" * 64), "64 lowercase hex"),
+    (lambda m: m["files"][PAYLOAD].update(size=-1), "bytes >= 0"),
+    (lambda m: m["files"].update({".hidden": m["files"][PAYLOAD]}), "starts with '.'"),
+    (lambda m: m["files"].update({"": m["files"][PAYLOAD]}), "an empty name"),
+    (lambda m: m["files"].update({"a\\b": m["files"][PAYLOAD]}), "path separator"),
+    (lambda m: m.update(files={"other.pt": m["files"][PAYLOAD]}), f"does not list {PAYLOAD}"),
+])
+def test_every_unexpected_manifest_shape_is_a_problem_not_a_traceback(tmp_path, capsys, change,
+                                                                     words):
+    where = Where(str(tmp_path), "", fsspec.filesystem("file"), str(tmp_path))
+    store = where.store(keep_last=0)
+    store.save(1, state(1.0))
+    store.save(2, state(2.0))
+    where.rewrite_manifest("step-00000002", change)
+    assert words in store.list()[1].problem
+    assert store.latest_valid().step == 1
+    with pytest.raises(UserError, match=f"step-00000002 is broken: .*{re.escape(words)}"):
+        store.load(store.list()[1])
+    assert where.cli("list") == 1
+    assert words in capsys.readouterr().err
+
+
+def test_an_array_manifest_and_one_without_json_are_listed(tmp_path):
+    store = CheckpointStore(str(tmp_path), keep_last=0)
+    store.save(1, state(1.0))
+    (tmp_path / "step-00000002").mkdir()
+    (tmp_path / "step-00000002" / MANIFEST).write_text("[]")
+    (tmp_path / "step-00000003").mkdir()
+    (tmp_path / "step-00000003" / MANIFEST).write_bytes(b"\xff\xfe")
+    (tmp_path / "step-00000004").mkdir()  # a save that died before its manifest
+    assert [(i.step, i.problem) for i in store.list()] == [
+        (1, None), (2, "manifest.json holds a list, not an object"),
+        (3, store.list()[2].problem), (4, NO_MANIFEST)]
+    assert "is not JSON" in store.list()[2].problem
+    assert store.load_latest_valid()[0].step == 1
+
+
+# --- storage that cannot take a save: answered at once, and nothing partial left behind --------
+
+
+@pytest.fixture
+def small_mount(tmp_path) -> Callable[[str], Path]:
+    """mount(options): a real 64 KiB tmpfs (root only), unmounted at the end."""
+    mounted = []
+
+    def mount(options: str) -> Path:
+        folder = tmp_path / f"mnt{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_no_space_is_not_retried_and_the_partial_folder_is_removed(small_mount, caplog):
+    root = small_mount("size=64k")
+    store = CheckpointStore(str(root), retries=3, retry_delay=1.0)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING), pytest.raises(
+            StorageError, match=f"upload step-00000001 at {root} failed: no space left on the "):
+        store.save(1, {"w": torch.zeros(100_000)})  # 400 kB into 64 kB
+    assert time.monotonic() - started < 1.0 and "retry" not in caplog.text
+    assert list(root.iterdir()) == [] and "removed" in caplog.text
+    store.save(1, state(1.0))  # nothing in the way: the failed save left no folder
+    assert store.load(store.latest_valid())["step"] == 1
+
+
+def test_read_only_storage_is_not_retried(small_mount, caplog):
+    root = small_mount("size=64k,ro")
+    store = CheckpointStore(str(root), retries=3, retry_delay=1.0)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING), pytest.raises(StorageError, match="read-only"):
+        store.save(1, state(1.0))
+    assert time.monotonic() - started < 1.0 and "retry" not in caplog.text
+
+
+# --- eval and assemble find checkpoints through the store ---------------------------------------
+
+
+def test_eval_falls_back_from_a_broken_newest_and_names_a_broken_one(tmp_path, caplog):
+    cfg = load_config("configs/demo_fmnist_resnet_ann.yaml",
+                      ["model.name=resnet_ann_cifar", "model.kwargs={depth: 8, width: 8}"])
+    model = create_anytime_model(cfg, 10)
+    run = tmp_path / "run"
+    store = CheckpointStore(str(run / "checkpoints"), keep_last=0)
+    for step in (1, 2):
+        store.save(step, {"model": model.state_dict()}, meta={"config": cfg.to_dict()})
+    where = Where(str(run), "", fsspec.filesystem("file"), str(run / "checkpoints"))
+    no_step(where, "step-00000002", tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert load_member(str(run)).step == 1
+        assert load_member(str(run / "checkpoints")).step == 1
+    assert "step-00000002: manifest.json lacks step" in caplog.text
+    with pytest.raises(UserError, match="step-00000002 is broken: manifest.json lacks step") as e:
+        load_member(str(run / "checkpoints" / "step-00000002"))
+    assert "\n" not in str(e.value)

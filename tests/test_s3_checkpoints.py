@@ -12,7 +12,13 @@ import s3fs
 import torch
 
 from pipeline.errors import UserError
-from pipeline.storage.checkpoints import MANIFEST, PAYLOAD, CheckpointStore, StorageError
+from pipeline.storage.checkpoints import (
+    MANIFEST,
+    PAYLOAD,
+    QUARANTINE,
+    CheckpointStore,
+    StorageError,
+)
 
 
 def state(value: float, numel: int = 9) -> dict:
@@ -60,9 +66,32 @@ def test_damaged_checkpoints_are_skipped_on_s3(s3_server, s3_bucket, caplog, dam
     with caplog.at_level(logging.WARNING):
         latest = store_at(f"{s3_bucket}/run", s3_server).latest_valid()
     assert latest.step == 1
-    if damage != "no_manifest":
-        assert "step-00000002" in caplog.text
+    assert "step-00000002" in caplog.text  # a folder without its manifest is listed, and skipped
     assert torch.equal(store.load(latest)["model"]["w"], torch.full((9,), 1.0))
+
+
+def test_a_run_whose_every_checkpoint_is_broken_starts_afresh_on_s3(s3_server, s3_bucket,
+                                                                    caplog):
+    """Resume finds nothing valid, trains the same steps again and saves them: each broken folder
+    in the way goes to quarantine (copy + delete on S3), where retention never reaches it."""
+    store = store_at(f"{s3_bucket}/run", s3_server, keep_last=1)
+    store.save(1, state(1.0))
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    root = f"{s3_bucket[5:]}/run"
+    fs.pipe_file(f"{root}/step-00000001/{PAYLOAD}", b"not a checkpoint")
+    fs.pipe_file(f"{root}/step-00000002/{MANIFEST}", b"{}")  # written by hand, say
+    with caplog.at_level(logging.WARNING):
+        assert store.load_latest_valid() is None
+    assert "step-00000001: state.pt has 16 bytes" in caplog.text
+    assert "step-00000002: manifest.json lacks format, step, files, meta" in caplog.text
+    for step in (1, 2, 3):
+        store.save(step, state(float(step)))
+    assert [(i.name, i.problem) for i in store.list()] == [("step-00000003", None)]
+    fs.invalidate_cache()
+    moved = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{QUARANTINE}"))
+    assert [m[:13] for m in moved] == ["step-00000001", "step-00000002"]
+    assert fs.cat_file(f"{root}/{QUARANTINE}/{moved[0]}/{PAYLOAD}") == b"not a checkpoint"
+    assert fs.cat_file(f"{root}/{QUARANTINE}/{moved[1]}/{MANIFEST}") == b"{}"
 
 
 def test_upload_survives_the_server_being_cut_and_restored(s3_proxy, s3_bucket, caplog):
