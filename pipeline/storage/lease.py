@@ -215,7 +215,7 @@ class _LocalBackend:
     def create(self, data: bytes) -> str | None:
         tmp = self._write_temp(data)
         try:
-            os.link(tmp, self.path)  # atomic, and fails when the name exists: O_EXCL for a whole file
+            os.link(tmp, self.path)  # atomic; fails if the name exists: O_EXCL, whole file
         except FileExistsError:
             return None
         finally:
@@ -534,7 +534,7 @@ class RunLease:
     def _stop_heartbeat(self) -> None:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(timeout=self.ttl)  # a renewal stuck in a dead connection
         self._thread = None
 
     def _heartbeat(self, stop: threading.Event) -> None:
@@ -554,10 +554,9 @@ class RunLease:
                 current = self._backend.read()
             except Exception:
                 current = None
-            if current is None or current[0]["token"] != token:
-                if current is not None:
-                    self._mark_lost(self._fenced_message(current))
-                    return
+            if current is not None and current[0]["token"] != token:
+                self._mark_lost(self._fenced_message(current))
+                return
             self._mark_lost(f"fenced: run lease {self._backend.where} expired at "
                             f"{_iso(renewed + self.ttl)} before it could be renewed; another "
                             "process may hold it; this process stops writing checkpoints")
