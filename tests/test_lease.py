@@ -118,6 +118,31 @@ def race(make: Callable[[], RunLease], n: int = 6) -> tuple[list[RunLease], list
     return winners, errors
 
 
+def test_conditional_writes_are_refused_when_the_object_changed(location):
+    """The primitives the protocol rests on, on the real filesystem and S3 server: create only if
+    absent; swap and delete only if unchanged (moto_server honours If-None-Match and If-Match)."""
+    url, endpoint = location
+    backend = RunLease(url, ttl=60, endpoint_url=endpoint)._backend
+
+    def record(n: int) -> bytes:
+        return json.dumps({"version": 1, "token": f"t{n}"}).encode()
+
+    def token() -> str | None:
+        current = backend.read()
+        return None if current is None else current[0]["token"]
+
+    v1 = backend.create(record(1))
+    assert v1 is not None and backend.read()[1] == v1
+    assert backend.create(record(2)) is None and token() == "t1"
+    v2 = backend.take_over(record(2), v1)
+    assert v2 is not None and v2 != v1 and token() == "t2"
+    assert backend.take_over(record(3), v1) is None and token() == "t2"  # a second taker of v1
+    assert backend.renew(record(3), v1) is None and token() == "t2"
+    assert backend.delete(v1) is False and token() == "t2"
+    assert backend.delete(v2) is True and backend.read() is None
+    assert backend.create(record(4)) is not None and token() == "t4"
+
+
 def test_second_acquirer_is_refused_naming_the_holder(location):
     url, endpoint = location
     first = RunLease(url, ttl=60, endpoint_url=endpoint)
