@@ -198,6 +198,41 @@ def test_killed_holder_is_taken_over_after_expiry_by_one_of_several(location, ho
             lease.release()
 
 
+# A process that, at the same wall-clock moments as its rivals, tries each folder's lease once.
+RACER = r"""
+import sys, time
+from pipeline.storage.lease import LeaseHeldError, RunLease
+start, folders = float(sys.argv[1]), sys.argv[2:]
+for i, folder in enumerate(folders):
+    time.sleep(max(0.0, start + 0.05 * i - time.time()))
+    try:
+        RunLease(folder, ttl=60).acquire()  # held until this process ends
+        print(i, flush=True)
+    except LeaseHeldError:
+        pass
+"""
+
+
+def test_processes_taking_over_expired_local_leases_exactly_one_wins_each(tmp_path):
+    """Takeover across processes (flock, not the in-process lock): 6 processes race for each of
+    30 expired leases; every lease gets exactly one new holder."""
+    folders = []
+    for i in range(30):
+        folder = tmp_path / f"run{i}"
+        folder.mkdir()
+        dead = {"version": 1, "token": "dead", "renewed": time.time() - 100, "ttl": 10,
+                "holder": {"host": "gone", "pid": 1, "slurm_job_id": "", "started": "then"}}
+        (folder / "lease.json").write_text(json.dumps(dead))
+        folders.append(str(folder))
+    start = time.time() + 3  # after every process has started and imported
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(start), *folders], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stdout=subprocess.PIPE, text=True) for _ in range(6)]
+    wins = [int(line) for proc in procs for line in proc.communicate(timeout=60)[0].split()]
+    assert all(proc.returncode == 0 for proc in procs)
+    assert sorted(wins) == list(range(30))
+
+
 def test_requeued_slurm_job_takes_over_at_once_and_fences_the_old_process(
         location, holders, monkeypatch):
     url, endpoint = location
