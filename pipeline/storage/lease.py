@@ -1,0 +1,609 @@
+"""RunLease: one writer per run, enforced by a small lease object in the checkpoint location.
+
+Two trainers started on the same run would both write `step-<n>/` and overwrite each other. The
+writer therefore holds a lease, one JSON object `<checkpoint url>/lease.json`:
+
+    {"version": 1, "token": "<uuid4 of this acquisition>", "renewed": <wall time, s>,
+     "ttl": <s>, "holder": {"host", "pid", "slurm_job_id", "slurm_restart_count",
+                            "ray_job_id", "started": "<UTC ISO time>"}}
+
+(CheckpointStore lists only `step-*` folders, so the lease beside them is invisible to it.)
+
+    lease = RunLease("s3://bucket/runs/demo", ttl=120, endpoint_url=...)   # or fs=, root=
+    lease.acquire()          # LeaseHeldError (one line naming the holder) when someone holds it
+    ...
+    lease.check()            # before every checkpoint write: LeaseLostError once fenced
+    store.save(step, state)
+    ...
+    lease.release()          # or `with RunLease(...) as lease:`
+
+Protocol
+- acquire: create the object only if absent. If it exists it is taken over only when it expired
+  (renewed + ttl < now) or its holder is the same SLURM job requeued (same job id, a higher
+  SLURM_RESTART_COUNT; or the same restart on the same host whose pid is gone): SLURM ends a job
+  before requeueing it, so the old writer cannot still run. Anything else: LeaseHeldError.
+- heartbeat: a daemon thread rewrites `renewed` every ttl/4, conditionally on the object still
+  being the one this process last wrote. When it is not (someone took over after we expired),
+  or when storage kept failing until our own lease expired by our own clock, the lease is LOST.
+- check(): raises LeaseLostError when the heartbeat found the lease lost, and re-reads the object
+  (one GET) so that a writer never writes after another holder's takeover became visible.
+- release(): stops the heartbeat and deletes the object only if it is still ours.
+
+What is atomic where
+- S3 (s3fs): create is a PUT with `If-None-Match: *`; takeover and renewal are PUTs with
+  `If-Match: <ETag we read / last wrote>`; release is a DELETE with `If-Match`. Of several
+  concurrent creators or takers exactly one PUT succeeds, the others get 412 (or 409
+  ConditionalRequestConflict on AWS) and re-read. AWS S3 has honoured these headers since
+  2024 (conditional DELETE since late 2024); moto's server honours all three. A server that
+  ignores them would overwrite silently: after every create or takeover the object is read back
+  and must hold our token, which catches most of that (not an interleaving of two read-backs).
+- Local paths: create writes a temporary file and `os.link`s it into place (fails if the name
+  exists, like O_EXCL; readers never see a half-written lease). Takeover, renewal and release are
+  compare-and-swaps (read, compare with what we read or last wrote, then temp file + `os.replace`
+  or unlink) inside an exclusive `flock` of `<root>/.lease.lock`, which the kernel drops when
+  its holder dies. They never leave the name absent, so fresh creators cannot slip in. The flock
+  excludes processes on one host, and across hosts on NFSv4, GPFS and Lustre mounted with
+  `flock` (not `localflock`). (Renaming the stale lease to a unique name and re-creating, the
+  lock-free alternative, was tried: a taker that read the lease before another taker replaced it
+  moves the *new* lease away, and a third acquirer sees the name absent; 6 racing takers gave two
+  winners in about 5% of rounds.)
+
+Clock assumption: expiry compares wall clocks (time.time()) of different hosts, so the hosts'
+clocks must agree to within a small fraction of the ttl (NTP gives milliseconds; ttl is minutes).
+
+Fencing is as good as storage allows: check() narrows the window to the time between one GET and
+the checkpoint write that follows it; a writer paused exactly inside that window (SIGSTOP, a long
+GC pause) past its expiry can still write once: at most the one checkpoint it was about to save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
+
+import fsspec
+import fsspec.asyn
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LEASE = "lease.json"
+LOCK = ".lease.lock"  # beside it; flocked for the compare-and-swaps of a local lease
+FORMAT_VERSION = 1
+T = TypeVar("T")
+
+
+class LeaseHeldError(UserError):
+    """Another live process holds the run's lease; the one-line message names it and the fix."""
+
+
+class LeaseLostError(UserError):
+    """This process's lease was taken over (it was fenced): it must stop writing checkpoints."""
+
+
+class LeaseStorageError(UserError):
+    """The lease object could not be read or written after every retry."""
+
+
+def holder_identity(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Who this process is, as stored in the lease: host, pid, SLURM and Ray job, start time."""
+    env = dict(os.environ) if env is None else env
+    slurm_job = env.get("SLURM_JOB_ID", "")
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        # An array task's own SLURM_JOB_ID is unique too, but users know it as JOB_TASK.
+        slurm_job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": slurm_job,
+        "slurm_restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+        "ray_job_id": env.get("RAY_JOB_ID", "") or _ray_job_id(),
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _ray_job_id() -> str:
+    # Only when this process already runs Ray: importing ray just to ask would cost seconds.
+    ray = sys.modules.get("ray")
+    try:
+        if ray is not None and ray.is_initialized():
+            return str(ray.get_runtime_context().get_job_id())
+    except Exception:  # an old or partial Ray: the id is only informative
+        pass
+    return ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def describe(holder: dict[str, Any], now: float | None = None) -> str:
+    """One line naming a holder; given a whole lease record, also its heartbeat and expiry."""
+    record = holder if "holder" in holder else None
+    who = record["holder"] if record is not None else holder
+    jobs = []
+    if who.get("slurm_job_id"):
+        jobs.append(f"SLURM job {who['slurm_job_id']} "
+                    f"(restart {who.get('slurm_restart_count', 0)})")
+    if who.get("ray_job_id"):
+        jobs.append(f"Ray job {who['ray_job_id']}")
+    text = f"pid {who.get('pid')} on host {who.get('host')}"
+    if jobs:
+        text += ", " + ", ".join(jobs)
+    text += f", since {who.get('started')}"
+    if record is not None:
+        now = time.time() if now is None else now
+        expires = record["renewed"] + record["ttl"]
+        text += (f", last heartbeat {now - record['renewed']:.0f} s ago, expires at "
+                 f"{_iso(expires)} (in {max(0.0, expires - now):.0f} s)")
+    return text
+
+
+class _Backend(Protocol):
+    """Conditional operations on the one lease object. A version identifies one write of it
+    (S3: the ETag; local: the md5 of its bytes, which differ per write: token and time)."""
+
+    where: str
+
+    def read(self) -> tuple[dict[str, Any], str] | None: ...
+
+    def create(self, data: bytes) -> str | None:
+        """Write only if absent; the new version, None if it exists."""
+
+    def take_over(self, data: bytes, version: str) -> str | None:
+        """Replace the object only if it is still `version`; the new version, else None."""
+
+    def renew(self, data: bytes, version: str) -> str | None:
+        """The same compare-and-swap as take_over, by the holder."""
+
+    def delete(self, version: str) -> bool:
+        """Delete only if it is still `version`; False if it is not."""
+
+
+def _decode(data: bytes) -> dict[str, Any]:
+    record = json.loads(data)
+    if not isinstance(record, dict) or record.get("version") != FORMAT_VERSION:
+        raise ValueError(f"not a version-{FORMAT_VERSION} lease: {data[:200]!r}")
+    return record
+
+
+class _LocalBackend:
+    def __init__(self, root: str):
+        self.root = root
+        self.path = os.path.join(root, LEASE)
+        self.where = self.path
+
+    def read(self) -> tuple[dict[str, Any], str] | None:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        return _decode(data), hashlib.md5(data).hexdigest()
+
+    def _write_temp(self, data: bytes) -> str:
+        os.makedirs(self.root, exist_ok=True)
+        tmp = os.path.join(self.root, f".{LEASE}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the link must never expose an empty file after a crash
+        return tmp
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive section for the compare-and-swaps. flock, not a lock *file*: the kernel
+        drops it when its holder dies, so nothing stale is left behind."""
+        with _thread_lock(self.root):  # where flock is emulated by per-process POSIX locks (NFS)
+            os.makedirs(self.root, exist_ok=True)
+            fd = os.open(os.path.join(self.root, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+
+    def create(self, data: bytes) -> str | None:
+        # No lock needed: link fails when the name exists, and the swaps below never leave the
+        # name absent (only a delete does, and then a fresh create is what should happen).
+        tmp = self._write_temp(data)
+        try:
+            os.link(tmp, self.path)  # atomic; fails if the name exists: O_EXCL, whole file
+        except FileExistsError:
+            return None
+        finally:
+            os.unlink(tmp)
+        return hashlib.md5(data).hexdigest()
+
+    def take_over(self, data: bytes, version: str) -> str | None:
+        return self.renew(data, version)
+
+    def renew(self, data: bytes, version: str) -> str | None:
+        with self._locked():
+            current = self.read()
+            if current is None or current[1] != version:
+                return None
+            tmp = self._write_temp(data)
+            os.replace(tmp, self.path)  # readers see the old or the new lease, never a part
+        return hashlib.md5(data).hexdigest()
+
+    def delete(self, version: str) -> bool:
+        with self._locked():
+            current = self.read()
+            if current is None or current[1] != version:
+                return False
+            os.unlink(self.path)
+        return True
+
+
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _thread_lock(root: str) -> threading.Lock:
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(os.path.realpath(root), threading.Lock())
+
+
+def _s3_code(error: BaseException) -> str:
+    """The S3 error code behind an s3fs exception ('' when there is none)."""
+    cause = error.__cause__
+    response = getattr(cause, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+# A conditional write that lost: 412, or 409 when AWS saw concurrent conditional writes.
+_LOST_RACE = ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+class _S3Backend:
+    def __init__(self, fs: Any, root: str):
+        self.fs = fs
+        self.bucket, key, _ = fs.split_path(f"{root}/{LEASE}")
+        self.key = key
+        self.where = f"s3://{self.bucket}/{key}"
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        return self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs)
+
+    def read(self) -> tuple[dict[str, Any], str] | None:
+        async def get() -> tuple[bytes, str]:
+            # Body and ETag from one GET, so the version always belongs to the bytes.
+            resp = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
+            try:
+                return await resp["Body"].read(), resp["ETag"]
+            finally:
+                resp["Body"].close()
+
+        try:
+            data, etag = fsspec.asyn.sync(self.fs.loop, get)
+        except FileNotFoundError:
+            return None
+        return _decode(data), etag
+
+    def _put(self, data: bytes, **condition: str) -> str | None:
+        try:
+            return self._call("put_object", Body=data, **condition)["ETag"]
+        except FileExistsError:  # s3fs's name for a failed If-None-Match
+            return None
+        except FileNotFoundError:  # If-Match on an object deleted meanwhile
+            return None
+        except OSError as e:
+            if _s3_code(e) in _LOST_RACE:
+                return None
+            raise
+
+    def create(self, data: bytes) -> str | None:
+        return self._put(data, IfNoneMatch="*")
+
+    def take_over(self, data: bytes, version: str) -> str | None:
+        return self._put(data, IfMatch=version)
+
+    def renew(self, data: bytes, version: str) -> str | None:
+        return self._put(data, IfMatch=version)
+
+    def delete(self, version: str) -> bool:
+        try:
+            self._call("delete_object", IfMatch=version)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            if _s3_code(e) in _LOST_RACE:
+                return False
+            raise
+        return True
+
+
+class RunLease:
+    """The lease of one checkpoint location; see the module docstring for the protocol."""
+
+    def __init__(self, url: str, *, ttl: float = 120.0, endpoint_url: str = "", fs: Any = None,
+                 root: str | None = None):
+        if ttl <= 0:
+            raise UserError(f"lease ttl must be positive, got {ttl}")
+        self.url = url.rstrip("/")
+        self.ttl = float(ttl)
+        if fs is None or root is None:
+            options = {"endpoint_url": endpoint_url} if endpoint_url else {}
+            try:
+                fs, root = fsspec.core.url_to_fs(self.url, **options)
+            except (ImportError, ValueError) as e:
+                raise UserError(f"checkpoint URL {self.url!r} cannot be opened: {e} (for s3:// "
+                                "install the [s3] extra: pip install 'anytime-pipeline[s3]')"
+                                ) from e
+        root = root.rstrip("/")
+        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+        self._backend: _Backend
+        if "file" in protocols or "local" in protocols:
+            self._backend = _LocalBackend(root)
+        elif "s3" in protocols:
+            self._backend = _S3Backend(fs, root)
+        else:
+            # Other stores need their own conditional writes (gcsfs: if_generation_match).
+            raise UserError(f"run lease at {self.url!r}: only local paths and s3:// support the "
+                            "atomic create the lease needs; use one of those for checkpoint.url")
+        self._holder = holder_identity()
+        self._lock = threading.Lock()  # guards the state below between caller and heartbeat
+        self._token = ""
+        self._version = ""
+        self._renewed = 0.0
+        self._lost = ""  # why the lease was lost; "" while held or never acquired
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- public -----------------------------------------------------------------------------
+
+    @property
+    def holder(self) -> dict[str, Any]:
+        """This process's identity as written into the lease."""
+        return dict(self._holder)
+
+    @staticmethod
+    def describe(holder: dict[str, Any]) -> str:
+        """One line naming a holder (a holder dict, or a whole lease record with its timing)."""
+        return describe(holder)
+
+    def acquire(self) -> None:
+        """Take the lease (creating or taking it over) and start the heartbeat, or raise
+        LeaseHeldError naming the live holder."""
+        if self._token and not self._lost:
+            return
+        self._holder = holder_identity()  # now: pid and restart count of the process that runs
+        token = uuid.uuid4().hex
+        self._lost = ""
+        for _ in range(8):  # each round re-reads after losing a race; one winner per round
+            current = self._retry(self._backend.read, "read")
+            now = time.time()
+            if current is None:
+                record = self._record(token, now)
+                version = self._retry(lambda r=record: self._backend.create(r), "create")
+            else:
+                old, old_version = current
+                if old["token"] == token:  # our write did land (a retried request, say)
+                    version = old_version
+                else:
+                    reason = self._takeover_reason(old, now)
+                    if reason is None:
+                        raise LeaseHeldError(self._held_message(old, now))
+                    log.warning("run lease %s: taking over from %s: %s", self._backend.where,
+                                describe(old, now), reason)
+                    record = self._record(token, now)
+                    version = self._retry(
+                        lambda r=record, v=old_version: self._backend.take_over(r, v),
+                        "take over")
+            if version is None:
+                continue  # someone else changed it first: look again
+            # Read back: a server that ignored the condition would have let two creators in.
+            mine = self._retry(self._backend.read, "read back")
+            if mine is None or mine[0]["token"] != token:
+                continue
+            with self._lock:
+                self._token, self._version = token, mine[1]
+                self._renewed = mine[0]["renewed"]
+            self._start_heartbeat()
+            log.info("run lease %s acquired (ttl %.0f s)", self._backend.where, self.ttl)
+            return
+        current = self._retry(self._backend.read, "read")
+        if current is None:
+            raise LeaseStorageError(f"run lease {self._backend.where} kept changing while it was "
+                                    "acquired; try again")
+        raise LeaseHeldError(self._held_message(current[0], time.time()))
+
+    def check(self) -> None:
+        """Raise LeaseLostError unless this process still holds the lease: one GET."""
+        if not self._token:
+            raise RuntimeError("RunLease.check() before acquire()")
+        if self._lost:
+            raise LeaseLostError(self._lost)
+        try:
+            current = self._backend.read()
+        except Exception as e:  # storage trouble: trust our own clock until our lease ends
+            with self._lock:
+                expires = self._renewed + self.ttl
+            if time.time() < expires:
+                log.warning("run lease %s: cannot read it (%s: %s); still ours by our clock for "
+                            "%.0f s", self._backend.where, type(e).__name__, e,
+                            expires - time.time())
+                return
+            self._mark_lost(f"fenced: run lease {self._backend.where} could not be read "
+                            f"({type(e).__name__}: {e}) and expired by our clock at "
+                            f"{_iso(expires)}; another process may hold it; this process stops "
+                            "writing")
+            raise LeaseLostError(self._lost) from e
+        if current is None or current[0]["token"] != self._token:
+            self._mark_lost(self._fenced_message(current))
+            raise LeaseLostError(self._lost)
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the lease if it is still ours. Idempotent."""
+        self._stop_heartbeat()
+        with self._lock:
+            token, version, lost = self._token, self._version, self._lost
+            self._token = ""
+        if not token or lost:
+            return  # never held, released already, or fenced: the lease is someone else's now
+        try:
+            if not self._retry(lambda: self._backend.delete(version), "release"):
+                current = self._backend.read()
+                if current is not None and current[0]["token"] == token:  # ours, newer version
+                    self._retry(lambda: self._backend.delete(current[1]), "release")
+        except UserError as e:  # it expires by itself; a failed release must not fail a run
+            log.warning("run lease %s not released (it expires in %.0f s): %s",
+                        self._backend.where, self.ttl, e)
+
+    def __enter__(self) -> RunLease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _record(self, token: str, now: float) -> bytes:
+        return json.dumps({"version": FORMAT_VERSION, "token": token, "renewed": now,
+                           "ttl": self.ttl, "holder": self._holder}, indent=1).encode()
+
+    def _takeover_reason(self, old: dict[str, Any], now: float) -> str | None:
+        """Why the lease `old` may be taken over now, or None when its holder may be alive."""
+        expires = old["renewed"] + old["ttl"]
+        if now > expires:
+            return f"it expired {now - expires:.1f} s ago"
+        theirs, mine = old["holder"], self._holder
+        if not theirs.get("slurm_job_id") or theirs["slurm_job_id"] != mine["slurm_job_id"]:
+            return None
+        # SLURM stops every task of a job before requeueing it: a higher restart count means the
+        # old writer is gone. Same restart: only a process on this host can be proven gone (two
+        # trainers in one salloc share the job id and may both be alive).
+        if mine["slurm_restart_count"] > theirs.get("slurm_restart_count", 0):
+            return (f"SLURM job {mine['slurm_job_id']} was requeued (restart "
+                    f"{theirs.get('slurm_restart_count', 0)} -> {mine['slurm_restart_count']})")
+        if (mine["slurm_restart_count"] == theirs.get("slurm_restart_count", 0)
+                and theirs.get("host") == mine["host"] and theirs.get("pid") != mine["pid"]
+                and not _pid_alive(int(theirs.get("pid", 0)))):
+            return f"its process {theirs.get('pid')} in the same SLURM job has exited"
+        return None
+
+    def _held_message(self, old: dict[str, Any], now: float) -> str:
+        expires_in = max(0.0, old["renewed"] + old["ttl"] - now)
+        return (f"run lease {self._backend.where} is held by {describe(old, now)}; stop that "
+                f"job, or wait for its lease to expire in {expires_in:.0f} s, or use another "
+                "name=/checkpoint.url")
+
+    def _fenced_message(self, current: tuple[dict[str, Any], str] | None) -> str:
+        if current is None:
+            taker = "someone deleted it"
+        else:
+            taker = (f"{describe(current[0])} took over the lease at "
+                     f"{current[0]['holder'].get('started')}")
+        return (f"fenced: {taker} ({self._backend.where}); this process stops writing "
+                "checkpoints")
+
+    def _mark_lost(self, why: str) -> None:
+        with self._lock:
+            if not self._lost:
+                self._lost = why
+                log.error("run lease lost: %s", why)
+        self._stop.set()
+
+    def _start_heartbeat(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, args=(self._stop,),
+                                        name="run-lease-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.ttl)  # a renewal stuck in a dead connection
+        self._thread = None
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        while not stop.wait(self.ttl / 4):
+            self._beat()
+
+    def _beat(self) -> None:
+        with self._lock:
+            token, version, renewed = self._token, self._version, self._renewed
+        if not token or self._lost:
+            return
+        now = time.time()
+        if now > renewed + self.ttl:
+            # Renewal failed for a whole ttl: a taker may exist that we cannot see yet (storage
+            # is failing), and we may have written nothing since. Name the taker if we see it.
+            try:
+                current = self._backend.read()
+            except Exception:
+                current = None
+            if current is not None and current[0]["token"] != token:
+                self._mark_lost(self._fenced_message(current))
+                return
+            self._mark_lost(f"fenced: run lease {self._backend.where} expired at "
+                            f"{_iso(renewed + self.ttl)} before it could be renewed; another "
+                            "process may hold it; this process stops writing checkpoints")
+            return
+        record = self._record(token, now)
+        try:
+            new_version = self._backend.renew(record, version)
+            if new_version is None:
+                current = self._backend.read()
+                if current is not None and current[0]["token"] == token:
+                    new_version = current[1]  # our write landed though the reply said no
+                    now = current[0]["renewed"]
+                else:
+                    self._mark_lost(self._fenced_message(current))
+                    return
+        except Exception as e:  # transient: logged, tried again at the next beat
+            log.warning("run lease %s: renewal failed (%s: %s); retrying in %.0f s, lost at %s",
+                        self._backend.where, type(e).__name__, e, self.ttl / 4,
+                        _iso(renewed + self.ttl))
+            return
+        with self._lock:
+            if self._token == token:
+                self._version, self._renewed = new_version, now
+
+    def _retry(self, call: Callable[[], T], what: str, retries: int = 3,
+               delay: float = 0.5) -> T:
+        """`call()`, retried with backoff on storage errors that may pass."""
+        for attempt in range(retries + 1):
+            try:
+                return call()
+            except (FileNotFoundError, FileExistsError, PermissionError):
+                raise  # answers, not outages
+            except ValueError as e:  # json, or not our format: a person must look at it
+                raise UserError(f"run lease {self._backend.where} is not a lease this version "
+                                f"writes ({e}); delete it if no job is running") from e
+            except Exception as e:  # OSError from s3fs or the disk; botocore's own errors
+                error = e
+                if attempt < retries:
+                    log.warning("run lease: %s %s failed (%s: %s); retry %d/%d",
+                                what, self._backend.where, type(e).__name__, e, attempt + 1,
+                                retries)
+                    time.sleep(delay * 2**attempt)
+        raise LeaseStorageError(f"run lease: {what} {self._backend.where} failed "
+                                f"{retries + 1} times; last error {type(error).__name__}: "
+                                f"{error}; check that the storage is up and reachable "
+                                "(checkpoint.endpoint_url) and its credentials")
