@@ -47,9 +47,14 @@ print("released", flush=True)
 class Holder:
     """A `python -c HOLDER` process holding the lease of `url`."""
 
-    def __init__(self, url: str, endpoint: str, ttl: float, env: dict[str, str] | None = None):
+    def __init__(self, url: str, endpoint: str, ttl: float, env: dict[str, str] | None = None,
+                 host: str = ""):
+        # host: run on "another machine", a UTS namespace of its own with that hostname, where
+        # this machine cannot tell whether the holder's pid is still alive
+        other_host = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', host]
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, url, endpoint, str(ttl)], cwd=REPO,
+            [*(other_host if host else []), sys.executable, "-c", HOLDER, url, endpoint,
+             str(ttl)], cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
@@ -176,13 +181,28 @@ def test_concurrent_acquirers_exactly_one_wins(location):
             lease.release()
 
 
-def test_killed_holder_is_taken_over_after_expiry_by_one_of_several(location, holders):
+def test_killed_holder_on_this_host_is_taken_over_at_once(location, holders):
     url, endpoint = location
-    holder = Holder(url, endpoint, ttl=2)
+    holder = Holder(url, endpoint, ttl=60)
     holders.append(holder)
     holder.proc.send_signal(signal.SIGKILL)
     holder.proc.wait()
-    with pytest.raises(LeaseHeldError, match=f"pid {holder.pid} "):
+    lease = RunLease(url, ttl=60, endpoint_url=endpoint)
+    lease.acquire()  # its pid is gone from this host: no need to wait for the expiry
+    try:
+        assert stored(url, endpoint)["holder"]["pid"] == os.getpid()
+    finally:
+        lease.release()
+
+
+def test_killed_holder_elsewhere_is_taken_over_after_expiry_by_one_of_several(location,
+                                                                              holders):
+    url, endpoint = location
+    holder = Holder(url, endpoint, ttl=2, host="other-node")
+    holders.append(holder)
+    holder.proc.send_signal(signal.SIGKILL)
+    holder.proc.wait()
+    with pytest.raises(LeaseHeldError, match=f"pid {holder.pid} on host other-node"):
         RunLease(url, ttl=60, endpoint_url=endpoint).acquire()
     record = stored(url, endpoint)
     time.sleep(max(0.0, record["renewed"] + record["ttl"] - time.time()) + 0.2)

@@ -239,7 +239,8 @@ class CheckpointStore:
         self.fs.invalidate_cache(self.root)
         if not self._retry(lambda: self.fs.exists(folder), f"check {name}"):
             return
-        problem = self._inspect(name)[0].problem or "a valid checkpoint"
+        problem = (self._inspect(name)[0].problem
+                   or "its manifest is sound; this run writes the step again")
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         target = f"{QUARANTINE}/{name}.{stamp}"
         sources = self._retry(lambda: self.fs.find(folder), f"list {name}")

@@ -19,9 +19,10 @@ writer therefore holds a lease, one JSON object `<checkpoint url>/lease.json`:
 
 Protocol
 - acquire: create the object only if absent. If it exists it is taken over only when it expired
-  (renewed + ttl < now) or its holder is the same SLURM job requeued (same job id, a higher
-  SLURM_RESTART_COUNT; or the same restart on the same host whose pid is gone): SLURM ends a job
-  before requeueing it, so the old writer cannot still run. Anything else: LeaseHeldError.
+  (renewed + ttl < now), or its holder is provably gone: a process of this host (and pid
+  namespace) that no longer exists; the same Ray job (Ray Train stops a failed worker group
+  before starting the next); the same SLURM job requeued (same job id, a higher
+  SLURM_RESTART_COUNT: SLURM ends a job before requeueing it). Anything else: LeaseHeldError.
 - heartbeat: a daemon thread rewrites `renewed` every ttl/4, conditionally on the object still
   being the one this process last wrote. When it is not (someone took over after we expired),
   or when storage kept failing until our own lease expired by our own clock, the lease is LOST.
@@ -90,6 +91,10 @@ class LeaseHeldError(UserError):
     """Another live process holds the run's lease; the one-line message names it and the fix."""
 
 
+class LeaseUnsupportedError(UserError):
+    """The storage has no atomic create-if-absent that the lease can use."""
+
+
 class LeaseLostError(UserError):
     """This process's lease was taken over (it was fenced): it must stop writing checkpoints."""
 
@@ -108,6 +113,7 @@ def holder_identity(env: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "pid_namespace": _pid_namespace(),
         "slurm_job_id": slurm_job,
         "slurm_restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0),
         "ray_job_id": env.get("RAY_JOB_ID", "") or _ray_job_id(),
@@ -124,6 +130,14 @@ def _ray_job_id() -> str:
     except Exception:  # an old or partial Ray: the id is only informative
         pass
     return ""
+
+
+def _pid_namespace() -> str:
+    # Containers on one machine may share a hostname; a pid is only meaningful in its namespace.
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -363,8 +377,9 @@ class RunLease:
             self._backend = _S3Backend(fs, root)
         else:
             # Other stores need their own conditional writes (gcsfs: if_generation_match).
-            raise UserError(f"run lease at {self.url!r}: only local paths and s3:// support the "
-                            "atomic create the lease needs; use one of those for checkpoint.url")
+            raise LeaseUnsupportedError(
+                f"run lease at {self.url!r}: only local paths and s3:// support the "
+                "atomic create the lease needs; use one of those for checkpoint.url")
         self._holder = holder_identity()
         self._lock = threading.Lock()  # guards the state below between caller and heartbeat
         self._token = ""
@@ -493,18 +508,23 @@ class RunLease:
         if now > expires:
             return f"it expired {now - expires:.1f} s ago"
         theirs, mine = old["holder"], self._holder
-        if not theirs.get("slurm_job_id") or theirs["slurm_job_id"] != mine["slurm_job_id"]:
-            return None
-        # SLURM stops every task of a job before requeueing it: a higher restart count means the
-        # old writer is gone. Same restart: only a process on this host can be proven gone (two
-        # trainers in one salloc share the job id and may both be alive).
-        if mine["slurm_restart_count"] > theirs.get("slurm_restart_count", 0):
+        # A process of this host (and pid namespace) that is gone cannot write any more: a job
+        # that was SIGKILLed or crashed, then started again here, goes on at once.
+        if (theirs.get("host") == mine["host"]
+                and theirs.get("pid_namespace", "") == mine["pid_namespace"]
+                and theirs.get("pid") != mine["pid"]
+                and not _pid_alive(int(theirs.get("pid", 0)))):
+            return f"its process {theirs.get('pid')} on this host has exited"
+        # Ray Train stops a failed worker group before it starts the next one in the same job.
+        if theirs.get("ray_job_id") and theirs["ray_job_id"] == mine["ray_job_id"]:
+            return f"Ray job {mine['ray_job_id']} restarted its workers"
+        # SLURM stops every task of a job before requeueing it: a higher restart count of the
+        # same job means the old writer is gone. (The same restart count proves nothing: two
+        # trainers in one salloc share the job id and may both be alive.)
+        if (theirs.get("slurm_job_id") and theirs["slurm_job_id"] == mine["slurm_job_id"]
+                and mine["slurm_restart_count"] > theirs.get("slurm_restart_count", 0)):
             return (f"SLURM job {mine['slurm_job_id']} was requeued (restart "
                     f"{theirs.get('slurm_restart_count', 0)} -> {mine['slurm_restart_count']})")
-        if (mine["slurm_restart_count"] == theirs.get("slurm_restart_count", 0)
-                and theirs.get("host") == mine["host"] and theirs.get("pid") != mine["pid"]
-                and not _pid_alive(int(theirs.get("pid", 0)))):
-            return f"its process {theirs.get('pid')} in the same SLURM job has exited"
         return None
 
     def _held_message(self, old: dict[str, Any], now: float) -> str:

@@ -36,7 +36,7 @@ from pipeline.errors import TrainingDiverged, UserError
 from pipeline.models import exit_costs
 from pipeline.report import format_table, plot_anytime_curve
 from pipeline.storage.checkpoints import CheckpointInfo, CheckpointStore
-from pipeline.storage.lease import RunLease
+from pipeline.storage.lease import LeaseUnsupportedError, RunLease
 from pipeline.train.checkpointing import Checkpointer
 from pipeline.train.distributed import (
     DistInfo,
@@ -209,9 +209,13 @@ def hold_run_lease(cfg: Config, store: CheckpointStore, dist_info: DistInfo) -> 
     rank learns the outcome, so a refused job stops on all ranks before it trains."""
     lease, refusal = None, None
     if dist_info.is_main:
-        lease = RunLease(store.url, ttl=cfg.checkpoint.lease_ttl, fs=store.fs, root=store.root)
         try:
+            lease = RunLease(store.url, ttl=cfg.checkpoint.lease_ttl, fs=store.fs,
+                             root=store.root)
             lease.acquire()
+        except LeaseUnsupportedError as e:
+            lease = None
+            log.warning("%s; one writer per run is not enforced there", e)
         except UserError as e:
             refusal = e
     refusal = broadcast_from_main(None if refusal is None else str(refusal))
