@@ -293,11 +293,13 @@ def data(args: argparse.Namespace) -> int:
     if not splits:
         raise UserError(f"{args.root} has no train/ or val/ folder; name the split folders "
                         "with --splits")
+    bad = 0
     for split in splits:
         r = verify_split(args.root, split, out=args.out, workers=args.workers,
                          endpoint_url=args.endpoint_url)
         print(f"{split}: {r.images - len(r.bad)} of {r.images} images decode "
               f"({r.images / max(r.seconds, 1e-9):.0f} images/s); list: {r.list_path}")
+        bad += len(r.bad)
         if r.bad:
             print(f"{split}: {len(r.bad)} bad images, listed in {r.bad_path}:")
             for rel, error in list(r.bad.items())[:20]:
@@ -306,7 +308,7 @@ def data(args: argparse.Namespace) -> int:
                 print(f"  ... and {len(r.bad) - 20} more")
     if args.out:
         print(f"the loaders read these lists with data.file_lists={args.out}")
-    return 0
+    return 1 if bad else 0  # like `checkpoints verify`: a script can tell that something failed
 
 
 def checkpoints(args: argparse.Namespace) -> int:

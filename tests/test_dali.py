@@ -189,8 +189,9 @@ def test_verify_lists_bad_images_and_loaders_leave_them_out(image_folder: Path) 
     (image_folder / "val" / "cat" / "cat_001.JPEG").write_bytes(b"\xff\xd8garbage")
     proc = subprocess.run([sys.executable, "-m", "pipeline", "data", "verify", str(image_folder),
                            "--workers", "2"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # it found bad images
     assert "train: 35 of 36 images decode" in proc.stdout
+    assert "not an image format PIL can read" in proc.stdout and "object at 0x" not in proc.stdout
     assert "val: 11 of 12 images decode" in proc.stdout
     assert "ant/ant_002.JPEG" in proc.stdout and "cat/cat_001.JPEG" in proc.stdout
     good = (image_folder / "train.txt").read_text().splitlines()
@@ -212,7 +213,7 @@ def test_verify_lists_elsewhere_for_a_read_only_root(image_folder: Path, tmp_pat
     lists = tmp_path / "lists"
     from pipeline.__main__ import main
 
-    assert main(["data", "verify", str(image_folder), "--out", str(lists), "--splits", "val"]) == 0
+    assert main(["data", "verify", str(image_folder), "--out", str(lists), "--splits", "val"]) == 1
     assert sorted(p.name for p in lists.iterdir()) == ["val.bad.txt", "val.txt"]
     cfg = dali_cfg(image_folder, file_lists=str(lists))
     assert build_loader(cfg, "val", train=False).num_samples == 11
@@ -343,7 +344,7 @@ def test_s3_data_root_is_read_by_dali_directly(image_folder: Path, s3_server: st
 
     lists = image_folder.parent / "lists"
     assert main(["data", "verify", f"{s3_bucket}/imagenet", "--out", str(lists),
-                 "--endpoint-url", s3_server, "--workers", "2"]) == 0
+                 "--endpoint-url", s3_server, "--workers", "2"]) == 1
     assert (lists / "train.bad.txt").read_text().startswith("cat/cat_004.JPEG\t")
     verified = build_loader(dali_cfg(f"{s3_bucket}/imagenet", endpoint_url=s3_server,
                                      file_lists=str(lists)), "train", train=True)

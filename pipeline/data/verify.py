@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import fsspec
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.folder import FolderIndex, index_split
 from pipeline.errors import UserError
@@ -40,6 +40,8 @@ def decode_error(path: str | Path) -> str | None:
         # (PIL's LOAD_TRUNCATED_IMAGES stays off). PIL raises many exception types.
         with fsspec.open(str(path), "rb") as f, Image.open(f) as im:  # a path or a URL
             im.load()
+    except UnidentifiedImageError:  # its message names the file object, not the file
+        return "UnidentifiedImageError: not an image format PIL can read"
     except Exception as e:
         return f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")
     return None
