@@ -97,13 +97,15 @@ def test_training_rides_out_a_storage_outage(fmnist, tmp_path, s3_proxy, s3_buck
     wait_for_checkpoint(url, s3_proxy.endpoint, proc, min_step=4)
     s3_proxy.stop()
     steps_before = None
+    seen = []  # training does not wait for the failing save: it may even reach its end first
     for line in proc.stdout:
+        seen.append(line)
         if "failed" in line and "checkpoint step" in line:
             steps_before = line
             break
     time.sleep(2.0)
     s3_proxy.start()
-    output = proc.stdout.read()
+    output = "".join(seen) + proc.stdout.read()
     assert proc.wait(timeout=600) == 0, output
     assert steps_before is not None  # a save did fail while the storage was away
     assert "step 60/60" in output  # training went on to the end

@@ -95,7 +95,9 @@ def ray_head(temp_dir: Path) -> Iterator[RayCluster]:
              "--disable-usage-stats"],
             stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
             # Stop at once when told: by then the tests are done, nothing is left to drain.
-            env={**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
+            # A job's `python` is this interpreter, also when its venv is not activated.
+            env={**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+                 "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     cluster = RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}")
     try:
         wait_for_dashboard(cluster.dashboard, proc, log)

@@ -252,3 +252,26 @@ def test_an_unwritable_out_dir_is_one_line(image_folder, tmp_path):
     code, _, err = finish(cli_train(tiny(image_folder, "/proc/no-such-place")))
     assert code == 2 and "cannot create the run folder" in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_a_writer_whose_lease_was_taken_over_stops_writing(image_folder, tmp_path):
+    """Fencing: A is frozen (SIGSTOP: a long GC pause, a hung NFS call) past its lease; B takes
+    the run over and finishes it; A, thawed, must not write a checkpoint beside B's."""
+    url = str(tmp_path / "runs" / "tiny" / "checkpoints")
+    run = tiny(image_folder, tmp_path / "runs", "train.epochs=6", "resume=auto",
+               "checkpoint.lease_ttl=3")
+    a = cli_train(run)
+    wait_for_checkpoint(url, a)
+    a.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(3.5)  # A's heartbeat is frozen too: its lease expires
+        code, out, err = finish(cli_train(run))
+        assert code == 0, err
+        assert "taking over" in out and "step 54/54" in out
+    finally:
+        a.send_signal(signal.SIGCONT)
+    code, _, err = finish(a)
+    assert code == 2 and "fenced" in err, err
+    store = CheckpointStore(url)
+    assert [info.step for info in store.list()] == [48, 51, 54]  # B's last three, none of A's

@@ -39,6 +39,7 @@ class Checkpointer:
         self.async_save = async_save
         self.max_failed_saves = max_failed_saves
         self.failed_in_a_row = 0
+        self.skipped_in_a_row = 0  # due while the one before was still being written
         self.last_error = ""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint",
                                         initializer=_lower_priority)
@@ -50,9 +51,13 @@ class Checkpointer:
         if not self.writer:
             return
         if self.busy and not blocking:
-            log.warning("checkpoint step %d skipped: the save before it is still being written "
-                        "to %s; training goes on", step, self.store.url)
-            return
+            self.skipped_in_a_row += 1
+            if self.failed_in_a_row + self.skipped_in_a_row < self.max_failed_saves:
+                log.warning("checkpoint step %d skipped: the save before it is still being "
+                            "written to %s; training goes on", step, self.store.url)
+                return
+            # So many saves missed in a row: wait for the one in flight rather than train on
+            # unprotected; if it fails too, wait() stops the run.
         self.wait()  # one save at a time: keeps memory bounded and checkpoints in step order
         snapshot = to_host(state)
         self._in_flight = self._pool.submit(self._write, step, snapshot, meta)
@@ -74,11 +79,15 @@ class Checkpointer:
             self._in_flight = None
         if self.fenced is not None:
             raise self.fenced
-        if self.failed_in_a_row >= self.max_failed_saves:
+        missed = self.failed_in_a_row + self.skipped_in_a_row
+        if self.failed_in_a_row and missed >= self.max_failed_saves:
+            skipped = (f", {self.skipped_in_a_row} more skipped while they were retried"
+                       if self.skipped_in_a_row else "")
             raise UserError(
-                f"{self.failed_in_a_row} checkpoint saves in a row to {self.store.url} failed "
-                f"(last: {self.last_error}); stopping so no more unsaved work piles up. Check "
-                "the storage and its credentials, then rerun with resume=auto"
+                f"{missed} checkpoint saves in a row to {self.store.url} missed: "
+                f"{self.failed_in_a_row} failed{skipped} (last error: {self.last_error}); "
+                "stopping so no more unsaved work piles up. Check the storage and its "
+                "credentials, then rerun with resume=auto"
             )
 
     def close(self) -> None:
@@ -100,7 +109,7 @@ class Checkpointer:
             log.error("checkpoint step %d to %s failed (%d in a row): %s", step, self.store.url,
                       self.failed_in_a_row, self.last_error)
             return
-        self.failed_in_a_row = 0
+        self.failed_in_a_row = self.skipped_in_a_row = 0
         log.info("checkpoint %s/%s saved", self.store.url, name)
 
 
