@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.data.verify as data_verify
+import pipeline.data.badimages as badimages
 from pipeline.config import DataConfig
 from pipeline.data import build_loader
-from pipeline.data.folder import check_same_classes, index_split
-from pipeline.data.torch import ResumableSampler, TorchLoader
+from pipeline.data.listing import check_same_classes, index_split
+from pipeline.data.pil import PilLoader
+from pipeline.data.sampler import ResumableSampler
 from pipeline.errors import UserError
 
 
@@ -37,11 +38,11 @@ def test_index_is_sorted_and_ignores_non_images(image_folder: Path) -> None:
 
     assert index.classes == ["ant", "bee", "cat"]
     assert len(index) == 37
-    assert index.samples[0] == ("ant/ant_000.JPEG", 0)
-    assert index.samples[12] == ("ant/extra.png", 0)  # sorted by name within the class
-    assert index.samples[13] == ("bee/bee_000.JPEG", 1)
-    assert index.samples[-1] == ("cat/cat_011.JPEG", 2)
-    assert all(not rel.endswith(".txt") and ".hidden" not in rel for rel, _ in index.samples)
+    assert index.sample(0) == ("ant/ant_000.JPEG", 0)
+    assert index.sample(12) == ("ant/extra.png", 0)  # sorted by name within the class
+    assert index.sample(13) == ("bee/bee_000.JPEG", 1)
+    assert index.sample(36) == ("cat/cat_011.JPEG", 2)
+    assert all(not rel.endswith(".txt") and ".hidden" not in rel for rel, _ in index.samples())
     assert index.path(0) == image_folder / "train" / "ant" / "ant_000.JPEG"
 
 
@@ -132,10 +133,9 @@ def test_sampler_resume_yields_the_tail(start: int) -> None:
     whole = list(full)
 
     resumed = ResumableSampler(50, shuffle=True, seed=3, rank=1, world_size=3)
-    resumed.load_state_dict({"epoch": 4, "start": start, "world_size": 3})
+    resumed.set_epoch(4, consumed=min(start * 3, 50))  # each of the 3 ranks took `start`
     assert list(resumed) == whole[start:]
     assert len(resumed) == len(whole) - start
-    assert resumed.state_dict() == {"epoch": 4, "start": start, "world_size": 3}
 
 
 def test_sampler_resume_on_another_world_size_skips_nothing() -> None:
@@ -145,28 +145,43 @@ def test_sampler_resume_on_another_world_size_skips_nothing() -> None:
         s = ResumableSampler(n, shuffle=True, seed=1, rank=rank, world_size=old_world)
         s.set_epoch(2)
         consumed |= set(s.indices()[:start])
-    rest = set()
+    rest = []
     for rank in range(new_world):
         s = ResumableSampler(n, shuffle=True, seed=1, rank=rank, world_size=new_world)
-        s.load_state_dict({"epoch": 2, "start": start, "world_size": old_world})
-        rest |= set(s)
-    assert consumed | rest == set(range(n))
-    assert len(consumed & rest) < new_world
+        s.set_epoch(2, consumed=start * old_world)
+        rest += list(s)
+    assert consumed | set(rest) == set(range(n))
+    # The 40 left, each once, plus 2 of padding so that the 3 ranks take 14 each.
+    assert len(rest) == 42 and len(set(rest) - consumed) == 40
 
 
 # --- loader -------------------------------------------------------------------------------------
 
 
-def test_import_module_named_torch() -> None:
-    import pipeline.data.torch
+def test_data_layers_import_downwards() -> None:
+    # Each module of pipeline/data imports (at the top or inside a function) only modules of
+    # lower layers: no cycles, back ends independent of each other, tools on top.
+    import ast
 
-    assert pipeline.data.torch.torch is torch  # the real torch, not the module itself
+    layers = {"index": 0, "sampler": 0, "listing": 1, "badimages": 1, "loader": 2, "pil": 3,
+              "dali": 3, "synthetic": 3, "factory": 4, "__init__": 5, "verify": 6,
+              "prepare": 6, "bench": 6}
+    folder = Path(__file__).parent.parent / "pipeline" / "data"
+    assert {p.stem for p in folder.glob("*.py")} == set(layers)
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for name in names:
+                if name.startswith("pipeline.data.") or name == "pipeline.data":
+                    imported = name.removeprefix("pipeline.data").lstrip(".") or "__init__"
+                    assert layers[imported] < layers[path.stem], f"{path.name} imports {name}"
 
 
 def test_train_loader_shapes_and_epoch(image_folder: Path) -> None:
     loader = build_loader(small_cfg(image_folder, batch_size=5), "train", train=True)
 
-    assert isinstance(loader, TorchLoader)
+    assert isinstance(loader, PilLoader)
     assert loader.classes == ["ant", "bee", "cat"]
     assert loader.num_samples == 36
     assert len(loader) == 7  # drop_last: 36 // 5
@@ -232,7 +247,7 @@ def test_loader_resume_mid_epoch_yields_the_rest(image_folder: Path) -> None:
     it = iter(interrupted)
     taken = [next(it)[1] for _ in range(4)]
     state = interrupted.state_dict()
-    assert state["epoch"] == 2 and state["batch"] == 4
+    assert state == {"epoch": 2, "consumed": 12, "num_samples": 36}  # 4 batches of 3
 
     resumed = build_loader(cfg, "train", train=True, seed=5)
     resumed.load_state_dict(state)
@@ -331,7 +346,7 @@ def test_bad_files_are_skipped_counted_and_logged(
     cfg = small_cfg(image_folder, batch_size=38, workers=workers, max_bad_fraction=0.1)
     loader = build_loader(cfg, "train", train=True)  # 38 files: one batch holds them all
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.torch"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.badimages"):
         for epoch in range(2):
             loader.set_epoch(epoch)
             batches = list(loader)
@@ -366,7 +381,7 @@ def test_too_many_bad_files_raise(image_folder: Path) -> None:
 @pytest.mark.parametrize("min_seen", [1, 10, 30])
 def test_bad_check_waits_for_enough_images(image_folder: Path, monkeypatch, min_seen: int) -> None:
     bad = {str(p) for p in add_bad_files(image_folder)}
-    monkeypatch.setattr(data_verify, "MIN_SEEN_FOR_BAD_CHECK", min_seen)
+    monkeypatch.setattr(badimages, "MIN_SEEN_FOR_BAD_CHECK", min_seen)
     cfg = small_cfg(image_folder, batch_size=2, max_bad_fraction=0.05)
     loader = build_loader(cfg, "train", train=True)
     # Where the policy says it must fail, from the sampler's order: after the first batch with

@@ -20,8 +20,8 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data import build_loader
-from pipeline.data.folder import index_split
-from pipeline.data.verify import apply_file_lists
+from pipeline.data.badimages import apply_file_lists
+from pipeline.data.listing import index_split
 
 log = logging.getLogger(__name__)
 
