@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TORCHRUN
+from conftest import TORCHRUN, consume_across_resize
 from PIL import Image
 
 from pipeline.config import DataConfig
@@ -119,6 +119,20 @@ def test_resume_mid_epoch_gives_the_uninterrupted_sequence(image_folder: Path, s
     again = build_loader(cfg, "train", train=True, seed=3, rank=1, world_size=2)
     again.set_epoch(4, start_batch=stop)
     assert epoch_indices(again) == after
+
+
+@pytest.mark.parametrize("old,new,steps", [((2, 3), (1, 3), 2), ((1, 3), (2, 3), 4),
+                                           ((2, 3), (3, 2), 2)])
+def test_resume_on_another_world_size_consumes_every_sample_once(image_folder: Path, old, new,
+                                                                 steps) -> None:
+    def build(rank: int, world: int, batch: int) -> DaliLoader:
+        return build_loader(dali_cfg(image_folder, batch_size=batch, workers=1), "train",
+                            train=True, rank=rank, world_size=world, seed=3)
+
+    before, after, state = consume_across_resize(build, old, new, steps)
+    assert state == {"epoch": 1, "consumed": 12, "num_samples": 36}
+    assert sorted(i for i, _ in before + after) == list(range(36))
+    assert all(label == i // 12 for i, label in before + after)
 
 
 def test_normalisation_layout_and_dtype(tmp_path: Path) -> None:

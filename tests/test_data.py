@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import consume_across_resize
 from PIL import Image
 
 import pipeline.data.badimages as badimages
@@ -396,3 +397,51 @@ def test_bad_check_waits_for_enough_images(image_folder: Path, monkeypatch, min_
         for _ in loader:
             pass
     assert loader.seen == expected
+
+
+# --- resuming on another number of ranks --------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "synthetic"])
+@pytest.mark.parametrize("old,new,steps", [((2, 3), (1, 3), 2), ((1, 3), (2, 3), 4),
+                                           ((2, 3), (3, 2), 2)])
+def test_resume_on_another_world_size_consumes_every_sample_once(
+    image_folder: Path, backend: str, old: tuple[int, int], new: tuple[int, int], steps: int,
+) -> None:
+    workers = 1 if (backend, old) == ("torch", (1, 3)) else 0  # real DataLoader workers, once
+
+    def build(rank: int, world: int, batch: int):
+        cfg = small_cfg(image_folder, backend=backend, batch_size=batch, workers=workers)
+        return build_loader(cfg, "train", train=True, rank=rank, world_size=world, seed=3)
+
+    before, after, state = consume_across_resize(build, old, new, steps)
+    assert state == {"epoch": 1, "consumed": 12, "num_samples": 36}
+    assert sorted(i for i, _ in before + after) == list(range(36))  # 12 + 24: no partial batch
+    if backend == "torch":  # each label is the one of the image the loader says it loaded
+        assert all(label == i // 12 for i, label in before + after)
+
+
+def test_resume_on_another_world_size_leaves_out_only_a_partial_global_batch(
+    image_folder: Path,
+) -> None:
+    def build(rank: int, world: int, batch: int):
+        return build_loader(small_cfg(image_folder, batch_size=batch), "train", train=True,
+                            rank=rank, world_size=world, seed=3)
+
+    # 10 consumed by 2 ranks x 5; the 26 left go to 3 ranks x 4: 2 whole steps (24 images).
+    before, after, _ = consume_across_resize(build, (2, 5), (3, 4), 1)
+    seen = [i for i, _ in before + after]
+    # Nothing twice; the 2 images of a partial global batch are left to the next epoch's shuffle,
+    # as an uninterrupted epoch leaves its last partial one.
+    assert len(seen) == len(set(seen)) == 34
+
+
+def test_position_from_step_for_checkpoints_without_loader_state(image_folder: Path) -> None:
+    from pipeline.data import position_from_step
+
+    # An old 2-rank run with 3 images per rank: 6 steps per epoch of 36 images.
+    state = position_from_step(8, num_samples=36, batch_size=3, world_size=2)
+    assert state == {"epoch": 1, "consumed": 12, "num_samples": 36}
+    loader = build_loader(small_cfg(image_folder, batch_size=4), "train", train=True, seed=3)
+    loader.load_state_dict(state)
+    assert loader.batches_left == 6  # the 24 images left, 4 at a time on one rank
