@@ -445,3 +445,18 @@ def test_position_from_step_for_checkpoints_without_loader_state(image_folder: P
     loader = build_loader(small_cfg(image_folder, batch_size=4), "train", train=True, seed=3)
     loader.load_state_dict(state)
     assert loader.batches_left == 6  # the 24 images left, 4 at a time on one rank
+
+
+def test_index_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    # benchmarks/bench_index.py's measurement, in this process, on 3 x 4 files.
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_index.py"
+    spec = importlib.util.spec_from_file_location("bench_index", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tree = bench.write_tree(tmp_path / "3x4", classes=3, per_class=4)
+    result = bench.measure("compact", tree, workers=1)
+    assert result["entries"] == 12 and len(result["worker_growth_mb"]) == 1
+    compact, old = index_split(tree, "train"), bench.ListIndex(tree, "train")
+    assert [compact.path(i) for i in range(12)] == [old.path(i) for i in range(12)]
