@@ -70,7 +70,7 @@ def cpu_seconds() -> float:
 
 
 def child_pids(pid: int) -> list[int]:
-    """The ids of the live descendants of process `pid` (DataLoader and pool workers), from /proc."""
+    """The live descendants of process `pid` (DataLoader and pool workers), from /proc."""
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
         for child in map(int, task.read_text().split()):
