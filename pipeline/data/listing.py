@@ -61,17 +61,20 @@ def index_split(root: str | Path, split: str, endpoint_url: str = "") -> SampleI
         return index_url(str(root), split, endpoint_url)
     root = Path(root)
     classes = list_classes(root, split)
-    files = []
     empty = []
-    for name in classes:
-        names = sorted(
-            e.name
-            for e in _scan(root / split / name)
-            if is_image(e.name) and not e.name.startswith(".") and e.is_file()
-        )
-        if not names:
-            empty.append(name)
-        files.append(names)
+
+    def class_files():  # one class at a time (see SampleIndex.from_class_files)
+        for name in classes:
+            names = sorted(
+                e.name
+                for e in _scan(root / split / name)
+                if is_image(e.name) and not e.name.startswith(".") and e.is_file()
+            )
+            if not names:
+                empty.append(name)
+            yield names
+
+    index = SampleIndex.from_class_files(root, split, classes, class_files())
     if empty:
         shown = ", ".join(str(root / split / n) for n in empty[:3])
         more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
@@ -79,7 +82,7 @@ def index_split(root: str | Path, split: str, endpoint_url: str = "") -> SampleI
             f"class folder {shown}{more} holds no images ({'/'.join(IMAGE_EXTENSIONS)}); "
             "add images or remove the folder"
         )
-    return SampleIndex.from_class_files(root, split, classes, files)
+    return index
 
 
 def list_split_classes(root: str | Path, split: str, endpoint_url: str = "") -> list[str]:
