@@ -285,11 +285,11 @@ def bench_loader(args: argparse.Namespace) -> int:
 
 
 def data(args: argparse.Namespace) -> int:
-    from pipeline.data.remote import is_url
+    from pipeline.data.listing import is_remote
     from pipeline.data.verify import verify_split
 
     splits = args.splits or [s for s in ("train", "val")
-                             if is_url(args.root) or (Path(args.root) / s).is_dir()]
+                             if is_remote(args.root) or (Path(args.root) / s).is_dir()]
     if not splits:
         raise UserError(f"{args.root} has no train/ or val/ folder; name the split folders "
                         "with --splits")

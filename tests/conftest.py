@@ -140,3 +140,41 @@ def slurm_cluster(tmp_path_factory):
         pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
     with local_slurm_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
         yield cluster
+
+
+# --- resuming an epoch on another number of ranks ----------------------------------------------
+
+
+def consume_across_resize(build, old: tuple[int, int], new: tuple[int, int], steps: int,
+                          epoch: int = 1) -> tuple[list[tuple[int, int]], list[tuple[int, int]],
+                                                   dict]:
+    """One epoch interrupted and resumed on another world: `build(rank, world_size, batch_size)`
+    makes one rank's loader. `steps` batches on each of old = (world_size, batch_size) ranks
+    (simulated in this process, in lock step), the state saved, then the rest of the epoch on
+    new = (world_size, batch_size) ranks. Returns the (sample index, label) pairs consumed before
+    the interruption and after it, and the state."""
+    world, batch = old
+    loaders = [build(rank, world, batch) for rank in range(world)]
+    for loader in loaders:
+        loader.set_epoch(epoch)
+    batches = [loader.batches_with_indices() for loader in loaders]
+    before = []
+    for _ in range(steps):
+        for it in batches:
+            _, labels, ids = next(it)
+            before += zip(ids.tolist(), labels.tolist())
+    states = [loader.state_dict() for loader in loaders]
+    assert all(s == states[0] for s in states)  # every rank knows the global position
+    del batches, loaders  # the job is preempted here
+    world, batch = new
+    after = []
+    for rank in range(world):
+        loader = build(rank, world, batch)
+        loader.set_epoch(epoch)
+        loader.load_state_dict(states[0])
+        left = loader.batches_left
+        got = list(loader.batches_with_indices())
+        assert len(got) == left and all(len(ids) == batch for *_, ids in got)
+        after += [p for _, labels, ids in got for p in zip(ids.tolist(), labels.tolist())]
+        assert loader.batches_left == 0
+    return before, after, states[0]

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TORCHRUN
+from conftest import TORCHRUN, consume_across_resize
 from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data import build_loader
 from pipeline.data.dali import DaliLoader
-from pipeline.data.torch import ResumableSampler
+from pipeline.data.sampler import ResumableSampler
 from pipeline.errors import UserError
 
 if not os.environ.get("CI"):  # CI installs DALI (make install): there a missing one fails
@@ -109,7 +109,7 @@ def test_resume_mid_epoch_gives_the_uninterrupted_sequence(image_folder: Path, s
     before = [next(it)[2] for _ in range(stop)]
     state = interrupted.state_dict()
     del it, interrupted  # the process dies here
-    assert state == {"epoch": 4, "batch": stop, "batch_size": 2, "world_size": 2}
+    assert state == {"epoch": 4, "consumed": stop * 2 * 2, "num_samples": 36}
 
     resumed = build_loader(cfg, "train", train=True, seed=3, rank=1, world_size=2)
     resumed.load_state_dict(state)
@@ -119,6 +119,20 @@ def test_resume_mid_epoch_gives_the_uninterrupted_sequence(image_folder: Path, s
     again = build_loader(cfg, "train", train=True, seed=3, rank=1, world_size=2)
     again.set_epoch(4, start_batch=stop)
     assert epoch_indices(again) == after
+
+
+@pytest.mark.parametrize("old,new,steps", [((2, 3), (1, 3), 2), ((1, 3), (2, 3), 4),
+                                           ((2, 3), (3, 2), 2)])
+def test_resume_on_another_world_size_consumes_every_sample_once(image_folder: Path, old, new,
+                                                                 steps) -> None:
+    def build(rank: int, world: int, batch: int) -> DaliLoader:
+        return build_loader(dali_cfg(image_folder, batch_size=batch, workers=1), "train",
+                            train=True, rank=rank, world_size=world, seed=3)
+
+    before, after, state = consume_across_resize(build, old, new, steps)
+    assert state == {"epoch": 1, "consumed": 12, "num_samples": 36}
+    assert sorted(i for i, _ in before + after) == list(range(36))
+    assert all(label == i // 12 for i, label in before + after)
 
 
 def test_normalisation_layout_and_dtype(tmp_path: Path) -> None:
@@ -172,7 +186,7 @@ def test_corrupt_jpeg_is_skipped_named_and_counted(image_folder: Path, caplog) -
         with caplog.at_level(logging.WARNING):
             seen = epoch_indices(loader)
         assert seen == [i for i in sampler if i not in (15, 29)]
-        assert loader.batch == len(loader) == 9
+        assert loader.batches_left == 0 and len(loader) == 9
     assert sorted(loader.bad_files) == [str(image_folder / "train" / "bee" / "bee_003.JPEG"),
                                         str(image_folder / "train" / "cat" / "cat_005.JPEG")]
     assert loader.seen == 72

@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import consume_across_resize
 from PIL import Image
 
-import pipeline.data.verify as data_verify
+import pipeline.data.badimages as badimages
 from pipeline.config import DataConfig
 from pipeline.data import build_loader
-from pipeline.data.folder import check_same_classes, index_split
-from pipeline.data.torch import ResumableSampler, TorchLoader
+from pipeline.data.listing import check_same_classes, index_split
+from pipeline.data.pil import PilLoader
+from pipeline.data.sampler import ResumableSampler
 from pipeline.errors import UserError
 
 
@@ -37,11 +39,11 @@ def test_index_is_sorted_and_ignores_non_images(image_folder: Path) -> None:
 
     assert index.classes == ["ant", "bee", "cat"]
     assert len(index) == 37
-    assert index.samples[0] == ("ant/ant_000.JPEG", 0)
-    assert index.samples[12] == ("ant/extra.png", 0)  # sorted by name within the class
-    assert index.samples[13] == ("bee/bee_000.JPEG", 1)
-    assert index.samples[-1] == ("cat/cat_011.JPEG", 2)
-    assert all(not rel.endswith(".txt") and ".hidden" not in rel for rel, _ in index.samples)
+    assert index.sample(0) == ("ant/ant_000.JPEG", 0)
+    assert index.sample(12) == ("ant/extra.png", 0)  # sorted by name within the class
+    assert index.sample(13) == ("bee/bee_000.JPEG", 1)
+    assert index.sample(36) == ("cat/cat_011.JPEG", 2)
+    assert all(not rel.endswith(".txt") and ".hidden" not in rel for rel, _ in index.samples())
     assert index.path(0) == image_folder / "train" / "ant" / "ant_000.JPEG"
 
 
@@ -132,10 +134,9 @@ def test_sampler_resume_yields_the_tail(start: int) -> None:
     whole = list(full)
 
     resumed = ResumableSampler(50, shuffle=True, seed=3, rank=1, world_size=3)
-    resumed.load_state_dict({"epoch": 4, "start": start, "world_size": 3})
+    resumed.set_epoch(4, consumed=min(start * 3, 50))  # each of the 3 ranks took `start`
     assert list(resumed) == whole[start:]
     assert len(resumed) == len(whole) - start
-    assert resumed.state_dict() == {"epoch": 4, "start": start, "world_size": 3}
 
 
 def test_sampler_resume_on_another_world_size_skips_nothing() -> None:
@@ -145,28 +146,43 @@ def test_sampler_resume_on_another_world_size_skips_nothing() -> None:
         s = ResumableSampler(n, shuffle=True, seed=1, rank=rank, world_size=old_world)
         s.set_epoch(2)
         consumed |= set(s.indices()[:start])
-    rest = set()
+    rest = []
     for rank in range(new_world):
         s = ResumableSampler(n, shuffle=True, seed=1, rank=rank, world_size=new_world)
-        s.load_state_dict({"epoch": 2, "start": start, "world_size": old_world})
-        rest |= set(s)
-    assert consumed | rest == set(range(n))
-    assert len(consumed & rest) < new_world
+        s.set_epoch(2, consumed=start * old_world)
+        rest += list(s)
+    assert consumed | set(rest) == set(range(n))
+    # The 40 left, each once, plus 2 of padding so that the 3 ranks take 14 each.
+    assert len(rest) == 42 and len(set(rest) - consumed) == 40
 
 
 # --- loader -------------------------------------------------------------------------------------
 
 
-def test_import_module_named_torch() -> None:
-    import pipeline.data.torch
+def test_data_layers_import_downwards() -> None:
+    # Each module of pipeline/data imports (at the top or inside a function) only modules of
+    # lower layers: no cycles, back ends independent of each other, tools on top.
+    import ast
 
-    assert pipeline.data.torch.torch is torch  # the real torch, not the module itself
+    layers = {"index": 0, "sampler": 0, "listing": 1, "badimages": 1, "loader": 2, "pil": 3,
+              "dali": 3, "synthetic": 3, "factory": 4, "__init__": 5, "verify": 6,
+              "prepare": 6, "bench": 6}
+    folder = Path(__file__).parent.parent / "pipeline" / "data"
+    assert {p.stem for p in folder.glob("*.py")} == set(layers)
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for name in names:
+                if name.startswith("pipeline.data.") or name == "pipeline.data":
+                    imported = name.removeprefix("pipeline.data").lstrip(".") or "__init__"
+                    assert layers[imported] < layers[path.stem], f"{path.name} imports {name}"
 
 
 def test_train_loader_shapes_and_epoch(image_folder: Path) -> None:
     loader = build_loader(small_cfg(image_folder, batch_size=5), "train", train=True)
 
-    assert isinstance(loader, TorchLoader)
+    assert isinstance(loader, PilLoader)
     assert loader.classes == ["ant", "bee", "cat"]
     assert loader.num_samples == 36
     assert len(loader) == 7  # drop_last: 36 // 5
@@ -232,7 +248,7 @@ def test_loader_resume_mid_epoch_yields_the_rest(image_folder: Path) -> None:
     it = iter(interrupted)
     taken = [next(it)[1] for _ in range(4)]
     state = interrupted.state_dict()
-    assert state["epoch"] == 2 and state["batch"] == 4
+    assert state == {"epoch": 2, "consumed": 12, "num_samples": 36}  # 4 batches of 3
 
     resumed = build_loader(cfg, "train", train=True, seed=5)
     resumed.load_state_dict(state)
@@ -331,7 +347,7 @@ def test_bad_files_are_skipped_counted_and_logged(
     cfg = small_cfg(image_folder, batch_size=38, workers=workers, max_bad_fraction=0.1)
     loader = build_loader(cfg, "train", train=True)  # 38 files: one batch holds them all
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.torch"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.badimages"):
         for epoch in range(2):
             loader.set_epoch(epoch)
             batches = list(loader)
@@ -366,7 +382,7 @@ def test_too_many_bad_files_raise(image_folder: Path) -> None:
 @pytest.mark.parametrize("min_seen", [1, 10, 30])
 def test_bad_check_waits_for_enough_images(image_folder: Path, monkeypatch, min_seen: int) -> None:
     bad = {str(p) for p in add_bad_files(image_folder)}
-    monkeypatch.setattr(data_verify, "MIN_SEEN_FOR_BAD_CHECK", min_seen)
+    monkeypatch.setattr(badimages, "MIN_SEEN_FOR_BAD_CHECK", min_seen)
     cfg = small_cfg(image_folder, batch_size=2, max_bad_fraction=0.05)
     loader = build_loader(cfg, "train", train=True)
     # Where the policy says it must fail, from the sampler's order: after the first batch with
@@ -381,3 +397,66 @@ def test_bad_check_waits_for_enough_images(image_folder: Path, monkeypatch, min_
         for _ in loader:
             pass
     assert loader.seen == expected
+
+
+# --- resuming on another number of ranks --------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "synthetic"])
+@pytest.mark.parametrize("old,new,steps", [((2, 3), (1, 3), 2), ((1, 3), (2, 3), 4),
+                                           ((2, 3), (3, 2), 2)])
+def test_resume_on_another_world_size_consumes_every_sample_once(
+    image_folder: Path, backend: str, old: tuple[int, int], new: tuple[int, int], steps: int,
+) -> None:
+    workers = 1 if (backend, old) == ("torch", (1, 3)) else 0  # real DataLoader workers, once
+
+    def build(rank: int, world: int, batch: int):
+        cfg = small_cfg(image_folder, backend=backend, batch_size=batch, workers=workers)
+        return build_loader(cfg, "train", train=True, rank=rank, world_size=world, seed=3)
+
+    before, after, state = consume_across_resize(build, old, new, steps)
+    assert state == {"epoch": 1, "consumed": 12, "num_samples": 36}
+    assert sorted(i for i, _ in before + after) == list(range(36))  # 12 + 24: no partial batch
+    if backend == "torch":  # each label is the one of the image the loader says it loaded
+        assert all(label == i // 12 for i, label in before + after)
+
+
+def test_resume_on_another_world_size_leaves_out_only_a_partial_global_batch(
+    image_folder: Path,
+) -> None:
+    def build(rank: int, world: int, batch: int):
+        return build_loader(small_cfg(image_folder, batch_size=batch), "train", train=True,
+                            rank=rank, world_size=world, seed=3)
+
+    # 10 consumed by 2 ranks x 5; the 26 left go to 3 ranks x 4: 2 whole steps (24 images).
+    before, after, _ = consume_across_resize(build, (2, 5), (3, 4), 1)
+    seen = [i for i, _ in before + after]
+    # Nothing twice; the 2 images of a partial global batch are left to the next epoch's shuffle,
+    # as an uninterrupted epoch leaves its last partial one.
+    assert len(seen) == len(set(seen)) == 34
+
+
+def test_position_from_step_for_checkpoints_without_loader_state(image_folder: Path) -> None:
+    from pipeline.data import position_from_step
+
+    # An old 2-rank run with 3 images per rank: 6 steps per epoch of 36 images.
+    state = position_from_step(8, num_samples=36, batch_size=3, world_size=2)
+    assert state == {"epoch": 1, "consumed": 12, "num_samples": 36}
+    loader = build_loader(small_cfg(image_folder, batch_size=4), "train", train=True, seed=3)
+    loader.load_state_dict(state)
+    assert loader.batches_left == 6  # the 24 images left, 4 at a time on one rank
+
+
+def test_index_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    # benchmarks/bench_index.py's measurement, in this process, on 3 x 4 files.
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_index.py"
+    spec = importlib.util.spec_from_file_location("bench_index", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tree = bench.write_tree(tmp_path / "3x4", classes=3, per_class=4)
+    result = bench.measure("compact", tree, workers=1)
+    assert result["entries"] == 12 and len(result["worker_growth_mb"]) == 1
+    compact, old = index_split(tree, "train"), bench.ListIndex(tree, "train")
+    assert [compact.path(i) for i in range(12)] == [old.path(i) for i in range(12)]

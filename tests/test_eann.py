@@ -26,7 +26,7 @@ from pipeline.__main__ import main
 from pipeline.anytime.budgeted import apply_cascade, budgeted_curve, fit_thresholds
 from pipeline.config import config_from_dict
 from pipeline.data import build_loader
-from pipeline.data.folder import index_split
+from pipeline.data.listing import index_split
 from pipeline.eann import EANN, build_schedule, cost_ratios
 from pipeline.eann.schedule import depth_ratio, seed_bound, single_member_frontier
 from pipeline.errors import UserError
@@ -289,13 +289,13 @@ def recount(checkpoint: Path, data: Path) -> tuple[list[float], list[float], int
     std = torch.tensor(cfg.data.std).view(3, 1, 1)
     index = index_split(data, "val")
     images = []
-    for i in range(len(index.samples)):
+    for i in range(len(index)):
         with Image.open(index.path(i)) as im:
             # the digits are 32x32: "small" augmentation resizes them (PIL bilinear)
             rgb = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
         pixels = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 255
         images.append((pixels - mean) / std)
-    labels = [label for _, label in index.samples]
+    labels = index.labels.tolist()
     top1 = [0] * model.num_exits
     top5 = [0] * model.num_exits
     with torch.no_grad():
@@ -304,7 +304,7 @@ def recount(checkpoint: Path, data: Path) -> tuple[list[float], list[float], int
                 ranked = row.argsort(descending=True).tolist()
                 top1[k] += ranked[0] == label
                 top5[k] += label in ranked[:5]
-    n = len(index.samples)
+    n = len(index)
     return [100 * (1 - c / n) for c in top1], [100 * (1 - c / n) for c in top5], n
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.folder import check_same_classes, index_split
+from pipeline.data.listing import check_same_classes, index_split
 from pipeline.data.prepare import (
     COMPLETE_MARKER,
     FASHION_MNIST_SOURCE,
@@ -39,7 +39,7 @@ def test_fashion_mnist_limit_writes_decodable_jpegs_of_all_classes(tmp_path: Pat
     assert train.classes[0] == "0_tshirt_top" and train.classes[9] == "9_ankle_boot"
     assert len(train) == 50 and len(val) == 50
     # limit spreads the images over the classes: 5 per class
-    assert np.bincount([label for _, label in train.samples]).tolist() == [5] * 10
+    assert np.bincount(train.labels).tolist() == [5] * 10
     for i in (0, 17, 49):
         path = train.path(i)
         assert path.suffix == ".JPEG"
@@ -60,7 +60,7 @@ def test_fashion_mnist_labels_match_the_idx_file(tmp_path: Path) -> None:
     with gzip.open(FASHION_MNIST_SOURCE / "t10k-labels-idx1-ubyte.gz") as f:
         labels = np.frombuffer(f.read(), np.uint8, offset=8)
     val = index_split(out, "val")
-    for rel, label in val.samples:
+    for rel, label in val.samples():
         image_number = int(Path(rel).stem)  # files are named by their index in the idx file
         assert labels[image_number] == label
 
@@ -117,10 +117,11 @@ def test_digits(tmp_path: Path) -> None:
     assert len(train.classes) == 10
     assert train.classes[0] == "0_zero" and train.classes[9] == "9_nine"
     # stratified: every class has about a fifth of its images in val
-    val_counts = np.bincount([label for _, label in val.samples], minlength=10)
+    val_counts = np.bincount(val.labels, minlength=10)
     assert val_counts.min() >= 30 and val_counts.max() <= 40
     # train and val are disjoint
-    assert not {Path(r).name for r, _ in train.samples} & {Path(r).name for r, _ in val.samples}
+    names = [{Path(r).name for r, _ in index.samples()} for index in (train, val)]
+    assert not names[0] & names[1]
     with Image.open(val.path(0)) as im:
         assert im.format == "JPEG" and im.size == (32, 32)
         assert np.asarray(im).max() > 200  # scaled from 0..16 up to 0..255
@@ -129,9 +130,9 @@ def test_digits(tmp_path: Path) -> None:
 
 
 def test_digits_split_is_deterministic(tmp_path: Path) -> None:
-    a = index_split(prepare_digits(tmp_path / "a", seed=3)["out"], "val").samples
-    b = index_split(prepare_digits(tmp_path / "b", seed=3)["out"], "val").samples
-    c = index_split(prepare_digits(tmp_path / "c", seed=4)["out"], "val").samples
+    a = list(index_split(prepare_digits(tmp_path / "a", seed=3)["out"], "val").samples())
+    b = list(index_split(prepare_digits(tmp_path / "b", seed=3)["out"], "val").samples())
+    c = list(index_split(prepare_digits(tmp_path / "c", seed=4)["out"], "val").samples())
     assert a == b
     assert a != c
 

@@ -20,8 +20,8 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data import build_loader
-from pipeline.data.folder import index_split
-from pipeline.data.verify import apply_file_lists
+from pipeline.data.badimages import apply_file_lists
+from pipeline.data.listing import index_split
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def cpu_seconds() -> float:
     cores, so it compares back ends fairly on a busy machine."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
-    for pid in [os.getpid(), *_children(os.getpid())]:
+    for pid in [os.getpid(), *child_pids(os.getpid())]:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # ended in between
@@ -69,11 +69,12 @@ def cpu_seconds() -> float:
     return total
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
+    """The live descendants of process `pid` (DataLoader and pool workers), from /proc."""
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
         for child in map(int, task.read_text().split()):
-            found += [child, *_children(child)]
+            found += [child, *child_pids(child)]
     return found
 
 

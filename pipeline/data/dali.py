@@ -1,46 +1,48 @@
-"""NVIDIA DALI loaders: the same interface as the torch loader (pipeline/data/torch.py).
+"""The `dali` back end: NVIDIA DALI pipelines (pipeline/data/loader.py has the interface); images
+on the GPU ('mixed' decode) or the CPU. Reads local files and `s3://` URLs.
 
-    loader = build_loader(cfg.data, "train", train=True, rank=rank, world_size=world, seed=seed)
-    loader.set_epoch(epoch, start_batch)   # start_batch > 0 only right after a resume
-    for images, labels in loader: ...      # images on the GPU ('mixed' decode) or the CPU
-
-Order and sharding come from the torch loader's `ResumableSampler`, not from DALI's reader:
-DALI's `random_shuffle` only shuffles a 1,024-sample buffer over a fixed file order, and
+Order and sharding come from the shared `ResumableSampler`, not from DALI's reader: DALI's
+`random_shuffle` only shuffles a 1,024-sample buffer over a fixed file order, and
 `shuffle_after_epoch` cannot be combined with `stick_to_shard`. So each epoch this rank's files,
-in the order of the seeded global permutation (padded to equal shards), are given to
-`fn.readers.file(files=...)` in a pipeline built for that epoch (building one takes ~10 ms), and a
-resume builds it from the first batch not yet consumed: the sample sequence is exactly the one
-of an uninterrupted run. Crops and flips after a resume are drawn afresh (the pipeline seed
-mixes run seed, epoch, rank and start batch): unlike the torch loader, DALI has no per-sample
-seed, and restoring its RNG needs DALI's own checkpoint, which the step alone cannot rebuild.
+in the order of the seeded global permutation, are given to `fn.readers.file(files=...)` in a
+pipeline built for that epoch (building one takes ~10 ms), and a resume builds it from the first
+sample not yet consumed: the sample sequence is exactly the one of an uninterrupted run. Crops and
+flips after a resume are drawn afresh (the pipeline seed mixes run seed, epoch, rank and
+position): unlike the torch back end, DALI has no per-sample seed, and restoring its RNG needs
+DALI's own checkpoint, which would not survive a change of world size.
+
+DALI 2.4.0's file reader opens `s3://` files itself (AWS SDK; credentials from the standard
+chain: AWS_* variables, ~/.aws, instance roles; an S3-compatible server from
+`data.endpoint_url`, exported as AWS_ENDPOINT_URL).
 
 The reader's labels are sample indices (mapped to class labels here), so each batch knows its
 files: that names bad images and lets tests compare sample sequences.
 
-Epoch ends. Training: ceil(n / world) samples per rank (wrapped, like the sampler), whole batches
-only, so every rank runs the same number of steps. Validation: the unpadded shards (each image on
-exactly one rank), the last batch of a rank trimmed to what is left (the reader pads it with
-`pad_last_batch`; the padding is cut here), so every validation image is counted exactly once.
+The last batch of a validation shard is trimmed to what is left (the reader pads it with
+`pad_last_batch`; the padding is cut here).
 
 Bad images: a decode failure stops a DALI pipeline and names no file. The loader then decodes
 the failed batch's files with PIL, and rebuilds the pipeline at that batch with a good stand-in
 file in place of each bad one; the stand-ins are dropped from the batch (which is then smaller),
-and the bad files are logged by name and counted (`BadImageCounter`). `python -m pipeline data
-verify` lists bad images up front so that this never happens.
+and the bad files are logged by name and counted (pipeline/data/badimages.py). `python -m
+pipeline data verify` lists bad images up front so that this never happens.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data.folder import FolderIndex
-from pipeline.data.torch import ResumableSampler, TorchLoader, check_data_config, mix_seed
-from pipeline.data.verify import BadImageCounter, decode_error
+from pipeline.data.badimages import decode_error
+from pipeline.data.index import SampleIndex
+from pipeline.data.loader import Loader, RawBatch
+from pipeline.data.sampler import mix_seed
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -116,106 +118,58 @@ def build_pipeline(cfg: DataConfig, files: list[str], labels: list[int], *, trai
     return pipe
 
 
-class DaliLoader:
-    """Batches (NCHW images, int64 labels) of one split for one rank from a DALI pipeline,
-    resumable mid-epoch; the same interface as TorchLoader."""
+class DaliLoader(Loader):
+    """Batches (NCHW images, int64 labels) of one split for one rank from DALI pipelines."""
 
-    def __init__(
-        self,
-        cfg: DataConfig,
-        index: FolderIndex,
-        *,
-        train: bool,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-    ):
-        check_data_config(cfg)
+    reads_urls = True
+
+    def __init__(self, cfg: DataConfig, index: SampleIndex, *, train: bool, rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
         import_dali()
+        super().__init__(cfg, index.classes, len(index), source=str(index.split_dir),
+                         train=train, rank=rank, world_size=world_size, seed=seed)
+        if index.is_remote and cfg.endpoint_url:
+            # DALI's AWS SDK reads its endpoint from the environment only.
+            os.environ["AWS_ENDPOINT_URL"] = cfg.endpoint_url
         self.cfg = cfg
         self.index = index
-        self.train = train
-        self.classes = index.classes
-        self.num_samples = len(index)
-        self.batch_size = cfg.batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.drop_last = train
         self.gpu = use_gpu(cfg)
         self.device_id = torch.cuda.current_device() if self.gpu else None  # set by the trainer
         self.threads = max(1, cfg.workers)
-        self.sampler = ResumableSampler(
-            len(index), shuffle=train, seed=seed, rank=rank, world_size=world_size, pad=train
-        )
-        if len(self) == 0:
-            raise UserError(
-                f"{index.split_dir} gives each of {world_size} processes "
-                f"{self.sampler.per_rank} images, fewer than one batch of data.batch_size="
-                f"{cfg.batch_size}; lower data.batch_size or use fewer processes"
-            )
-        self._class_of = torch.tensor([label for _, label in index.samples], dtype=torch.int64)
-        self.epoch = 0
-        self.batch = 0  # batches of self.epoch handed out so far
+        self._class_of = torch.from_numpy(index.labels.astype(np.int64))
         self.excluded: dict[int, str] = {}  # sample index -> decode error, found in this run
-        per_epoch = len(self) * self.batch_size if self.drop_last else self.sampler.per_rank
-        self.counter = BadImageCounter(cfg.max_bad_fraction, per_epoch)
 
-    # The position bookkeeping is the torch loader's: same state, same resume rules.
-    __len__ = TorchLoader.__len__
-    set_epoch = TorchLoader.set_epoch
-    state_dict = TorchLoader.state_dict
-    load_state_dict = TorchLoader.load_state_dict
-
-    @property
-    def bad_files(self) -> list[str]:
-        return self.counter.bad_files
-
-    @property
-    def seen(self) -> int:
-        return self.counter.seen
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, _ in self.batches_with_indices():
-            yield images, labels
-
-    def batches_with_indices(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(images, labels, sample indices into the split's index) for the rest of the epoch."""
-        bs = self.batch_size
-        self.sampler.set_epoch(self.epoch)
-        order = self.sampler.indices()
-        total = len(self) * bs if self.drop_last else len(order)
-        order = order[:total]
-        while self.batch < len(self):
-            start = self.batch
-            pipe = self._pipeline(order[start * bs :], start)
+    def _load(self, indices: np.ndarray) -> Iterator[RawBatch]:
+        bs, order = self.batch_size, indices.tolist()
+        batches = math.ceil(len(order) / bs)
+        first = self.consumed // (bs * self.world_size)  # the epoch's batch number of order[0]
+        done = 0  # batches of `order` handed out
+        while done < batches:
+            pipe = self._pipeline(order[done * bs :])
             try:
-                while self.batch < len(self):
+                while done < batches:
                     try:
                         images, sample_ids = pipe.run()
                     except RuntimeError as e:  # a decode failure; DALI does not say which file
-                        self._find_bad(order, e)
+                        suspects = order[done * bs : (done + 1 + _PREFETCH) * bs]
+                        self._find_bad(suspects, first + done, e)
                         break  # rebuild from this batch with the bad files replaced
-                    n = min(bs, total - self.batch * bs)  # the last val batch is trimmed
+                    n = min(bs, len(order) - done * bs)  # the last val batch is trimmed
                     ids = torch.from_numpy(np.array(sample_ids.as_tensor()))
                     ids = ids.reshape(-1)[:n].to(torch.int64)
                     images = self._to_torch(images)[:n]
                     keep = ids >= 0  # stand-ins for bad images are dropped
                     positions = (~keep).nonzero().reshape(-1).tolist()
                     bad = [(str(self.index.path(i)), self.excluded[i])
-                           for i in (order[self.batch * bs + p] for p in positions)]
-                    # Count before yielding: while the caller holds batch k, state_dict() says
-                    # k batches are consumed (as the torch loader does).
-                    self.batch += 1
-                    self.counter.record(n, bad)
-                    if keep.any():
-                        if not keep.all():
-                            images, ids = images[keep.to(images.device)], ids[keep]
-                        yield images, self._class_of[ids], ids
+                           for i in (order[done * bs + p] for p in positions)]
+                    done += 1
+                    if not keep.all():
+                        images, ids = images[keep.to(images.device)], ids[keep]
+                    yield images, self._class_of[ids], ids, bad
             finally:
                 del pipe  # frees its threads and buffers before the next one is built
 
-    def _pipeline(self, order: list[int], start_batch: int):
+    def _pipeline(self, order: list[int]):
         files, labels = [], []
         stand_in = next((i for i in order if i not in self.excluded), None)
         if stand_in is None:
@@ -225,30 +179,27 @@ class DaliLoader:
             good = i not in self.excluded
             files.append(str(self.index.path(i if good else stand_in)))
             labels.append(i if good else -1)
-        seed = mix_seed(self.seed, self.epoch, self.rank, start_batch)
+        seed = mix_seed(self.seed, self.epoch, self.rank, self.consumed)
         return build_pipeline(self.cfg, files, labels, train=self.train, gpu=self.gpu, seed=seed,
                               device_id=self.device_id, threads=self.threads)
 
-    def _find_bad(self, order: list[int], error: RuntimeError) -> None:
+    def _find_bad(self, suspects: list[int], batch: int, error: RuntimeError) -> None:
         """Find the files of the failed batch (or the ones decoded ahead of it) that do not
         decode, and exclude them from now on."""
-        bs = self.batch_size
-        suspects = order[self.batch * bs : (self.batch + 1 + _PREFETCH) * bs]
         errors = {i: decode_error(self.index.path(i)) for i in suspects if i not in self.excluded}
         found = {i: e for i, e in errors.items() if e is not None}
         if not found:
             first = str(error).strip().splitlines()
             raise UserError(
-                f"DALI failed on batch {self.batch} of epoch {self.epoch} in "
+                f"DALI failed on batch {batch} of epoch {self.epoch} in "
                 f"{self.index.split_dir}, but PIL decodes all of its files "
                 f"({self.index.path(suspects[0])} ...): {' '.join(first[-3:])[:300]}; run "
                 "`python -m pipeline data verify` on the data root, or use data.backend=torch"
             ) from error
         self.excluded.update(found)
         log.warning("DALI could not decode %d image(s) of batch %d, epoch %d: %s; continuing "
-                    "without them", len(found), self.batch, self.epoch,
+                    "without them", len(found), batch, self.epoch,
                     ", ".join(str(self.index.path(i)) for i in found))
-
     def _to_torch(self, images) -> torch.Tensor:
         if self.gpu:
             from nvidia.dali.plugin.pytorch import feed_ndarray

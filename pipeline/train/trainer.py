@@ -30,8 +30,7 @@ import pipeline.models  # noqa: F401  (registers the anytime models with timm)
 from pipeline.anytime.loss import AnytimeLoss
 from pipeline.anytime.metrics import ExitErrors
 from pipeline.config import Config, classify_resume_changes
-from pipeline.data import build_loader
-from pipeline.data.torch import TorchLoader
+from pipeline.data import Loader, build_loader
 from pipeline.errors import TrainingDiverged, UserError
 from pipeline.models import exit_costs
 from pipeline.report import format_table, plot_anytime_curve
@@ -304,7 +303,7 @@ def create_anytime_model(cfg: Config, num_classes: int) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: TorchLoader, device: torch.device,
+def evaluate(model: torch.nn.Module, loader: Loader, device: torch.device,
              memory_format: torch.memory_format,
              autocast: AbstractContextManager) -> dict[str, list[float]]:
     model.eval()

@@ -1,0 +1,56 @@
+"""`build_loader`: the one way to get a loader, for any back end and any data root (local folder
+or object storage)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from pipeline.config import DataConfig
+from pipeline.data.badimages import apply_file_lists
+from pipeline.data.index import SampleIndex
+from pipeline.data.listing import compare_classes, index_split, is_remote, list_split_classes
+from pipeline.data.loader import Loader
+from pipeline.errors import UserError
+
+# data.backend -> the module and class of its Loader, imported when used (torchvision's and
+# DALI's imports take seconds that the other back ends need not pay).
+BACKENDS = {
+    "torch": ("pipeline.data.pil", "PilLoader"),
+    "dali": ("pipeline.data.dali", "DaliLoader"),
+    "synthetic": ("pipeline.data.synthetic", "SyntheticLoader"),
+}
+
+
+def build_loader(cfg: DataConfig, split: str, *, train: bool, rank: int = 0,
+                 world_size: int = 1, seed: int = 0) -> Loader:
+    """The loader of root/split for one rank: batches of (NCHW images, int64 labels); float32
+    unless data.dtype says otherwise, on the GPU for DALI's 'mixed' decode."""
+    if cfg.backend not in BACKENDS:
+        raise UserError(f"data.backend={cfg.backend!r} is not available; use data.backend="
+                        f"{', '.join(list(BACKENDS)[:-1])} or {list(BACKENDS)[-1]}")
+    module, name = BACKENDS[cfg.backend]
+    loader_class: type[Loader] = getattr(importlib.import_module(module), name)
+    if cfg.backend == "synthetic" and (is_remote(cfg.root) or not Path(cfg.root).is_dir()):
+        return loader_class(cfg, split, train=train, rank=rank, world_size=world_size, seed=seed)
+    if is_remote(cfg.root) and not loader_class.reads_urls:
+        raise UserError(f"data.root={cfg.root} is in object storage, which only "
+                        f"data.backend=dali reads; use it, or copy the data to local disk on "
+                        f"each node (aws s3 sync {cfg.root} /local/data) and set data.root")
+    index = index_split(cfg.root, split, cfg.endpoint_url)
+    check_classes_match_train(cfg, index)
+    index = apply_file_lists(index, cfg.file_lists)  # leaves out what `data verify` found bad
+    return loader_class(cfg, index, train=train, rank=rank, world_size=world_size, seed=seed)
+
+
+def check_classes_match_train(cfg: DataConfig, index: SampleIndex) -> None:
+    """Labels are positions in the sorted class list: a split with other class folders than
+    train would be scored against the wrong labels without any error."""
+    if index.split == "train":
+        return
+    train_dir = f"{str(index.root).rstrip('/')}/train"
+    if not index.is_remote and not Path(train_dir).is_dir():
+        return  # a folder with only a validation split, for evaluating a checkpoint
+    train_classes = list_split_classes(index.root, "train", cfg.endpoint_url)
+    compare_classes(train_classes, index.classes, train_dir if index.is_remote else
+                    Path(train_dir), index.split_dir)
