@@ -173,7 +173,8 @@ def build_anytime(model_cls: Callable[..., nn.Module], variant: str, pretrained:
     """timm's `build_model_with_cfg`, with `features_only` served by timm's `FeatureGetterNet`
     (`forward_intermediates`), and `pretrained_cfg["classifier"]` naming the built model's
     exits (their number depends on the arguments)."""
-    feature_cfg = {"feature_cls": "getter", **(feature_cfg or {})}
+    # out_indices None: every stage output (timm's default, 0..4, fits no family here).
+    feature_cfg = {"feature_cls": "getter", "out_indices": None, **(feature_cfg or {})}
     model = build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg,
                                  **kwargs)
     if isinstance(model, AnytimeModel):
