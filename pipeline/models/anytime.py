@@ -4,6 +4,11 @@ An anytime network is a plain `nn.Module` whose `forward(x, until=None)` returns
 exits, first to last, computing only what exit `until` (1-based) needs when it is given. It also
 names where each exit sits (`exit_positions`) and keeps its heads in `exits`, which is all that
 `exit_costs` and `describe` need.
+
+The registered families also share `AnytimeModel` (timm's model methods, each acting on every
+exit: see its docstring and docs/models.md), the one `until` check (`exits_to_compute`), the exit
+head (`ExitClassifier`), and how they are built (`build_anytime`: timm's `build_model_with_cfg`
+with the pretrained cfgs of `anytime_cfg` / `cifar_cfg`).
 """
 
 from __future__ import annotations

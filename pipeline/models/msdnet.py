@@ -15,6 +15,14 @@ step = k), 32 initial channels, growth 16, growth and bottleneck factors 1-2-4-4
 reduction 0.5. Their heads keep the width of the coarsest scale, as the official ImageNet classifier
 does; that is what SPEC's parameter counts imply (128-wide heads, `head_channels=128`, as in the
 CIFAR classifier, would leave msdnet26 with 10.8M parameters, not 24.0M).
+
+Every name takes timm's `num_classes`, `in_chans`, `drop_rate`, `drop_path_rate`, `global_pool`
+and `features_only`, and `head_pool` ("global", default, or the official "avg2x2"); see `MSDNet`.
+The timm methods act on every exit (`AnytimeModel`, docs/models.md): `forward_features(x,
+exit_index=None)` is the coarsest scale after block `exit_index` (default the last), which that
+exit's head reads; `forward_head` that exit's head; `get_classifier` / `reset_classifier` every
+exit's linear layer; `set_grad_checkpointing` recomputes each MSD layer and transition in the
+backward pass.
 """
 
 from __future__ import annotations

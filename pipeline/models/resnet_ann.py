@@ -14,6 +14,15 @@ is the same network with only the final exit, i.e. timm's `resnetXX` (same param
     model = timm.create_model("resnet_ann_cifar", depth=110, exit_every=3)
     model = timm.create_model("resnet50_ann", num_classes=1000)        # 8 exits
     model = timm.create_model("resnet101_ann", exit_every=2)           # 17 exits
+
+Every name takes timm's `num_classes`, `in_chans`, `drop_rate` (dropout before every exit's
+linear layer, 0), `drop_path_rate` (stochastic depth over the residual units, rising linearly to
+this rate at the last unit, 0), `global_pool` (every exit's pool, "avg") and `features_only`
+(stage outputs: the stem's, then each stage's last unit's). The timm methods act on every exit
+(`AnytimeModel`, docs/models.md): `forward_features(x, exit_index=None)` is the output of the unit
+that exit `exit_index` (default the final one) reads, `forward_head` that exit's head,
+`get_classifier` / `reset_classifier` every exit's linear layer, and `set_grad_checkpointing`
+recomputes each residual unit in the backward pass.
 """
 
 from __future__ import annotations
