@@ -58,7 +58,7 @@ def test_exit_every_is_configurable_and_checked():
         timm.create_model("resnet50_ann", exit_every=0)
     with pytest.raises(TypeError, match="single exit"):
         timm.create_model("resnet50_opt", exit_every=2)
-    with pytest.raises(ValueError, match="pretrained"):
+    with pytest.raises(RuntimeError, match="No pretrained weights exist for resnet50_ann"):
         timm.create_model("resnet50_ann", pretrained=True)
 
 

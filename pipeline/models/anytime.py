@@ -4,14 +4,24 @@ An anytime network is a plain `nn.Module` whose `forward(x, until=None)` returns
 exits, first to last, computing only what exit `until` (1-based) needs when it is given. It also
 names where each exit sits (`exit_positions`) and keeps its heads in `exits`, which is all that
 `exit_costs` and `describe` need.
+
+The registered families also share `AnytimeModel` (timm's model methods, each acting on every
+exit: see its docstring and docs/models.md), the one `until` check (`exits_to_compute`), the exit
+head (`ExitClassifier`), and how they are built (`build_anytime`: timm's `build_model_with_cfg`
+with the pretrained cfgs of `anytime_cfg` / `cifar_cfg`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.fx
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import SelectAdaptivePool2d, create_classifier
+from timm.models import build_model_with_cfg, checkpoint
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -25,14 +35,156 @@ class AnytimeNet(Protocol):
     def forward(self, x: torch.Tensor, until: int | None = None) -> list[torch.Tensor]: ...
 
 
-def refuse_pretrained(name: str, pretrained: bool, kwargs: dict[str, Any]) -> None:
-    """No weights exist for these models: refuse `pretrained=True`, and drop the pretrained-config
-    arguments that `timm.create_model` passes to every model function."""
-    if pretrained:
-        raise ValueError(f"no pretrained weights exist for {name}")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
+# CIFAR-10 channel statistics (training set), for the CIFAR models' pretrained cfgs: what
+# `timm.data.resolve_model_data_config` hands to a loader for them.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
+
+def exits_to_compute(until: int | None, num_exits: int) -> int:
+    """How many exits `forward(x, until)` computes: every one for None, else `until` (1-based).
+
+    `torch.fx.symbolic_trace` hands `until` in as a Proxy of its default; that traces the default
+    (every exit). Trace an earlier exit with `concrete_args={"until": k}`.
+    """
+    if until is None or isinstance(until, torch.fx.Proxy):
+        return num_exits
+    if not 1 <= until <= num_exits:
+        raise ValueError(f"until={until} is not an exit of this model (1..{num_exits})")
+    return until
+
+
+class ExitClassifier(nn.Sequential):
+    """An exit head: its own layers (`pre`: activation, convs) -> pool -> dropout -> linear.
+
+    The interface is that of timm's `ClassifierHead` (`forward(x, pre_logits)`, `reset`, `fc`,
+    `global_pool`), so a model treats every exit head alike. It stays a Sequential so that the
+    state_dict keys are those the heads always had (`exits.3.4.weight`).
+    """
+
+    def __init__(self, pre: list[nn.Module], in_features: int, num_classes: int,
+                 pool_type: str = "avg", drop_rate: float = 0.0, pool: nn.Module | None = None):
+        global_pool, fc = create_classifier(in_features, num_classes, pool_type)
+        super().__init__(*pre, global_pool if pool is None else pool, nn.Dropout(drop_rate), fc)
+        self.in_features = in_features
+
+    @property
+    def global_pool(self) -> nn.Module:
+        return self[-3]
+
+    @property
+    def fc(self) -> nn.Module:
+        return self[-1]
+
+    def reset(self, num_classes: int, pool_type: str | None = None) -> None:
+        """A new linear layer for `num_classes` (0: none); a new global pool if `pool_type`."""
+        if pool_type is not None:
+            self[-3] = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+        feat_mult = getattr(self.global_pool, "feat_mult", lambda: 1)()
+        fc = nn.Linear(self.in_features * feat_mult, num_classes) if num_classes > 0 \
+            else nn.Identity()
+        like = next(self.parameters(), None)  # the new layer's device and dtype
+        if like is not None:
+            fc = fc.to(device=like.device, dtype=like.dtype)
+        self[-1] = fc.train(self.training)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        *features, fc = self
+        for module in features:
+            x = module(x)
+        return x if pre_logits else fc(x)
+
+
+class AnytimeModel(nn.Module):
+    """What the anytime families share: timm's model methods, each acting on every exit.
+
+    A subclass sets `num_classes`, `num_features` (width of the final exit's input),
+    `head_hidden_size` (width of its pre-logits), `exits` (`ExitClassifier` or timm
+    `ClassifierHead` modules), `num_exits`, `exit_positions` and `feature_info`, and implements
+    `forward(x, until=None)`, `forward_features(x, exit_index=None)` and `forward_intermediates`.
+
+    - `get_classifier()`: every exit's final linear layer, as a ModuleList (names with
+      `name_only=True`, the same tuple as `pretrained_cfg["classifier"]`).
+    - `reset_classifier(num_classes, global_pool=None)`: a new linear layer in every exit (and a
+      new global pool in every exit when `global_pool` is given; None keeps each exit's pool).
+    - `forward_features(x, exit_index=None)`: what exit `exit_index` (1-based; default the final
+      exit) consumes, computing only what it needs and no head.
+    - `forward_head(x, pre_logits=False, exit_index=None)`: that exit's head on it.
+    - `set_grad_checkpointing(enable=True)`: recompute each residual unit (ResNet-ANN) or MSD layer
+      (MSDNet) in the backward pass instead of storing its activations; heads are not recomputed.
+    """
+
+    num_classes: int
+    num_features: int
+    head_hidden_size: int
+    num_exits: int
+    exit_positions: list[str]
+    exits: nn.ModuleList
+    grad_checkpointing: bool = False
+
+    def _run(self, module: nn.Module, *args: object) -> object:
+        """`module(*args)`, recomputed in the backward pass when gradient checkpointing is on."""
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(module, *args)
+        return module(*args)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> nn.ModuleList | tuple[str, ...]:
+        if name_only:
+            return tuple(f"exits.{i}.{_child_name(head, head.fc)}"
+                         for i, head in enumerate(self.exits))
+        return nn.ModuleList(head.fc for head in self.exits)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        for head in self.exits:
+            head.reset(num_classes, global_pool)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
+                     exit_index: int | None = None) -> torch.Tensor:
+        """Exit `exit_index`'s head (1-based; default the final exit) on what
+        `forward_features(x, exit_index)` returned: logits, or the pooled features before the
+        linear layer with `pre_logits=True`."""
+        k = exits_to_compute(exit_index, self.num_exits)
+        return self.exits[k - 1](x, pre_logits=pre_logits)
+
+
+def _child_name(parent: nn.Module, child: nn.Module) -> str:
+    return next(name for name, module in parent.named_children() if module is child)
+
+
+def anytime_cfg(**kwargs: Any) -> dict[str, Any]:
+    """A pretrained cfg for an anytime model with no published weights (no url, no hub id:
+    `pretrained=True` ends in timm's own "No pretrained weights exist" error, with no download).
+    ImageNet defaults: the reference training's 224 centre crop of a 256 resize, bilinear."""
+    return {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+            "crop_pct": 0.875, "interpolation": "bilinear", "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD, "first_conv": "stem.conv1", "classifier": "exits",
+            "license": "mit", **kwargs}
+
+
+def cifar_cfg(**kwargs: Any) -> dict[str, Any]:
+    """32x32 CIFAR images, used whole (crop_pct 1), CIFAR-10 statistics, 10 classes."""
+    return anytime_cfg(num_classes=10, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
+                       mean=CIFAR10_MEAN, std=CIFAR10_STD, **kwargs)
+
+
+def build_anytime(model_cls: Callable[..., nn.Module], variant: str, pretrained: bool,
+                  feature_cfg: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
+    """timm's `build_model_with_cfg`, with `features_only` served by timm's `FeatureGetterNet`
+    (`forward_intermediates`), and `pretrained_cfg["classifier"]` naming the built model's
+    exits (their number depends on the arguments)."""
+    # out_indices None: every stage output (timm's default, 0..4, fits no family here).
+    feature_cfg = {"feature_cls": "getter", "out_indices": None, **(feature_cfg or {})}
+    model = build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg,
+                                 **kwargs)
+    if isinstance(model, AnytimeModel):
+        model.pretrained_cfg["classifier"] = model.get_classifier(name_only=True)
+    return model
 
 @dataclass
 class ExitCost:
