@@ -175,8 +175,11 @@ def train(args: argparse.Namespace) -> int:
     preemption = watch_preemption()  # first: a SIGUSR1/SIGTERM while starting up still exits 75
     from pipeline.config import load_config
 
-    cfg = load_config(args.config, args.overrides)  # before the heavy imports: fail fast
+    cfg = load_config(args.config, args.overrides)  # before the trainer and data set-up: fail fast
     if preemption.signal_name:
+        logging.getLogger("pipeline.train").warning(
+            "preempted (%s) before the first step: nothing to save; exiting",
+            preemption.signal_name)
         return EXIT_PREEMPTED
     from pipeline.train.trainer import train as run_training
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipeline.storage.lease import LeaseHeldError, LeaseLostError, RunLease
+from pipeline.storage.lease import LeaseHeldError, LeaseStorageError, RunLease
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -356,8 +356,10 @@ def test_release_lets_the_next_in_at_once_and_is_idempotent(location):
     assert stored(url, endpoint) is None
 
 
-def test_lost_storage_means_lost_lease_once_expired_by_own_clock(s3_bucket, s3_proxy):
-    """Renewals that keep failing (server unreachable) fence the holder when its ttl ends."""
+def test_an_outage_longer_than_the_ttl_refuses_writes_until_the_lease_is_confirmed(
+        s3_bucket, s3_proxy):
+    """Storage unreachable past the ttl: writes are refused (a failed save, not a lost lease);
+    once it is back and nobody took over, the compare-and-swap renewal proves the lease ours."""
     url = f"{s3_bucket}/runs/cut"
     lease = RunLease(url, ttl=2, endpoint_url=s3_proxy.endpoint)
     lease.acquire()
@@ -366,9 +368,20 @@ def test_lost_storage_means_lost_lease_once_expired_by_own_clock(s3_bucket, s3_p
     while True:
         try:
             lease.check()  # a read failure inside the ttl is tolerated
-        except LeaseLostError as e:
-            assert "fenced" in str(e) and "\n" not in str(e)
+        except LeaseStorageError as e:
+            assert "not writing until it is confirmed ours" in str(e) and "\n" not in str(e)
             break
         assert time.time() < deadline
         time.sleep(0.25)
-    lease.release()  # fenced: deletes nothing and does not hang
+    s3_proxy.start()
+    deadline = time.time() + 30
+    while True:  # the next heartbeats reach the storage again
+        try:
+            lease.check()
+            break
+        except LeaseStorageError:
+            assert time.time() < deadline
+            time.sleep(0.25)
+    assert stored(url, s3_proxy.endpoint)["token"] == lease._token
+    lease.release()
+    assert stored(url, s3_proxy.endpoint) is None

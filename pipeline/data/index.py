@@ -98,7 +98,6 @@ class SampleIndex:
         return SampleIndex.from_class_files(self.root, self.split, self.classes, files)
 
 
-
 def _release_freed_heap() -> None:
     """Give the heap that the listing's temporary objects (1.28M names and directory entries for
     ImageNet) no longer use back to the system. glibc keeps freed heap pages otherwise: measured

@@ -12,6 +12,8 @@ checkpoint state, the rank's share of the order, the bad-image count.
 another number of ranks or another per-rank batch continues with exactly the samples not yet
 consumed (pipeline/data/sampler.py). A checkpoint that holds no loader state (written before
 there was any) gets it from its step: `position_from_step` in pipeline/data/sampler.py.
+(Not wired into the trainer yet: it still positions a resumed epoch with
+`set_epoch(epoch, start_batch=...)` and refuses another number of ranks; issue 14.)
 
 A back end is one file: a subclass that sets `reads_urls` and implements `_load`, registered by
 name in pipeline/data/factory.py.

@@ -186,6 +186,7 @@ def build_anytime(model_cls: Callable[..., nn.Module], variant: str, pretrained:
         model.pretrained_cfg["classifier"] = model.get_classifier(name_only=True)
     return model
 
+
 @dataclass
 class ExitCost:
     index: int  # 1-based

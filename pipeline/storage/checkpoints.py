@@ -107,10 +107,14 @@ class CheckpointStore:
         self.retries = retries
         self.retry_delay = retry_delay
 
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any] | None = None) -> str:
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any] | None = None, *,
+             may_write: Callable[[], None] | None = None) -> str:
         """Write `state` as checkpoint `step`; returns its folder name. A folder already there
         is moved to quarantine first, never overwritten; a failed save removes its own folder.
 
+        `may_write()`, when given, raises if this process may no longer write (a lost lease):
+        it is asked before anything is moved and again right before the commit, so a fenced
+        writer never commits, and never touches a folder another writer may own by then.
         Each storage call is retried with exponential backoff; StorageError when all fail.
         """
         name = folder_name(step)
@@ -119,11 +123,19 @@ class CheckpointStore:
         torch.save(state, buffer)
         payload = buffer.getvalue()
         manifest = build(step, {PAYLOAD: payload}, meta or {})
+        if may_write is not None:
+            may_write()
         self._move_aside(name)
         try:
             self._retry(lambda: self.fs.makedirs(folder, exist_ok=True), f"create {name}")
             self._retry(lambda: self.fs.pipe_file(f"{folder}/{PAYLOAD}", payload),
                         f"upload {name}")
+        except Exception:
+            self._remove_partial(name)
+            raise
+        if may_write is not None:
+            may_write()  # raising here leaves the folder alone: it may be another writer's now
+        try:
             # The manifest goes last: its presence is what makes the checkpoint exist.
             self._retry(lambda: self.fs.pipe_file(f"{folder}/{MANIFEST}", manifest),
                         f"commit {name}")
@@ -152,11 +164,16 @@ class CheckpointStore:
         return None
 
     def load_latest_valid(
-        self, map_location: str | torch.device = "cpu"
+        self, map_location: str | torch.device = "cpu",
+        problem_of: Callable[[dict], str | None] | None = None,
     ) -> tuple[CheckpointInfo, dict] | None:
-        """The newest checkpoint that verifies and its state, each payload read only once."""
+        """The newest checkpoint that verifies and its state, each payload read only once.
+        `problem_of(state)`, when given, says what the caller finds wrong with a state that
+        verifies (None: fine); such a checkpoint is skipped like a broken one."""
         for info in reversed(self.list()):
             problem, state = self._read(info.name, map_location)
+            if problem is None and problem_of is not None:
+                problem = problem_of(state)
             if problem is None:
                 return info, state
             self._warn_skipped(info.name, problem)

@@ -19,13 +19,15 @@ writer therefore holds a lease, one JSON object `<checkpoint url>/lease.json`:
 
 Protocol
 - acquire: create the object only if absent. If it exists it is taken over only when it expired
-  (renewed + ttl < now), or its holder is provably gone: a process of this host (and pid
-  namespace) that no longer exists; the same Ray job (Ray Train stops a failed worker group
-  before starting the next); the same SLURM job requeued (same job id, a higher
-  SLURM_RESTART_COUNT: SLURM ends a job before requeueing it). Anything else: LeaseHeldError.
+  (renewed + ttl < now), or its holder is provably gone: a process of this machine (same boot
+  id, host and pid namespace) that no longer exists; the same SLURM job requeued (same job id,
+  a higher SLURM_RESTART_COUNT: SLURM ends a job before requeueing it). Anything else,
+  including a Ray worker group restarted on another node, waits for the expiry:
+  LeaseHeldError.
 - heartbeat: a daemon thread rewrites `renewed` every ttl/4, conditionally on the object still
-  being the one this process last wrote. When it is not (someone took over after we expired),
-  or when storage kept failing until our own lease expired by our own clock, the lease is LOST.
+  being the one this process last wrote, also past our expiry after an outage. When it is not
+  (someone took over after we expired), the lease is LOST. While storage cannot be reached
+  past our expiry, check() refuses each write (LeaseStorageError) until a renewal succeeds.
 - check(): raises LeaseLostError when the heartbeat found the lease lost, and re-reads the object
   (one GET) so that a writer never writes after another holder's takeover became visible.
 - release(): stops the heartbeat and deletes the object only if it is still ours.
@@ -52,15 +54,17 @@ What is atomic where
 Clock assumption: expiry compares wall clocks (time.time()) of different hosts, so the hosts'
 clocks must agree to within a small fraction of the ttl (NTP gives milliseconds; ttl is minutes).
 
-Fencing is as good as storage allows: check() narrows the window to the time between one GET and
-the checkpoint write that follows it; a writer paused exactly inside that window (SIGSTOP, a long
-GC pause) past its expiry can still write once: at most the one checkpoint it was about to save.
+Fencing is as good as storage allows: the checkpoint store asks check() before it moves anything
+and again right before it commits a checkpoint's manifest, so the window is one GET to that PUT;
+a writer paused exactly inside it (SIGSTOP, a long GC pause) past its expiry can still commit
+once: at most the one checkpoint it was about to save.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import hashlib
 import json
@@ -114,6 +118,7 @@ def holder_identity(env: dict[str, str] | None = None) -> dict[str, Any]:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "pid_namespace": _pid_namespace(),
+        "boot_id": _boot_id(),
         "slurm_job_id": slurm_job,
         "slurm_restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0),
         "ray_job_id": env.get("RAY_JOB_ID", "") or _ray_job_id(),
@@ -130,6 +135,16 @@ def _ray_job_id() -> str:
     except Exception:  # an old or partial Ray: the id is only informative
         pass
     return ""
+
+
+def _boot_id() -> str:
+    # Host names and the initial pid namespace's inode repeat across machines; the kernel's
+    # boot id does not.
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _pid_namespace() -> str:
@@ -198,9 +213,17 @@ class _Backend(Protocol):
 
 
 def _decode(data: bytes) -> dict[str, Any]:
+    """The lease record in `data`; ValueError unless it has the shape `_record` writes (the
+    location's content is not trusted to be ours)."""
     record = json.loads(data)
     if not isinstance(record, dict) or record.get("version") != FORMAT_VERSION:
         raise ValueError(f"not a version-{FORMAT_VERSION} lease: {data[:200]!r}")
+    number = (int, float)
+    if (not isinstance(record.get("token"), str) or not isinstance(record.get("holder"), dict)
+            or not isinstance(record.get("renewed"), number)
+            or not isinstance(record.get("ttl"), number)
+            or not isinstance(record["holder"].get("pid", 0), int)):
+        raise ValueError(f"not a lease record (token, holder, renewed, ttl): {data[:200]!r}")
     return record
 
 
@@ -248,6 +271,12 @@ class _LocalBackend:
             os.link(tmp, self.path)  # atomic; fails if the name exists: O_EXCL, whole file
         except FileExistsError:
             return None
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise LeaseUnsupportedError(  # FUSE-mounted buckets, some SMB shares
+                    f"run lease at {self.path}: the file system has no hard links, which the "
+                    "lease's atomic create needs") from e
+            raise
         finally:
             os.unlink(tmp)
         return hashlib.md5(data).hexdigest()
@@ -396,11 +425,6 @@ class RunLease:
         """This process's identity as written into the lease."""
         return dict(self._holder)
 
-    @staticmethod
-    def describe(holder: dict[str, Any]) -> str:
-        """One line naming a holder (a holder dict, or a whole lease record with its timing)."""
-        return describe(holder)
-
     def acquire(self) -> None:
         """Take the lease (creating or taking it over) and start the heartbeat, or raise
         LeaseHeldError naming the live holder."""
@@ -463,13 +487,20 @@ class RunLease:
                             "%.0f s", self._backend.where, type(e).__name__, e,
                             expires - time.time())
                 return
-            self._mark_lost(f"fenced: run lease {self._backend.where} could not be read "
-                            f"({type(e).__name__}: {e}) and expired by our clock at "
-                            f"{_iso(expires)}; another process may hold it; this process stops "
-                            "writing")
-            raise LeaseLostError(self._lost) from e
+            # Not lost for good: the next renewal tells. This one write is refused (a failed
+            # save, counted like any other) since another process may hold the lease now.
+            raise LeaseStorageError(
+                f"run lease {self._backend.where} could not be read ({type(e).__name__}: {e}) "
+                f"and expired by our clock at {_iso(expires)}: not writing until it is "
+                "confirmed ours") from e
         if current is None or current[0]["token"] != self._token:
             self._mark_lost(self._fenced_message(current))
+            raise LeaseLostError(self._lost)
+
+    def raise_if_lost(self) -> None:
+        """LeaseLostError when the heartbeat found the lease taken over; no storage call, so
+        cheap enough for every log step."""
+        if self._lost:
             raise LeaseLostError(self._lost)
 
     def release(self) -> None:
@@ -508,16 +539,15 @@ class RunLease:
         if now > expires:
             return f"it expired {now - expires:.1f} s ago"
         theirs, mine = old["holder"], self._holder
-        # A process of this host (and pid namespace) that is gone cannot write any more: a job
-        # that was SIGKILLed or crashed, then started again here, goes on at once.
-        if (theirs.get("host") == mine["host"]
+        # A process of this machine (same boot, same pid namespace) that is gone cannot write
+        # any more: a job that was SIGKILLed or crashed, then started again here, goes on at
+        # once. (Ray job ids are not used: they are counters that repeat across clusters.)
+        if (mine["boot_id"] and theirs.get("boot_id") == mine["boot_id"]
+                and theirs.get("host") == mine["host"]
                 and theirs.get("pid_namespace", "") == mine["pid_namespace"]
                 and theirs.get("pid") != mine["pid"]
                 and not _pid_alive(int(theirs.get("pid", 0)))):
             return f"its process {theirs.get('pid')} on this host has exited"
-        # Ray Train stops a failed worker group before it starts the next one in the same job.
-        if theirs.get("ray_job_id") and theirs["ray_job_id"] == mine["ray_job_id"]:
-            return f"Ray job {mine['ray_job_id']} restarted its workers"
         # SLURM stops every task of a job before requeueing it: a higher restart count of the
         # same job means the old writer is gone. (The same restart count proves nothing: two
         # trainers in one salloc share the job id and may both be alive.)
@@ -558,7 +588,8 @@ class RunLease:
     def _stop_heartbeat(self) -> None:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.ttl)  # a renewal stuck in a dead connection
+            # a renewal stuck in a dead connection must not hold up an exit (a daemon thread)
+            self._thread.join(timeout=min(5.0, self.ttl / 4))
         self._thread = None
 
     def _heartbeat(self, stop: threading.Event) -> None:
@@ -571,20 +602,9 @@ class RunLease:
         if not token or self._lost:
             return
         now = time.time()
-        if now > renewed + self.ttl:
-            # Renewal failed for a whole ttl: a taker may exist that we cannot see yet (storage
-            # is failing), and we may have written nothing since. Name the taker if we see it.
-            try:
-                current = self._backend.read()
-            except Exception:
-                current = None
-            if current is not None and current[0]["token"] != token:
-                self._mark_lost(self._fenced_message(current))
-                return
-            self._mark_lost(f"fenced: run lease {self._backend.where} expired at "
-                            f"{_iso(renewed + self.ttl)} before it could be renewed; another "
-                            "process may hold it; this process stops writing checkpoints")
-            return
+        # Renewed by compare-and-swap even past our expiry (storage was down for a whole ttl):
+        # if nobody took the lease meanwhile the swap succeeds and it is still ours; if someone
+        # did, the swap fails and we are fenced. Our own clock alone decides nothing.
         record = self._record(token, now)
         try:
             new_version = self._backend.renew(record, version)
@@ -597,9 +617,9 @@ class RunLease:
                     self._mark_lost(self._fenced_message(current))
                     return
         except Exception as e:  # transient: logged, tried again at the next beat
-            log.warning("run lease %s: renewal failed (%s: %s); retrying in %.0f s, lost at %s",
-                        self._backend.where, type(e).__name__, e, self.ttl / 4,
-                        _iso(renewed + self.ttl))
+            log.warning("run lease %s: renewal failed (%s: %s); retrying in %.0f s (it expires "
+                        "at %s unless renewed)", self._backend.where, type(e).__name__, e,
+                        self.ttl / 4, _iso(renewed + self.ttl))
             return
         with self._lock:
             if self._token == token:

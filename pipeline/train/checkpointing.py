@@ -1,14 +1,15 @@
 """When and how the trainer saves: a host-memory snapshot at a step boundary, written by one
 background thread so training goes on; synchronous when asked (preemption, the last save).
 
-Storage outages are absorbed: a failed save is logged and the next one tries again, until
-`max_failed_saves` saves in a row have failed; then the run stops rather than train on without
-a safety net. While a save is still being written (slow or failing storage, retrying) the next
-one due is skipped instead of waited for, so the training thread never stalls on storage.
+Storage outages are absorbed: a failed save is logged and the next one tries again. While a
+save is still being written (slow or failing storage, retrying) the next one due is skipped
+instead of waited for, so the training thread does not stall on storage; once
+`max_failed_saves` saves in a row were missed (failed or skipped), it waits for the one in
+flight, and if that failed too the run stops rather than train on without a safety net.
 
-Fencing: before each write the writer checks that it still holds the run's lease
-(`pipeline.storage.lease`); a writer whose lease was taken over stops the run instead of
-writing beside the new holder.
+Fencing: the writer checks that it still holds the run's lease (`pipeline.storage.lease`)
+before it moves anything and right before each commit, and at every log step; a writer whose
+lease was taken over stops the run instead of writing beside the new holder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.storage.checkpoints import CheckpointStore
 from pipeline.storage.lease import LeaseLostError, RunLease
+from pipeline.train.distributed import run_on_main
 
 log = logging.getLogger("pipeline.train")
 
@@ -47,7 +49,15 @@ class Checkpointer:
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any],
              blocking: bool = False) -> None:
-        """Snapshot `state` now; write it in the background, or before returning if `blocking`."""
+        """Snapshot `state` now; write it in the background, or before returning if `blocking`.
+
+        Every rank calls it at the same steps. When the writer has to stop the run (saves keep
+        failing, the lease was lost), every rank raises the same error: no rank is left waiting
+        in a collective for one that has gone."""
+        run_on_main(lambda: self._save(step, state, meta, blocking))
+
+    def _save(self, step: int, state: dict[str, Any], meta: dict[str, Any],
+              blocking: bool) -> None:
         if not self.writer:
             return
         if self.busy and not blocking:
@@ -66,6 +76,12 @@ class Checkpointer:
             if self.failed_in_a_row:
                 raise UserError(f"could not save checkpoint step {step} to {self.store.url}: "
                                 f"{self.last_error}")
+
+    def raise_if_fenced(self) -> None:
+        """Every rank raises LeaseLostError as soon as the writer's heartbeat found its lease
+        taken over (no storage call: cheap at every log step), so a fenced run stops training
+        and logging at once instead of at its next save."""
+        run_on_main(lambda: self.lease.raise_if_lost() if self.lease else None)
 
     @property
     def busy(self) -> bool:
@@ -96,9 +112,9 @@ class Checkpointer:
 
     def _write(self, step: int, snapshot: dict[str, Any], meta: dict[str, Any]) -> None:
         try:
-            if self.lease is not None:
-                self.lease.check()  # fencing: never write once another job holds the run
-            name = self.store.save(step, snapshot, meta)
+            # fencing: never write once another job holds the run
+            name = self.store.save(step, snapshot, meta,
+                                   may_write=self.lease.check if self.lease else None)
         except LeaseLostError as e:  # not a storage failure: no retry can make it right
             self.fenced = e
             log.error("checkpoint step %d not written: %s", step, e)

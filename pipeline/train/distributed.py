@@ -7,10 +7,16 @@ MASTER_ADDR/PORT; SLURM's srun gives SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from pipeline.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,3 +73,18 @@ def broadcast_from_main(obj: object) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def run_on_main(fn: Callable[[], T]) -> T | None:
+    """`fn()` on rank 0 only (its result there, None elsewhere). A UserError it raises is raised
+    on every rank, so no rank goes on into a collective that rank 0 will never join."""
+    result, problem = None, None
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except UserError as e:
+            problem = e
+    message = broadcast_from_main(None if problem is None else str(problem))
+    if message is not None:
+        raise problem if problem is not None else UserError(message)
+    return result

@@ -40,10 +40,10 @@ from pipeline.train.checkpointing import Checkpointer
 from pipeline.train.distributed import (
     DistInfo,
     any_rank,
-    broadcast_from_main,
     close_distributed,
     init_distributed,
     local_rank,
+    run_on_main,
 )
 from pipeline.train.preemption import watch_preemption
 from pipeline.train.progress import MetricsWriter, Progress, format_duration
@@ -72,20 +72,18 @@ def train(cfg: Config,
     with ExitStack() as teardown:  # runs last to first, however the run ends
         teardown.callback(close_distributed)
         teardown.callback(preemption.restore)
-        if dist_info.is_main:
-            make_run_dir(cfg)
+        run_on_main(lambda: make_run_dir(cfg))
         store = CheckpointStore(
             cfg.checkpoint_url, keep_last=cfg.checkpoint.keep_last,
             keep_every_epochs=cfg.checkpoint.keep_every_epochs,
             endpoint_url=cfg.checkpoint.endpoint_url, retries=cfg.checkpoint.retries,
             retry_delay=cfg.checkpoint.retry_delay,
         )
-        lease = hold_run_lease(cfg, store, dist_info)  # one writer per run, before anything else
+        lease = run_on_main(lambda: take_run_lease(cfg, store))  # one writer, before all else
         if lease is not None:
             teardown.callback(lease.release)
         resume_from = check_run_folder(cfg, store, dist_info.world_size)  # (info, state) or None
-        if dist_info.is_main:
-            record_config(cfg, resume_from[0] if resume_from else None)
+        run_on_main(lambda: record_config(cfg, resume_from[0] if resume_from else None))
 
         train_loader = build_loader(cfg.data, "train", train=True, rank=dist_info.rank,
                                     world_size=dist_info.world_size, seed=cfg.seed)
@@ -110,7 +108,9 @@ def train(cfg: Config,
             info, state = resume_from
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            # The scheduler is not restored: timm's computes the rate from the step and its
+            # settings, and its saved settings would undo an accepted change of train.epochs.
+            scheduler.step_update(state["step"])
             scaler.load_state_dict(state["scaler"])
             criterion.load_state_dict(state["loss"])
             if not restore_rng_of_rank(state["rng"], dist_info.rank):
@@ -141,7 +141,7 @@ def train(cfg: Config,
         def save(end_of_epoch: bool, blocking: bool = False) -> None:
             stop_if_diverged(loss, model, step, device)  # never a non-finite checkpoint
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "scaler": scaler.state_dict(),
                      "loss": criterion.state_dict(), "rng": capture_rng_all_ranks(),
                      "epoch": epoch, "step": step}
             meta = {"epoch": epoch, "end_of_epoch": end_of_epoch, "config": cfg.to_dict(),
@@ -170,6 +170,7 @@ def train(cfg: Config,
                 progress.advance(images.shape[0] * dist_info.world_size)
                 if progress.due(step):
                     stop_if_diverged(loss, None, step, device)
+                    checkpointer.raise_if_fenced()  # now, not at the next save
                     values = {"loss": loss.item(), "final_exit_loss": exit_losses[-1].item(),
                               "lr": optimizer.param_groups[0]["lr"]}
                     progress.log(step, epoch, cfg.train.epochs, values)
@@ -203,23 +204,18 @@ def train(cfg: Config,
         return report(cfg, model, val_errors, time.perf_counter() - started, dist_info)
 
 
-def hold_run_lease(cfg: Config, store: CheckpointStore, dist_info: DistInfo) -> RunLease | None:
-    """Rank 0 takes the run's writer lease (the one process that writes checkpoints); every
-    rank learns the outcome, so a refused job stops on all ranks before it trains."""
-    lease, refusal = None, None
-    if dist_info.is_main:
-        try:
-            lease = RunLease(store.url, ttl=cfg.checkpoint.lease_ttl, fs=store.fs,
-                             root=store.root)
-            lease.acquire()
-        except LeaseUnsupportedError as e:
-            lease = None
-            log.warning("%s; one writer per run is not enforced there", e)
-        except UserError as e:
-            refusal = e
-    refusal = broadcast_from_main(None if refusal is None else str(refusal))
-    if refusal is not None:
-        raise UserError(refusal)
+def take_run_lease(cfg: Config, store: CheckpointStore) -> RunLease | None:
+    """The run's writer lease, held by the one process that writes checkpoints (rank 0); None
+    where the storage cannot hold one (a warning says so)."""
+    try:
+        lease = RunLease(store.url, ttl=cfg.checkpoint.lease_ttl, fs=store.fs, root=store.root)
+        lease.acquire()
+    except LeaseUnsupportedError as e:
+        log.warning("%s; one writer per run is not enforced there", e)
+        return None
+    except OSError as e:  # no permission, no such bucket: what StorageError says for saves
+        raise UserError(f"cannot take the run lease at {store.url}: {type(e).__name__}: {e}; "
+                        "check that checkpoint.url is writable and its credentials") from e
     return lease
 
 
@@ -351,7 +347,7 @@ def check_run_folder(cfg: Config, store: CheckpointStore,
             raise UserError(f"run folder {cfg.run_dir} already holds a run; pass resume=auto to "
                             f"continue it, or name=NEW_NAME to start a new one")
         return None
-    latest = store.load_latest_valid()
+    latest = store.load_latest_valid(problem_of=missing_run_state)
     if latest is None:
         if previous:
             log.warning("resume=auto: no valid checkpoint in %s; starting from scratch",
@@ -378,6 +374,17 @@ def check_run_folder(cfg: Config, store: CheckpointStore,
                         f"order and the global batch and is not supported yet; run on "
                         f"{saved_ranks} ranks")
     return latest
+
+
+RUN_STATE = ("model", "optimizer", "scaler", "loss", "rng", "epoch", "step")
+
+
+def missing_run_state(state: dict) -> str | None:
+    """What a verified payload lacks to resume a run from (another tool's file, say)."""
+    if not isinstance(state, dict):
+        return f"its payload is a {type(state).__name__}, not a run's state"
+    missing = [key for key in RUN_STATE if key not in state]
+    return f"its state lacks {', '.join(missing)}" if missing else None
 
 
 def make_run_dir(cfg: Config) -> None:
