@@ -18,6 +18,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from pipeline.errors import UserError
 from pipeline.storage.lease import LeaseHeldError, LeaseStorageError, RunLease
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +131,8 @@ def test_conditional_writes_are_refused_when_the_object_changed(location):
     backend = RunLease(url, ttl=60, endpoint_url=endpoint)._backend
 
     def record(n: int) -> bytes:
-        return json.dumps({"version": 1, "token": f"t{n}"}).encode()
+        return json.dumps({"version": 1, "token": f"t{n}", "renewed": 0.0, "ttl": 60.0,
+                           "holder": {"pid": n}}).encode()
 
     def token() -> str | None:
         current = backend.read()
@@ -385,3 +387,13 @@ def test_an_outage_longer_than_the_ttl_refuses_writes_until_the_lease_is_confirm
     assert stored(url, s3_proxy.endpoint)["token"] == lease._token
     lease.release()
     assert stored(url, s3_proxy.endpoint) is None
+
+
+def test_a_foreign_lease_object_is_refused_in_one_line(tmp_path):
+    """The location's content is untrusted: a lease.json of another shape names itself and the
+    fix instead of a KeyError deep in the takeover rules."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "lease.json").write_text('{"version": 1, "token": 5}')
+    with pytest.raises(UserError, match="is not a lease this version writes") as refused:
+        RunLease(str(tmp_path / "run"), ttl=5).acquire()
+    assert "\n" not in str(refused.value).strip()
