@@ -5,7 +5,9 @@ Storage outages are absorbed: a failed save is logged and the next one tries aga
 save is still being written (slow or failing storage, retrying) the next one due is skipped
 instead of waited for, so the training thread does not stall on storage; once
 `max_failed_saves` saves in a row were missed (failed or skipped), it waits for the one in
-flight, and if that failed too the run stops rather than train on without a safety net.
+flight, and if that failed too the run stops rather than train on without a safety net. A
+save that must land before the run goes on or ends (preemption, the last one) is tried up to
+`max_failed_saves` times.
 
 Fencing: the writer checks that it still holds the run's lease (`pipeline.storage.lease`)
 before it moves anything and right before each commit, and at every log step; a writer whose
@@ -73,6 +75,11 @@ class Checkpointer:
         self._in_flight = self._pool.submit(self._write, step, snapshot, meta)
         if blocking or not self.async_save:
             self.wait()
+            # A save that must land now (preemption, the run's last) is tried again while the
+            # storage recovers, up to max_failed_saves in a row: its state is only in memory.
+            while 0 < self.failed_in_a_row < self.max_failed_saves and self.fenced is None:
+                self._in_flight = self._pool.submit(self._write, step, snapshot, meta)
+                self.wait()
             if self.failed_in_a_row:
                 raise UserError(f"could not save checkpoint step {step} to {self.store.url}: "
                                 f"{self.last_error}")
