@@ -25,12 +25,10 @@ project's configs.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import logging
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -50,6 +48,7 @@ from pipeline.storage.manifest import (
     folder_step,
     parse,
 )
+from pipeline.storage.retry import StorageError, retry_storage
 
 __all__ = ["MANIFEST", "PAYLOAD", "CheckpointInfo", "CheckpointStore", "StorageError"]
 
@@ -60,21 +59,6 @@ NO_MANIFEST = f"{MANIFEST} is missing (a save that did not finish?)"
 T = TypeVar("T")
 
 # Answers about the storage itself: waiting does not change them, so they are not retried.
-_FINAL_ERRNOS = {
-    errno.ENOSPC: ("no space left on the device", "free space there"),
-    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
-    errno.EROFS: ("the file system is read-only", "give a writable checkpoint location"),
-    errno.EACCES: ("permission denied", "check its permissions and credentials"),
-    errno.EPERM: ("operation not permitted", "check its permissions and credentials"),
-}
-
-
-class StorageError(UserError):
-    """Storage failed for good (after every retry, or with an answer that waiting cannot change);
-    the message names the URL, the error and what to check. A UserError, so the CLI shows it as
-    one line instead of a traceback."""
-
-
 @dataclass
 class CheckpointInfo:
     name: str  # folder name, e.g. "step-00000468"
@@ -311,36 +295,8 @@ class CheckpointStore:
                 and epoch % self.keep_every_epochs == 0)
 
     def _retry(self, call: Callable[[], T], what: str) -> T:
-        """`call()`, retried with exponential backoff on errors that may pass."""
-        for attempt in range(self.retries + 1):
-            try:
-                return call()
-            except OSError as e:  # s3fs, gcsfs and local I/O errors all derive from OSError
-                final = _FINAL_ERRNOS.get(e.errno or 0)
-                if final is None and isinstance(e, PermissionError):
-                    final = _FINAL_ERRNOS[errno.EACCES]
-                if final is not None:
-                    reason, fix = final
-                    raise StorageError(f"{what} at {self.url} failed: {reason} "
-                                       f"({type(e).__name__}: {e}); {fix}") from e
-                if isinstance(e, (FileNotFoundError, FileExistsError, IsADirectoryError,
-                                  NotADirectoryError)):
-                    raise  # answers, not outages
-                error: Exception = e
-            except Exception as e:  # botocore / aiohttp errors that fsspec did not translate
-                if "credential" in type(e).__name__.lower():
-                    raise UserError(f"no credentials for {self.url}: {type(e).__name__}; set "
-                                    "them the standard way (AWS_* variables, ~/.aws, a role)"
-                                    ) from e
-                error = e
-            if attempt < self.retries:
-                delay = self.retry_delay * 2**attempt
-                log.warning("storage: %s failed (%s: %s); retry %d/%d in %.1fs", what,
-                            type(error).__name__, error, attempt + 1, self.retries, delay)
-                time.sleep(delay)
-        raise StorageError(f"{what} at {self.url} failed {self.retries + 1} times; last error "
-                           f"{type(error).__name__}: {error}; check that the storage is up and "
-                           "reachable (checkpoint.endpoint_url) and its credentials")
+        return retry_storage(call, what, self.url, retries=self.retries,
+                             delay=self.retry_delay, log=log)
 
 
 def _essential(error: Exception) -> str:

@@ -82,6 +82,7 @@ import fsspec
 import fsspec.asyn
 
 from pipeline.errors import UserError
+from pipeline.storage.retry import StorageError, retry_storage
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class LeaseLostError(UserError):
     """This process's lease was taken over (it was fenced): it must stop writing checkpoints."""
 
 
-class LeaseStorageError(UserError):
+class LeaseStorageError(StorageError):
     """The lease object could not be read or written after every retry."""
 
 
@@ -625,25 +626,12 @@ class RunLease:
             if self._token == token:
                 self._version, self._renewed = new_version, now
 
-    def _retry(self, call: Callable[[], T], what: str, retries: int = 3,
-               delay: float = 0.5) -> T:
-        """`call()`, retried with backoff on storage errors that may pass."""
-        for attempt in range(retries + 1):
-            try:
-                return call()
-            except (FileNotFoundError, FileExistsError, PermissionError):
-                raise  # answers, not outages
-            except ValueError as e:  # json, or not our format: a person must look at it
-                raise UserError(f"run lease {self._backend.where} is not a lease this version "
-                                f"writes ({e}); delete it if no job is running") from e
-            except Exception as e:  # OSError from s3fs or the disk; botocore's own errors
-                error = e
-                if attempt < retries:
-                    log.warning("run lease: %s %s failed (%s: %s); retry %d/%d",
-                                what, self._backend.where, type(e).__name__, e, attempt + 1,
-                                retries)
-                    time.sleep(delay * 2**attempt)
-        raise LeaseStorageError(f"run lease: {what} {self._backend.where} failed "
-                                f"{retries + 1} times; last error {type(error).__name__}: "
-                                f"{error}; check that the storage is up and reachable "
-                                "(checkpoint.endpoint_url) and its credentials")
+    def _retry(self, call: Callable[[], T], what: str) -> T:
+        """`call()` under the project's storage retry policy; a lease.json of another shape is
+        one line naming the fix."""
+        try:
+            return retry_storage(call, f"run lease: {what}", self._backend.where, retries=3,
+                                 delay=0.5, log=log)
+        except ValueError as e:  # json, or not our format: a person must look at it
+            raise UserError(f"run lease {self._backend.where} is not a lease this version "
+                            f"writes ({e}); delete it if no job is running") from e
