@@ -273,14 +273,14 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 # what it computes. Every other key is refused (fail closed, so a field added later is refused
 # until someone decides otherwise). Refused, among others: model.* (the saved weights fit one
 # architecture), loss.* (the loss state and the experiment's weighting), optim.* and schedule.*
-# (a different recipe; the optimizer and scheduler states belong to the saved one), seed, the data
+# (a different recipe; the optimizer state belongs to the saved one), seed, the data
 # geometry and augmentation (batch_size: the lr is scaled by it; image_size, augment, crop_*,
 # mean, std, val_resize_ratio: what the model learns from), train.amp (precision changes the
 # numerics of every step, and fp16's GradScaler state means nothing to bf16 or none),
 # train.max_steps_per_epoch (the step <-> epoch mapping the saved step and schedule rely on), and
 # name (another run).
 RESUME_MAY_CHANGE: dict[str, str] = {
-    "train.epochs": "a longer or shorter run; the caller compares it with the saved epoch",
+    "train.epochs": "a longer or shorter run; the lr schedule is recomputed for the new length",
     "train.log_every": "logging only",
     "train.device": "where the steps run; the state loads onto any device",
     "train.channels_last": "memory layout only; the same computation",
