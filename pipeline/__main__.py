@@ -56,7 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="folder to create")
     p.add_argument("--limit", type=int, default=None, help="at most this many images per split")
 
-    p = verbs.add_parser("train", help="train (or resume, with resume=auto) a run")
+    p = verbs.add_parser(
+        "train", help="train (or resume, with resume=auto) a run",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a run, or continue it from its newest valid checkpoint with "
+                    "resume=auto.",
+        epilog="resuming on another number of processes (a requeue on fewer nodes, say):\n"
+               "  the weights, optimizer, loss state, step, epoch and the exact data position\n"
+               "  carry over: the new processes share out the rest of the epoch, each sample\n"
+               "  once. Set train.global_batch (images per step over all processes) to keep\n"
+               "  the recipe's batch: data.batch_size is then the most per forward pass, and\n"
+               "  gradient accumulation makes up the rest. Without it the global batch is\n"
+               "  data.batch_size x processes, and a resume that changes it is refused unless\n"
+               "  train.allow_batch_change=true.")
     p.add_argument("--config", required=True, help="YAML file, e.g. configs/demo_*.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides: train.epochs=3 ...")
 

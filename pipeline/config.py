@@ -43,7 +43,9 @@ class DataConfig:
     val_resize_ratio: float = 0.875  # centre crop = image_size, resize = image_size / ratio
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    batch_size: int = 256  # per process
+    # Images per process per forward pass. With train.global_batch set: the most that fits on
+    # one device; the trainer accumulates passes to make up the global batch.
+    batch_size: int = 256
     workers: int = 4
     # A training run fails once more than this fraction of the images it met would not decode.
     max_bad_fraction: float = 0.01
@@ -163,12 +165,20 @@ class TrainConfig:
     channels_last: bool = False
     log_every: int = 50  # steps between progress lines
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; small values for smoke tests
+    # Images per optimizer step over all processes: the recipe's batch, which stays the same when
+    # a resumed job has another number of processes (gradient accumulation makes it up, in
+    # passes of at most data.batch_size). 0 = data.batch_size x the number of processes.
+    global_batch: int = 0
+    # Resume even when the checkpoint was trained with another global batch (the lr is scaled to
+    # the new one; the schedule goes on by epochs). Without it such a resume is refused.
+    allow_batch_change: bool = False
 
     def __post_init__(self) -> None:
         c = _Check(self, "train.")
         c.integer("epochs", 1, "90")
         c.integer("log_every", 1, "50")
         c.integer("max_steps_per_epoch", 0, "10", " (0 = the whole epoch)")
+        c.integer("global_batch", 0, "1024", " (0 = data.batch_size x processes)")
 
 
 @dataclass
@@ -237,6 +247,23 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
+    def batch_geometry(self, world_size: int) -> tuple[int, int]:
+        """(images per process per forward pass, forward passes per optimizer step) on
+        `world_size` processes: train.global_batch split evenly over the processes, in the
+        fewest passes of at most data.batch_size; (data.batch_size, 1) without a global batch."""
+        total = self.train.global_batch
+        if not total:
+            return self.data.batch_size, 1
+        if total % world_size:
+            fits = [total // world_size * world_size, -(-total // world_size) * world_size]
+            raise UserError(f"train.global_batch={total} does not split evenly over "
+                            f"{world_size} processes; use a multiple of {world_size} "
+                            f"(e.g. {' or '.join(str(n) for n in fits if n)})")
+        per_process = total // world_size
+        passes = next(a for a in range(1, per_process + 1)
+                      if per_process % a == 0 and per_process // a <= self.data.batch_size)
+        return per_process // passes, passes
+
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or the defaults when path is None) and apply `a.b=value` overrides."""
@@ -274,8 +301,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 # until someone decides otherwise). Refused, among others: model.* (the saved weights fit one
 # architecture), loss.* (the loss state and the experiment's weighting), optim.* and schedule.*
 # (a different recipe; the optimizer state belongs to the saved one), seed, the data
-# geometry and augmentation (batch_size: the lr is scaled by it; image_size, augment, crop_*,
-# mean, std, val_resize_ratio: what the model learns from), train.amp (precision changes the
+# augmentation (image_size, augment, crop_*, mean, std, val_resize_ratio: what the model learns
+# from), train.amp (precision changes the
 # numerics of every step, and fp16's GradScaler state means nothing to bf16 or none),
 # train.max_steps_per_epoch (the step <-> epoch mapping the saved step and schedule rely on), and
 # name (another run).
@@ -284,6 +311,11 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "train.log_every": "logging only",
     "train.device": "where the steps run; the state loads onto any device",
     "train.channels_last": "memory layout only; the same computation",
+    # The global batch they make up is checked against the checkpoint's on its own (the trainer:
+    # refused unless train.allow_batch_change), so the processes may change under it.
+    "train.global_batch": "how the global batch is set; the batch itself is checked separately",
+    "data.batch_size": "images per forward pass; the global batch is checked separately",
+    "train.allow_batch_change": "whether this resume may change the global batch",
     "data.root": "the same data set moved (a local copy, a bucket)",
     "data.endpoint_url": "where the data's server is",
     "data.backend": "the loader implementation, with the same augmentations",

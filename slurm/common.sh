@@ -45,7 +45,12 @@ launch_training() {
     local nodes=${SLURM_JOB_NUM_NODES:-1}
     local gpus=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}
     gpus=${gpus##*:}  # "a100:4" -> 4
-    local tasks_per_node=${SLURM_NTASKS_PER_NODE:-1}
+    # The tasks of this start's allocation, which a requeue may change (`--nodes=1-4`, or
+    # `scontrol update JobId=... NumTasks=1` on the pending job): SLURM_TASKS_PER_NODE ("4(x2)",
+    # "2,1") is this start's; SLURM_NTASKS keeps the count given at submission.
+    local tasks
+    tasks=$(allocated_tasks "${SLURM_TASKS_PER_NODE:-1}")
+    local tasks_per_node=${SLURM_NTASKS_PER_NODE:-$(( tasks / nodes ))}
     if (( gpus > 0 && tasks_per_node != gpus )); then
         echo "slurm/common.sh: $gpus GPUs per node but $tasks_per_node tasks per node; one" \
              "process per GPU needs --ntasks-per-node=$gpus" >&2
@@ -68,14 +73,16 @@ launch_training() {
     overrides+=("$@" "resume=auto")
 
     echo "[$(date -u +%FT%TZ)] job $SLURM_JOB_ID start $((${SLURM_RESTART_COUNT:-0} + 1)):" \
-         "$nodes node(s) x $tasks_per_node task(s), ${gpus} GPU(s)/node, rendezvous" \
+         "$nodes node(s), $tasks task(s), ${gpus} GPU(s)/node, rendezvous" \
          "$MASTER_ADDR:$MASTER_PORT, $CONFIG ${overrides[*]}"
 
     # --kill-on-bad-exit=0: on preemption every rank exits 75 after rank 0's save; none may be
     # killed early because another one exited first. --cpus-per-task is not inherited from
     # sbatch since Slurm 22.05.
-    srun --kill-on-bad-exit=0 --nodes="$nodes" --ntasks-per-node="$tasks_per_node" \
-         --ntasks=$((nodes * tasks_per_node)) --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    local layout=(--ntasks="$tasks")
+    [[ -n "${SLURM_NTASKS_PER_NODE:-}" ]] && layout+=(--ntasks-per-node="$SLURM_NTASKS_PER_NODE")
+    srun --kill-on-bad-exit=0 --nodes="$nodes" "${layout[@]}" \
+         --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
          "$PYTHON" -m pipeline train --config "$CONFIG" "${overrides[@]}" &
     SRUN_PID=$!
     trap 'forward_signal USR1' USR1
@@ -101,6 +108,19 @@ launch_training() {
     fi
     echo "[$(date -u +%FT%TZ)] job $SLURM_JOB_ID: training exited with $rc"
     exit "$rc"
+}
+
+allocated_tasks() {
+    # "4(x2),1" -> 9: the tasks of SLURM_TASKS_PER_NODE's node groups, summed.
+    local total=0 group count repeat
+    local IFS=,
+    for group in $1; do
+        count=${group%%(*}
+        repeat=1
+        [[ $group == *"(x"* ]] && { repeat=${group##*(x}; repeat=${repeat%)}; }
+        total=$(( total + count * repeat ))
+    done
+    echo "$total"
 }
 
 forward_signal() {

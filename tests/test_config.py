@@ -205,7 +205,6 @@ def test_same_config_changes_nothing():
     ("optim.lr=0.2", "optim.lr: 0.1 -> 0.2"),
     ("optim.grad_clip=1", "optim.grad_clip: 0.0 -> 1.0"),
     ("schedule.decay_epochs=[30,60]", "schedule.decay_epochs: [30, 60, 90] -> [30, 60]"),
-    ("data.batch_size=128", "data.batch_size: 256 -> 128"),
     ("data.image_size=192", "data.image_size: 224 -> 192"),
     ("data.crop_scale=[0.2,1]", "data.crop_scale: [0.08, 1.0] -> [0.2, 1.0]"),
     ("data.std=[0.5,0.5,0.5]", "data.std: [0.229, 0.224, 0.225] -> [0.5, 0.5, 0.5]"),
@@ -225,6 +224,10 @@ def test_resume_refuses_a_different_experiment(override, line):
     ("train.device=cpu", "train.device: 'auto' -> 'cpu'"),
     ("train.channels_last=true", "train.channels_last: False -> True"),
     ("data.workers=8", "data.workers: 4 -> 8"),
+    # the global batch they make up is the trainer's check (tests/test_elastic_resume.py)
+    ("data.batch_size=128", "data.batch_size: 256 -> 128"),
+    ("train.global_batch=512", "train.global_batch: 0 -> 512"),
+    ("train.allow_batch_change=true", "train.allow_batch_change: False -> True"),
     ("data.backend=dali", "data.backend: 'torch' -> 'dali'"),
     ("data.root=/mnt/copy", "data.root: 'data/fashion-mnist' -> '/mnt/copy'"),
     ("data.file_lists=lists", "data.file_lists: '' -> 'lists'"),
@@ -236,6 +239,30 @@ def test_resume_refuses_a_different_experiment(override, line):
 ])
 def test_resume_accepts_where_and_how_the_run_goes_on(override, line):
     assert changes([], [override]) == ([], [line])
+
+
+@pytest.mark.parametrize("global_batch, batch, world, expected", [
+    (0, 64, 3, (64, 1)),  # no global batch: data.batch_size on each process
+    (256, 64, 4, (64, 1)),
+    (256, 64, 2, (64, 2)),
+    (256, 64, 1, (64, 4)),
+    (256, 100, 1, (64, 4)),  # the fewest passes of at most data.batch_size
+    (96, 40, 1, (32, 3)),
+    (7, 4, 1, (1, 7)),  # a prime global batch: passes of one image
+    (16, 64, 2, (8, 1)),  # more room than needed: one pass
+])
+def test_batch_geometry_splits_the_global_batch(global_batch, batch, world, expected):
+    cfg = load_config(DEMO, [f"train.global_batch={global_batch}", f"data.batch_size={batch}"])
+    per_pass, passes = cfg.batch_geometry(world)
+    assert (per_pass, passes) == expected
+    assert per_pass * passes * world == (global_batch or batch * world)
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_is_one_line():
+    cfg = load_config(DEMO, ["train.global_batch=16"])
+    with pytest.raises(UserError, match=r"^train.global_batch=16 does not split evenly over 3 "
+                                        r"processes; use a multiple of 3 \(e.g. 15 or 18\)$"):
+        cfg.batch_geometry(3)
 
 
 def test_resume_lists_are_sorted_and_split():

@@ -235,7 +235,7 @@ def test_verify_lists_elsewhere_for_a_read_only_root(image_folder: Path, tmp_pat
 
 
 def test_dali_is_refused_with_a_clear_message_when_it_cannot_run(image_folder: Path) -> None:
-    with pytest.raises(UserError, match="fewer than one batch"):
+    with pytest.raises(UserError, match="fewer than one global batch"):
         build_loader(dali_cfg(image_folder, batch_size=64), "train", train=True)
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):
@@ -303,7 +303,8 @@ def test_train_end_to_end_with_dali_on_two_processes(image_folder: Path, tmp_pat
            "train.log_every=2", f"out_dir={tmp_path}", "name=dali"]
     proc = subprocess.run([*run, "train.epochs=1"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert "batch 3 x 2" in proc.stdout and "6 steps" in proc.stdout  # 36 images / (3 x 2)
+    # 36 images / (3 x 2)
+    assert "batch 6 (3 x 2 processes)" in proc.stdout and "6 steps" in proc.stdout
     assert victim.name in proc.stdout + proc.stderr
     results = json.loads((tmp_path / "dali" / "results.json").read_text())
     assert results["val_samples"] == 12 and len(results["exits"]) == 9

@@ -90,24 +90,49 @@ def test_different_classes_are_named(make_image_folder: Callable[..., Path]) -> 
 # --- sampler ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n,world", [(10, 1), (10, 3), (12, 4), (5, 8)])
-def test_sampler_shards_cover_everything_with_equal_counts(n: int, world: int) -> None:
+@pytest.mark.parametrize("n,world,batch,passes", [(10, 1, 3, 1), (10, 3, 1, 1), (40, 4, 3, 1),
+                                                  (40, 2, 3, 2), (50, 3, 2, 4)])
+def test_training_shares_are_whole_global_batches_each_sample_once(
+    n: int, world: int, batch: int, passes: int,
+) -> None:
+    steps = n // (world * batch * passes)
     for epoch in range(3):
         shards = []
         for rank in range(world):
-            s = ResumableSampler(n, shuffle=True, seed=7, rank=rank, world_size=world)
+            s = ResumableSampler(n, shuffle=True, seed=7, rank=rank, world_size=world,
+                                 batch_size=batch, accumulation=passes)
             s.set_epoch(epoch)
             shards.append(list(s))
-        assert {len(x) for x in shards} == {-(-n // world)}  # ceil: padded by wrapping
-        assert len(shards[0]) == len(s)
-        assert set().union(*shards) == set(range(n))
-        flat = sorted(i for x in shards for i in x)
-        assert len(flat) - len(set(flat)) == len(shards[0]) * world - n  # only the padding repeats
+            assert len(shards[-1]) == len(s) == steps * batch * passes  # the same on every rank
+        flat = [i for x in shards for i in x]
+        assert len(flat) == len(set(flat)) == steps * s.global_batch  # no padding, no repeats
+        # the left-out partial global batch is the end of the epoch's order
+        assert set(flat) == set(s.order()[: len(flat)].tolist())
+
+
+def test_accumulated_passes_see_the_batches_of_the_ranks_they_replace() -> None:
+    # Virtual ranks: pass j of rank r on W ranks takes what rank j x W + r takes without
+    # accumulation, so 2 ranks x 1 pass, 1 rank x 2 passes and 4 ranks compute the same batches.
+    def passes(world: int, accumulation: int, batch: int = 3) -> list[list[int]]:
+        per_step: list[list[list[int]]] = []
+        for rank in range(world):
+            s = ResumableSampler(48, shuffle=True, seed=5, rank=rank, world_size=world,
+                                 batch_size=batch, accumulation=accumulation)
+            chunks = s.indices().reshape(-1, accumulation, batch)  # [step, pass, sample]
+            per_step.append(chunks.tolist())
+        # [step][virtual rank j x W + r] -> the pass's samples
+        return [[per_step[v % world][step][v // world] for v in range(world * accumulation)]
+                for step in range(len(per_step[0]))]
+
+    two_ranks = passes(2, 1)
+    assert passes(1, 2) == two_ranks
+    assert len(two_ranks) == 8 and all(len(v) == 2 for v in two_ranks)
+    assert passes(4, 1, batch=3) == passes(2, 2, batch=3) == passes(1, 4, batch=3)
 
 
 @pytest.mark.parametrize("n,world", [(10, 3), (5, 8), (12, 4)])
-def test_unpadded_sampler_sees_every_sample_exactly_once(n: int, world: int) -> None:
-    shards = [list(ResumableSampler(n, shuffle=True, rank=r, world_size=world, pad=False))
+def test_evaluation_sampler_sees_every_sample_exactly_once(n: int, world: int) -> None:
+    shards = [list(ResumableSampler(n, shuffle=True, rank=r, world_size=world))
               for r in range(world)]
     assert sorted(i for shard in shards for i in shard) == list(range(n))
 
@@ -127,33 +152,39 @@ def test_sampler_order_depends_on_seed_and_epoch_only() -> None:
     assert list(unshuffled) == [1, 3, 5, 7, 9]
 
 
-@pytest.mark.parametrize("start", [0, 1, 5, 16, 17])
-def test_sampler_resume_yields_the_tail(start: int) -> None:
-    full = ResumableSampler(50, shuffle=True, seed=3, rank=1, world_size=3)
+@pytest.mark.parametrize("start", [0, 1, 5, 8])
+@pytest.mark.parametrize("batch", [0, 2])
+def test_sampler_resume_yields_the_tail(start: int, batch: int) -> None:
+    def sampler() -> ResumableSampler:
+        return ResumableSampler(50, shuffle=True, seed=3, rank=1, world_size=3, batch_size=batch)
+
+    full = sampler()
     full.set_epoch(4)
     whole = list(full)
-
-    resumed = ResumableSampler(50, shuffle=True, seed=3, rank=1, world_size=3)
-    resumed.set_epoch(4, consumed=min(start * 3, 50))  # each of the 3 ranks took `start`
-    assert list(resumed) == whole[start:]
-    assert len(resumed) == len(whole) - start
+    per_step = batch or 1  # what each rank takes per step (evaluation: one sample at a time)
+    resumed = sampler()
+    resumed.set_epoch(4, consumed=start * per_step * 3)  # each of the 3 ranks took `start`
+    assert list(resumed) == whole[start * per_step :]
+    assert len(resumed) == len(whole) - start * per_step
 
 
 def test_sampler_resume_on_another_world_size_skips_nothing() -> None:
-    n, old_world, new_world, start = 60, 4, 3, 5
+    n, old_world, new_world, batch, start = 60, 4, 3, 2, 3  # 3 steps of 8 on 4 ranks
     consumed = set()
     for rank in range(old_world):
-        s = ResumableSampler(n, shuffle=True, seed=1, rank=rank, world_size=old_world)
+        s = ResumableSampler(n, shuffle=True, seed=1, rank=rank, world_size=old_world,
+                             batch_size=batch)
         s.set_epoch(2)
-        consumed |= set(s.indices()[:start])
+        consumed |= set(s.indices()[: start * batch].tolist())
     rest = []
     for rank in range(new_world):
-        s = ResumableSampler(n, shuffle=True, seed=1, rank=rank, world_size=new_world)
-        s.set_epoch(2, consumed=start * old_world)
+        s = ResumableSampler(n, shuffle=True, seed=1, rank=rank, world_size=new_world,
+                             batch_size=batch)
+        s.set_epoch(2, consumed=start * batch * old_world)
         rest += list(s)
+    # The 36 left, each once: 6 steps of 6 on 3 ranks.
+    assert len(consumed) == 24 and len(rest) == len(set(rest)) == 36
     assert consumed | set(rest) == set(range(n))
-    # The 40 left, each once, plus 2 of padding so that the 3 ranks take 14 each.
-    assert len(rest) == 42 and len(set(rest) - consumed) == 40
 
 
 # --- loader -------------------------------------------------------------------------------------
@@ -317,7 +348,8 @@ def test_loader_shards_across_ranks(image_folder: Path) -> None:
 
 
 def test_too_few_images_for_a_batch(image_folder: Path) -> None:
-    with pytest.raises(UserError, match=r"fewer than one batch of data.batch_size=64"):
+    with pytest.raises(UserError, match=r"36 images, fewer than one global batch .* = 64\); "
+                                        r"lower data.batch_size=64"):
         build_loader(small_cfg(image_folder, batch_size=64), "train", train=True)
 
 
@@ -440,7 +472,7 @@ def test_position_from_step_for_checkpoints_without_loader_state(image_folder: P
     from pipeline.data import position_from_step
 
     # An old 2-rank run with 3 images per rank: 6 steps per epoch of 36 images.
-    state = position_from_step(8, num_samples=36, batch_size=3, world_size=2)
+    state = position_from_step(8, epoch=1, num_samples=36, batch_size=3, world_size=2)
     assert state == {"epoch": 1, "consumed": 12, "num_samples": 36}
     loader = build_loader(small_cfg(image_folder, batch_size=4), "train", train=True, seed=3)
     loader.load_state_dict(state)

@@ -220,7 +220,8 @@ def test_resume_refuses_another_recipe_and_accepts_more_epochs(image_folder, tmp
     first_config = (run_dir / "config.yaml").read_text()
     for change, words in [("model.kwargs={depth: 14, width: 4}", "model.kwargs.depth"),
                           ("optim.name=adamw", "optim.name"),
-                          ("data.batch_size=6", "data.batch_size")]:
+                          # the global batch of 4 it makes up (tests/test_elastic_resume.py)
+                          ("data.batch_size=6", "set train.global_batch=4 to keep it")]:
         code, _, err = finish(cli_train([*run, "resume=auto", change]))
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
         assert "Traceback" not in err

@@ -96,7 +96,7 @@ def test_ddp_on_two_cpu_processes(fmnist, tmp_path):
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert proc.stdout.count("training resnet_ann_cifar20") == 1  # rank 1 stays quiet
-    assert "batch 50 x 2" in proc.stdout
+    assert "batch 100 (50 x 2 processes)" in proc.stdout
     results = json.loads((tmp_path / "demo_fmnist" / "results.json").read_text())
     assert results["val_samples"] == 1000  # both ranks' halves of the validation set
     store = CheckpointStore(str(tmp_path / "demo_fmnist" / "checkpoints"))

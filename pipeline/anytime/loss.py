@@ -65,16 +65,24 @@ class AnytimeLoss(nn.Module):
         # A private CPU generator: draws must not depend on (or disturb) the global RNG, which the
         # model and data pipeline also consume, so that they replay exactly after a resume.
         self._generator = torch.Generator().manual_seed(seed)
-        # The exit drawn by the last ALTERNATING call (0-based, on the weights' device), for logs.
+        # The exit drawn for the current optimizer step by ALTERNATING (0-based, on the weights'
+        # device), also for logs; and the step's per-exit losses summed over its passes so far.
         self.last_drawn: Tensor | None = None
+        self._pass_losses: Tensor | None = None
 
     @property
     def weights(self) -> list[float]:
         """The current B_1..B_L (final exit last)."""
         return [float(b) for b in self.loss_weights.tolist()]
 
-    def forward(self, logits: list[Tensor], target: Tensor) -> tuple[Tensor, Tensor]:
-        """Return (total loss, detached float32 per-exit losses of shape [L])."""
+    def forward(self, logits: list[Tensor], target: Tensor, *, pass_index: int = 0,
+                passes: int = 1) -> tuple[Tensor, Tensor]:
+        """Return (total loss, detached float32 per-exit losses of shape [L]).
+
+        An optimizer step made of several forward passes (gradient accumulation) calls this once
+        per pass with `pass_index` 0..passes-1: the step draws one ALTERNATING exit (at its
+        first pass) and updates ADALOSS once (at its last, from the passes' mean losses), as a
+        step of one pass over the same images would."""
         if len(logits) != self.num_exits:
             raise ValueError(f"expected {self.num_exits} exit logits, got {len(logits)}")
         # float32 CE: bf16 logits under autocast lose too much precision in log-softmax.
@@ -85,10 +93,16 @@ class AnytimeLoss(nn.Module):
         total = (w * losses).sum()
         if self.training:
             if self.alternating:
-                j = self._draw(w)
-                self.last_drawn = j
-                total = total + w[-1] * losses[j]
-            self._step(losses.detach())
+                if pass_index == 0:
+                    self.last_drawn = self._draw(w)
+                total = total + w[-1] * losses[self.last_drawn]
+            if passes == 1:
+                self._step(losses.detach())
+            else:
+                summed = losses.detach() if pass_index == 0 else self._pass_losses + losses.detach()
+                self._pass_losses = summed
+                if pass_index == passes - 1:
+                    self._step(summed / passes)
         return total, losses.detach()
 
     def _draw(self, w: Tensor) -> Tensor:

@@ -124,10 +124,11 @@ class DaliLoader(Loader):
     reads_urls = True
 
     def __init__(self, cfg: DataConfig, index: SampleIndex, *, train: bool, rank: int = 0,
-                 world_size: int = 1, seed: int = 0):
+                 world_size: int = 1, seed: int = 0, accumulation: int = 1):
         import_dali()
         super().__init__(cfg, index.classes, len(index), source=str(index.split_dir),
-                         train=train, rank=rank, world_size=world_size, seed=seed)
+                         train=train, rank=rank, world_size=world_size, seed=seed,
+                         accumulation=accumulation)
         if index.is_remote and cfg.endpoint_url:
             # DALI's AWS SDK reads its endpoint from the environment only.
             os.environ["AWS_ENDPOINT_URL"] = cfg.endpoint_url

@@ -23,16 +23,18 @@ BACKENDS = {
 
 
 def build_loader(cfg: DataConfig, split: str, *, train: bool, rank: int = 0,
-                 world_size: int = 1, seed: int = 0) -> Loader:
-    """The loader of root/split for one rank: batches of (NCHW images, int64 labels); float32
-    unless data.dtype says otherwise, on the GPU for DALI's 'mixed' decode."""
+                 world_size: int = 1, seed: int = 0, accumulation: int = 1) -> Loader:
+    """The loader of root/split for one rank: batches of (NCHW images, int64 labels) of
+    data.batch_size; float32 unless data.dtype says otherwise, on the GPU for DALI's 'mixed'
+    decode. `accumulation`: forward passes per optimizer step (training: `loader.steps()`)."""
     if cfg.backend not in BACKENDS:
         raise UserError(f"data.backend={cfg.backend!r} is not available; use data.backend="
                         f"{', '.join(list(BACKENDS)[:-1])} or {list(BACKENDS)[-1]}")
     module, name = BACKENDS[cfg.backend]
     loader_class: type[Loader] = getattr(importlib.import_module(module), name)
     if cfg.backend == "synthetic" and (is_remote(cfg.root) or not Path(cfg.root).is_dir()):
-        return loader_class(cfg, split, train=train, rank=rank, world_size=world_size, seed=seed)
+        return loader_class(cfg, split, train=train, rank=rank, world_size=world_size, seed=seed,
+                            accumulation=accumulation)
     if is_remote(cfg.root) and not loader_class.reads_urls:
         raise UserError(f"data.root={cfg.root} is in object storage, which only "
                         f"data.backend=dali reads; use it, or copy the data to local disk on "
@@ -40,7 +42,8 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, rank: int = 0,
     index = index_split(cfg.root, split, cfg.endpoint_url)
     check_classes_match_train(cfg, index)
     index = apply_file_lists(index, cfg.file_lists)  # leaves out what `data verify` found bad
-    return loader_class(cfg, index, train=train, rank=rank, world_size=world_size, seed=seed)
+    return loader_class(cfg, index, train=train, rank=rank, world_size=world_size, seed=seed,
+                        accumulation=accumulation)
 
 
 def check_classes_match_train(cfg: DataConfig, index: SampleIndex) -> None:

@@ -4,24 +4,24 @@ checkpoint state, the rank's share of the order, the bad-image count.
     loader = build_loader(cfg.data, "train", train=True, rank=rank, world_size=world, seed=seed)
     loader.set_epoch(epoch)
     loader.load_state_dict(saved)         # after a resume: on any world size or batch size
+    for batches in loader.steps(): ...    # one optimizer step: `accumulation` (images, labels)
     for images, labels in loader: ...     # or loader.batches_with_indices(): + sample indices
     saved = loader.state_dict()           # {"epoch", "consumed", "num_samples"}: plain ints
 
 `consumed` counts the samples of the epoch's global order handed out so far over all ranks
-(per-rank batch x world size per batch, counted when the batch is handed out), so a loader for
-another number of ranks or another per-rank batch continues with exactly the samples not yet
-consumed (pipeline/data/sampler.py). A checkpoint that holds no loader state (written before
-there was any) gets it from its step: `position_from_step` in pipeline/data/sampler.py.
-(Not wired into the trainer yet: it still positions a resumed epoch with
-`set_epoch(epoch, start_batch=...)` and refuses another number of ranks; issue 14.)
+(per-rank batch x world size per forward pass, counted when the batch is handed out), so a loader
+for another number of ranks, another per-rank batch or another accumulation continues with
+exactly the samples not yet consumed (pipeline/data/sampler.py). A checkpoint that holds no
+loader state (written before there was any) gets it from its step: `position_from_step` in
+pipeline/data/sampler.py.
 
 A back end is one file: a subclass that sets `reads_urls` and implements `_load`, registered by
 name in pipeline/data/factory.py.
 
-Epoch ends. Training: every rank gets the same number of samples (the rest of the order padded
-by wrapping) and whole batches only, so every rank runs the same number of steps; the samples of
-a last partial global batch are left for the next epoch's shuffle. Evaluation: unpadded shards
-(each image on exactly one rank) and a smaller last batch, so every image is counted exactly once.
+Epoch ends. Training: whole global batches only, so every rank runs the same number of steps, and
+an epoch has num_samples // global batch steps whatever the number of ranks; the samples of a last
+partial global batch are left for the next epoch's shuffle. Evaluation: unpadded shards (each
+image on exactly one rank) and a smaller last batch, so every image is counted exactly once.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class Loader(ABC):
     reads_urls = False  # whether the back end reads a data root in object storage itself
 
     def __init__(self, cfg: DataConfig, classes: list[str], num_samples: int, *, source: str,
-                 train: bool, rank: int = 0, world_size: int = 1, seed: int = 0):
+                 train: bool, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 accumulation: int = 1):
         self.classes = classes
         self.num_samples = num_samples
         self.batch_size = cfg.batch_size
@@ -60,13 +61,17 @@ class Loader(ABC):
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
+        self.accumulation = accumulation
         self.sampler = ResumableSampler(num_samples, shuffle=train, seed=seed, rank=rank,
-                                        world_size=world_size, pad=train)
+                                        world_size=world_size, batch_size=cfg.batch_size * train,
+                                        accumulation=accumulation)
         if len(self) == 0:
+            need = (f"one global batch ({cfg.batch_size} per forward pass x {world_size} "
+                    f"process(es) x {accumulation} pass(es) = {self.global_batch})" if train else
+                    f"one image for each of {world_size} processes")
             raise UserError(
-                f"{source} gives each of {world_size} processes {len(self.sampler)} images, "
-                f"fewer than one batch of data.batch_size={cfg.batch_size}; lower "
-                "data.batch_size or use fewer processes"
+                f"{source} has {num_samples} images, fewer than {need}; lower data.batch_size="
+                f"{cfg.batch_size} (or train.global_batch) or use fewer processes"
             )
         self.epoch = 0
         self.consumed = 0  # samples of this epoch's global order handed out, over all ranks
@@ -83,6 +88,21 @@ class Loader(ABC):
         return self._batches(self.num_samples)
 
     @property
+    def global_batch(self) -> int:
+        """Samples of one optimizer step over all ranks (training loaders)."""
+        return self.sampler.global_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps of a whole epoch (training loaders): the same on every rank."""
+        return self.num_samples // self.global_batch
+
+    @property
+    def steps_done(self) -> int:
+        """Optimizer steps of the current epoch taken so far, in this loader's global batches."""
+        return self.consumed // self.global_batch
+
+    @property
     def batches_left(self) -> int:
         """Batches of the current epoch this rank has still to hand out."""
         return self._batches(self.num_samples - self.consumed)
@@ -92,8 +112,8 @@ class Loader(ABC):
         return share // self.batch_size if self.train else math.ceil(share / self.batch_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Start `epoch` (at its batch `start_batch` of this loader's own geometry: the old way
-        of resuming; `load_state_dict` resumes on any world size)."""
+        """Start `epoch` (at its batch `start_batch` of this loader's own geometry;
+        `load_state_dict` resumes on any world size)."""
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch={start_batch} is outside 0..{len(self)} batches")
         self.epoch = epoch
@@ -118,8 +138,26 @@ class Loader(ABC):
         for images, labels, _ in self.batches_with_indices():
             yield images, labels
 
+    def steps(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The rest of the epoch one optimizer step at a time: the step's `accumulation`
+        (images, labels) batches (fewer when a whole batch failed to decode)."""
+        step: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for n, (images, labels, ids) in enumerate(self._every_batch(), start=1):
+            if len(ids):
+                step.append((images, labels))
+            if n % self.accumulation == 0:
+                if step:
+                    yield step
+                step = []
+
     def batches_with_indices(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(images, labels, sample indices into the split's index) for the rest of the epoch."""
+        for images, labels, ids in self._every_batch():
+            if len(ids):
+                yield images, labels, ids
+
+    def _every_batch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Every batch of the rest of the epoch, also one whose images all failed to decode."""
         self.sampler.set_epoch(self.epoch, self.consumed)
         indices = self.sampler.indices()[: self.batches_left * self.batch_size]
         per_batch = self.batch_size * self.world_size
@@ -128,8 +166,7 @@ class Loader(ABC):
             # are consumed, so a checkpoint taken after its step resumes at batch k + 1.
             self.consumed = min(self.consumed + per_batch, self.num_samples)
             self.counter.record(len(ids) + len(bad), bad)
-            if len(ids):
-                yield images, labels, ids
+            yield images, labels, ids
 
     @property
     def bad_files(self) -> list[str]:

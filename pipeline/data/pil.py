@@ -165,12 +165,13 @@ class PilLoader(Loader):
     DataLoader's workers."""
 
     def __init__(self, cfg: DataConfig, index: SampleIndex, *, train: bool, rank: int = 0,
-                 world_size: int = 1, seed: int = 0):
+                 world_size: int = 1, seed: int = 0, accumulation: int = 1):
         if cfg.dtype != "float32" or cfg.channels_last:
             raise UserError("data.dtype and data.channels_last apply to data.backend=dali or "
                             "synthetic; leave them at float32 / false for data.backend=torch")
         super().__init__(cfg, index.classes, len(index), source=str(index.split_dir),
-                         train=train, rank=rank, world_size=world_size, seed=seed)
+                         train=train, rank=rank, world_size=world_size, seed=seed,
+                         accumulation=accumulation)
         self.dataset = FolderDataset(index, build_transform(cfg, train))
         self._order = SeededOrder()
         # DataLoader draws its workers' base seed from this generator rather than the global RNG,

@@ -2,20 +2,30 @@
 
 Epoch e's global order is a permutation of the split's n samples seeded by (seed, e) (the
 identity without shuffling). Its position is one number, `consumed`: how many samples at the
-front of that order have been handed out, over all ranks together. The rest is shared out by
-interleaving: rank r of W takes positions consumed + r, consumed + r + W, ... So after k steps
-of b samples on each of W ranks exactly the first k * b * W positions are consumed, whatever W and
-b were, and a loader built for any other world size or batch size can go on from there: every
+front of that order have been handed out, over all ranks together.
+
+Training takes the rest of the order a global batch at a time: G = b x W x A samples (b per
+forward pass, W ranks, A forward passes accumulated per optimizer step), whole global batches
+only; the samples of a last partial one are left to the next epoch's shuffle. A global batch is
+shared out by interleaving over V = W x A "virtual ranks": position p of the batch goes to
+virtual rank p mod V, and rank r's forward pass j of the step takes virtual rank j x W + r. So a
+virtual rank's forward pass sees the same samples whatever mix of ranks and accumulation makes up
+V: a 2-rank run and a 1-rank run accumulating 2 passes compute the same batches (the same
+BatchNorm statistics too), and after k steps exactly the first k x G positions are consumed,
+whatever W, b and A were. A loader built for any other geometry goes on from there: every
 remaining sample exactly once, over the new ranks.
 
-    sampler = ResumableSampler(n, shuffle=True, seed=seed, rank=rank, world_size=world)
+Evaluation shares the whole order out by interleaving over the W ranks, unpadded: every sample
+exactly once, ranks differ by at most one sample.
+
+    sampler = ResumableSampler(n, shuffle=True, seed=seed, rank=rank, world_size=world,
+                               batch_size=b, accumulation=a)   # batch_size=0: evaluation
     sampler.set_epoch(epoch, consumed)  # consumed = 0 at the start of an epoch
-    for i in sampler: ...               # this rank's share of the rest of the epoch
+    for i in sampler: ...               # this rank's share of the rest, in loading order
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -35,26 +45,32 @@ def mix_seed(*parts: int) -> int:
 
 
 class ResumableSampler:
-    """This rank's share of the rest of an epoch's global order.
+    """This rank's share of the rest of an epoch's global order, in the order it is loaded.
 
-    With `pad` (training) the rest is padded by wrapping around the epoch's order to a multiple
-    of world_size, so every rank runs the same number of steps (DistributedSampler's rule; only
-    the padding repeats samples). Without it (evaluation) ranks may differ by one sample and every
-    sample is seen exactly once.
+    `batch_size` > 0 (training): whole global batches of batch_size x world_size x accumulation,
+    every rank the same number of samples. `batch_size` = 0 (evaluation): every sample once.
     """
 
     def __init__(self, num_samples: int, *, shuffle: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, pad: bool = True):
+                 world_size: int = 1, batch_size: int = 0, accumulation: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if accumulation < 1 or (accumulation > 1 and not batch_size):
+            raise ValueError(f"accumulation={accumulation} needs a training batch_size")
         self.num_samples = num_samples
         self.shuffle = shuffle
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.pad = pad
+        self.batch_size = batch_size
+        self.accumulation = accumulation
         self.epoch = 0
         self.consumed = 0  # positions of the epoch's global order handed out, on all ranks
+
+    @property
+    def global_batch(self) -> int:
+        """Samples of one optimizer step over all ranks (0 for evaluation)."""
+        return self.batch_size * self.world_size * self.accumulation
 
     def set_epoch(self, epoch: int, consumed: int = 0) -> None:
         if not 0 <= consumed <= self.num_samples:
@@ -70,19 +86,23 @@ class ResumableSampler:
         return torch.randperm(self.num_samples, generator=g).numpy()
 
     def indices(self) -> np.ndarray:
-        """This rank's share of the positions not yet consumed, in order."""
-        order = self.order()
-        rest = order[self.consumed :]
-        if self.pad:
-            short = self.share(len(rest)) * self.world_size - len(rest)
-            rest = np.concatenate([rest, np.resize(order, short)])  # wraps, repeatedly if needed
-        return rest[self.rank :: self.world_size]
+        """This rank's share of the positions not yet consumed, in loading order (training:
+        step by step, each step's forward passes one after the other)."""
+        rest = self.order()[self.consumed :]
+        if not self.batch_size:
+            return rest[self.rank :: self.world_size]
+        steps = len(rest) // self.global_batch
+        virtual = self.world_size * self.accumulation
+        # [step, sample of a pass, virtual rank] -> this rank's passes (virtual ranks j x W + r)
+        # -> [step, pass j, sample]
+        grid = rest[: steps * self.global_batch].reshape(steps, self.batch_size, virtual)
+        return grid[:, :, self.rank :: self.world_size].transpose(0, 2, 1).reshape(-1)
 
     def share(self, remaining: int) -> int:
         """How many of `remaining` positions this rank takes."""
-        if self.pad:
-            return math.ceil(remaining / self.world_size)
-        return len(range(self.rank, remaining, self.world_size))
+        if not self.batch_size:
+            return len(range(self.rank, remaining, self.world_size))
+        return remaining // self.global_batch * self.batch_size * self.accumulation
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices().tolist())
@@ -91,13 +111,17 @@ class ResumableSampler:
         return self.share(self.num_samples - self.consumed)
 
 
-def position_from_step(step: int, *, num_samples: int, batch_size: int,
-                       world_size: int) -> dict[str, int]:
+def position_from_step(step: int, *, epoch: int, num_samples: int, batch_size: int,
+                       world_size: int, max_steps_per_epoch: int = 0) -> dict[str, int]:
     """The training loader's state after `step` optimizer steps of a run that kept no loader
-    state (checkpoints written before it did): `batch_size` per rank on `world_size` ranks, the
-    geometry of the run that wrote the checkpoint (its stored config and meta["world_size"]),
-    not necessarily the current one. Load it with `loader.load_state_dict(...)`."""
-    steps_per_epoch = math.ceil(num_samples / world_size) // batch_size
-    epoch, batch = divmod(step, steps_per_epoch)
+    state (checkpoints written before it did), `epoch` of them whole: `batch_size` per rank on
+    `world_size` ranks, the geometry of the run that wrote the checkpoint (its stored config and
+    meta["world_size"]), not necessarily the current one. Those runs padded each rank's share
+    (ceil(n / W)) and counted whole per-rank batches of it. Load it with
+    `loader.load_state_dict(...)`."""
+    steps_per_epoch = -(-num_samples // world_size) // batch_size
+    if max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, max_steps_per_epoch)
+    batch = step - epoch * steps_per_epoch
     return {"epoch": epoch, "consumed": min(batch * batch_size * world_size, num_samples),
             "num_samples": num_samples}

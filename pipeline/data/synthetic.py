@@ -26,7 +26,7 @@ IMAGENET_CLASSES = 1000
 
 class SyntheticLoader(Loader):
     def __init__(self, cfg: DataConfig, index: SampleIndex | str, *, train: bool, rank: int = 0,
-                 world_size: int = 1, seed: int = 0):
+                 world_size: int = 1, seed: int = 0, accumulation: int = 1):
         """`index`: the split's index, or the split's name where there is no data."""
         if isinstance(index, SampleIndex):
             classes, num_samples, source = index.classes, len(index), str(index.split_dir)
@@ -37,7 +37,7 @@ class SyntheticLoader(Loader):
             log.info("synthetic data: %s has no data, so epochs have ImageNet-1k's %d %s images",
                      cfg.root, num_samples, index)
         super().__init__(cfg, classes, num_samples, source=source, train=train, rank=rank,
-                         world_size=world_size, seed=seed)
+                         world_size=world_size, seed=seed, accumulation=accumulation)
         if torch.cuda.is_available():
             self.device = torch.device("cuda", torch.cuda.current_device())  # set by the trainer
         else:

@@ -52,14 +52,13 @@ def bench_train(cfg: Config, steps: int = 30, warmup: int = 5, peak_tflops: floa
     size = cfg.data.image_size
     flops_per_image = train_flops_per_image(model, (3, size, size))
     criterion = build_loss(cfg, model.num_exits).to(device).train()
-    optimizer = build_optimizer(cfg, model, world_size=1)
+    optimizer = build_optimizer(cfg, model, global_batch=cfg.data.batch_size)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     autocast = amp_context(device, cfg.train.amp)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        train_step(model, criterion, optimizer, scaler, autocast, images,
-                   labels.to(device, non_blocking=True), cfg.optim.grad_clip)
+        train_step(model, criterion, optimizer, scaler, autocast, [(images, labels)], device,
+                   memory_format, cfg.optim.grad_clip)
 
     loader.set_epoch(0)
     full, loader_wait = timed(step, loader, steps, warmup, device)

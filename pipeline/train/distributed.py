@@ -66,6 +66,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of `t` over all ranks (a copy; one all-reduce, a host sync where read)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t.clone()
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
 def broadcast_from_main(obj: object) -> object:
     """Rank 0's `obj` on every rank (a picklable object); `obj` itself in a single process."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -15,6 +15,8 @@ import subprocess
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 import pipeline.models  # noqa: F401  (registers the anytime models with timm)
 from pipeline.anytime.loss import AnytimeLoss
 from pipeline.anytime.metrics import ExitErrors
-from pipeline.config import Config, classify_resume_changes
-from pipeline.data import Loader, build_loader
+from pipeline.config import Config, DataConfig, classify_resume_changes
+from pipeline.data import Loader, build_loader, position_from_step
 from pipeline.errors import TrainingDiverged, UserError
 from pipeline.models import exit_costs
 from pipeline.report import format_table, plot_anytime_curve
@@ -43,11 +45,12 @@ from pipeline.train.distributed import (
     close_distributed,
     init_distributed,
     local_rank,
+    mean_over_ranks,
     run_on_main,
 )
 from pipeline.train.preemption import watch_preemption
 from pipeline.train.progress import MetricsWriter, Progress, format_duration
-from pipeline.train.state import capture_rng_all_ranks, restore_rng_of_rank, seed_everything
+from pipeline.train.state import RunState, seed_everything
 
 log = logging.getLogger("pipeline.train")
 
@@ -82,13 +85,17 @@ def train(cfg: Config,
         lease = run_on_main(lambda: take_run_lease(cfg, store))  # one writer, before all else
         if lease is not None:
             teardown.callback(lease.release)
-        resume_from = check_run_folder(cfg, store, dist_info.world_size)  # (info, state) or None
-        run_on_main(lambda: record_config(cfg, resume_from[0] if resume_from else None))
-
-        train_loader = build_loader(cfg.data, "train", train=True, rank=dist_info.rank,
-                                    world_size=dist_info.world_size, seed=cfg.seed)
+        per_pass, passes = cfg.batch_geometry(dist_info.world_size)
+        train_loader = build_loader(replace(cfg.data, batch_size=per_pass), "train", train=True,
+                                    rank=dist_info.rank, world_size=dist_info.world_size,
+                                    seed=cfg.seed, accumulation=passes)
         val_loader = build_loader(cfg.data, "val", train=False, rank=dist_info.rank,
                                   world_size=dist_info.world_size, seed=cfg.seed)
+        global_batch = train_loader.global_batch
+        batch_text = f"{global_batch} ({per_pass} x {dist_info.world_size} processes" + \
+            (f" x {passes} passes)" if passes > 1 else ")")
+        resume_from = check_run_folder(cfg, store, global_batch, batch_text)  # (info, state)
+        run_on_main(lambda: record_config(cfg, resume_from[0] if resume_from else None))
         num_classes = cfg.model.num_classes or len(train_loader.classes)
 
         model = create_anytime_model(cfg, num_classes).to(device)
@@ -96,28 +103,26 @@ def train(cfg: Config,
         model = model.to(memory_format=memory_format)
         criterion = build_loss(cfg, model.num_exits).to(device)
 
-        optimizer = build_optimizer(cfg, model, dist_info.world_size)
-        steps_per_epoch = len(train_loader)
+        optimizer = build_optimizer(cfg, model, global_batch)
+        steps_per_epoch = train_loader.steps_per_epoch
         if cfg.train.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
         scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+        run = RunState(model, optimizer, scaler, criterion, train_loader, rank=dist_info.rank,
+                       seed=cfg.seed)
 
-        epoch, step = 0, 0
         if resume_from is not None:
             info, state = resume_from
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            # The scheduler is not restored: timm's computes the rate from the step and its
-            # settings, and its saved settings would undo an accepted change of train.epochs.
-            scheduler.step_update(state["step"])
-            scaler.load_state_dict(state["scaler"])
-            criterion.load_state_dict(state["loss"])
-            if not restore_rng_of_rank(state["rng"], dist_info.rank):
-                log.warning("the checkpoint holds no random state for rank %d (written before "
-                            "per-rank states were saved); it keeps its fresh seed", dist_info.rank)
-            epoch, step = state["epoch"], state["step"]
-            log.info("resumed from %s/%s at epoch %d, step %d", store.url, info.name, epoch, step)
+            if "data" not in state:
+                state["data"] = data_position_from_step(info, state, train_loader.num_samples)
+            run.load_state_dict(state)
+            log.info("resumed from %s/%s at epoch %d, step %d", store.url, info.name, run.epoch,
+                     run.step)
+        # The schedule goes by the epoch's progress (the same as the step count unless the
+        # global batch changed), and is recomputed rather than restored: timm's scheduler keeps
+        # its settings, which would undo an accepted change of train.epochs.
+        scheduler.step_update(run.epoch * steps_per_epoch + train_loader.steps_done)
 
         ddp_model = model
         if dist_info.world_size > 1:
@@ -126,12 +131,12 @@ def train(cfg: Config,
         autocast = amp_context(device, cfg.train.amp)
         metrics = MetricsWriter(cfg.run_dir, enabled=dist_info.is_main)
         teardown.callback(metrics.close)
-        progress = Progress(cfg.train.epochs * steps_per_epoch, step, cfg.train.log_every,
+        progress = Progress(cfg.train.epochs * steps_per_epoch, run.step, cfg.train.log_every,
                             enabled=dist_info.is_main)
-        log.info("training %s (%d exits, %s loss%s) on %s: %d epochs x %d steps, batch %d x %d",
+        log.info("training %s (%d exits, %s loss%s) on %s: %d epochs x %d steps, batch %s",
                  cfg.model.name, model.num_exits, cfg.loss.scheme,
                  " + alternating" if cfg.loss.alternating else "", device, cfg.train.epochs,
-                 steps_per_epoch, cfg.data.batch_size, dist_info.world_size)
+                 steps_per_epoch, batch_text)
 
         checkpointer = Checkpointer(store, writer=dist_info.is_main, lease=lease,
                                     async_save=cfg.checkpoint.async_save,
@@ -139,63 +144,60 @@ def train(cfg: Config,
         teardown.callback(checkpointer.close)
 
         def save(end_of_epoch: bool, blocking: bool = False) -> None:
-            stop_if_diverged(loss, model, step, device)  # never a non-finite checkpoint
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(),
-                     "loss": criterion.state_dict(), "rng": capture_rng_all_ranks(),
-                     "epoch": epoch, "step": step}
-            meta = {"epoch": epoch, "end_of_epoch": end_of_epoch, "config": cfg.to_dict(),
-                    "world_size": dist_info.world_size, "code_version": code_version()}
-            checkpointer.save(step, state, meta, blocking=blocking)
+            stop_if_diverged(loss, model, run.step, device)  # never a non-finite checkpoint
+            meta = {"epoch": run.epoch, "end_of_epoch": end_of_epoch, "config": cfg.to_dict(),
+                    "world_size": dist_info.world_size, "global_batch": global_batch,
+                    "code_version": code_version()}
+            checkpointer.save(run.step, run.state_dict(), meta, blocking=blocking)
 
-        if preemption.requested(step, device, every=1):  # signalled while setting up
+        if preemption.requested(run.step, device, every=1):  # signalled while setting up
             log.warning("preempted (%s) before the first step: nothing new to save; exiting",
                         preemption.signal_name)
-            return {"name": cfg.name, "preempted": True, "step": step}
+            return {"name": cfg.name, "preempted": True, "step": run.step}
         loss = torch.zeros(())  # the last step's loss, checked before each save
         val_errors = None
-        while epoch < cfg.train.epochs:
+        while run.epoch < cfg.train.epochs:
             model.train()
             criterion.train()
-            train_loader.set_epoch(epoch, start_batch=step - epoch * steps_per_epoch)
-            for images, labels in train_loader:
-                if step >= (epoch + 1) * steps_per_epoch:
-                    break
-                images = images.to(device, non_blocking=True, memory_format=memory_format)
-                labels = labels.to(device, non_blocking=True)
+            steps_left = max(0, steps_per_epoch - train_loader.steps_done)
+            for batches in islice(train_loader.steps(), steps_left):
                 loss, exit_losses = train_step(ddp_model, criterion, optimizer, scaler, autocast,
-                                               images, labels, cfg.optim.grad_clip)
-                step += 1
-                scheduler.step_update(step)
-                progress.advance(images.shape[0] * dist_info.world_size)
-                if progress.due(step):
-                    stop_if_diverged(loss, None, step, device)
+                                               batches, device, memory_format, cfg.optim.grad_clip)
+                run.step += 1
+                scheduler.step_update(run.epoch * steps_per_epoch + train_loader.steps_done)
+                progress.advance(sum(len(labels) for _, labels in batches) * dist_info.world_size)
+                if progress.due(run.step):
+                    stop_if_diverged(loss, None, run.step, device)
                     checkpointer.raise_if_fenced()  # now, not at the next save
-                    values = {"loss": loss.item(), "final_exit_loss": exit_losses[-1].item(),
+                    exit_losses = mean_over_ranks(exit_losses)
+                    values = {"loss": mean_over_ranks(loss).item(),
+                              "final_exit_loss": exit_losses[-1].item(),
                               "lr": optimizer.param_groups[0]["lr"]}
-                    progress.log(step, epoch, cfg.train.epochs, values)
-                    metrics.write("train", step, {**values, "images_per_s": progress.rate})
-                if preemption.requested(step, device):
+                    progress.log(run.step, run.epoch, cfg.train.epochs, values)
+                    metrics.write("train", run.step, {**values, "images_per_s": progress.rate})
+                if preemption.requested(run.step, device):
                     save(end_of_epoch=False, blocking=True)
                     log.warning("preempted (%s): checkpoint at step %d saved; exiting",
-                                preemption.signal_name, step)
+                                preemption.signal_name, run.step)
                     if dist_info.world_size > 1:  # no rank exits before the checkpoint is
                         torch.distributed.barrier()  # written: a launcher may kill the rest
-                    return {"name": cfg.name, "preempted": True, "step": step}
+                    return {"name": cfg.name, "preempted": True, "step": run.step}
                 every = cfg.checkpoint.every_steps
-                if every and step % every == 0 and step % steps_per_epoch:
+                if every and run.step % every == 0 and train_loader.steps_done < steps_per_epoch:
                     save(end_of_epoch=False)
-            epoch += 1
+            run.epoch += 1
+            train_loader.set_epoch(run.epoch)
 
             val_errors = evaluate(model, val_loader, device, memory_format, autocast)
-            metrics.write("val", step, {"epoch": epoch, "top1": val_errors["top1"],
-                                        "top5": val_errors["top5"], "weights": criterion.weights,
-                                        "bad_images": len(train_loader.bad_files)})
-            log.info("epoch %d/%d  val top-1 error per exit: %s", epoch, cfg.train.epochs,
+            metrics.write("val", run.step, {"epoch": run.epoch, "top1": val_errors["top1"],
+                                            "top5": val_errors["top5"],
+                                            "weights": criterion.weights,
+                                            "bad_images": len(train_loader.bad_files)})
+            log.info("epoch %d/%d  val top-1 error per exit: %s", run.epoch, cfg.train.epochs,
                      " ".join(f"{e:.2f}" for e in val_errors["top1"]))
-            save(end_of_epoch=True, blocking=epoch == cfg.train.epochs)
+            save(end_of_epoch=True, blocking=run.epoch == cfg.train.epochs)
             if on_epoch_end is not None:
-                on_epoch_end({"epoch": epoch, "step": step, "top1": val_errors["top1"],
+                on_epoch_end({"epoch": run.epoch, "step": run.step, "top1": val_errors["top1"],
                               "top5": val_errors["top5"]})
 
         checkpointer.wait()  # the last save is written, or the run fails here
@@ -244,9 +246,9 @@ def build_loss(cfg: Config, num_exits: int) -> AnytimeLoss:
     )
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, world_size: int) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: torch.nn.Module,
+                    global_batch: int) -> torch.optim.Optimizer:
     """timm's optimizer factory; `optim.lr` is for a global batch of 256, scaled linearly."""
-    global_batch = cfg.data.batch_size * world_size
     return create_optimizer_v2(
         model, opt=cfg.optim.name, lr=cfg.optim.lr * global_batch / 256,
         weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
@@ -255,20 +257,33 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, world_size: int) -> tor
 
 def train_step(model: torch.nn.Module, criterion: AnytimeLoss, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, autocast: AbstractContextManager,
-               images: torch.Tensor, labels: torch.Tensor,
+               batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+               memory_format: torch.memory_format = torch.contiguous_format,
                grad_clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a batch already on the device; returns (loss, per-exit losses)."""
-    with autocast:
-        logits = model(images)
-    loss, exit_losses = criterion(logits, labels)
+    """One optimizer step on the step's batches (one, or one per accumulated forward pass);
+    returns the step's (loss, per-exit losses), averaged over its passes."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    passes = len(batches)
+    loss_sum, exit_sum = torch.zeros((), device=device), 0
+    for i, (images, labels) in enumerate(batches):
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        labels = labels.to(device, non_blocking=True)
+        # DDP all-reduces the gradients in the backward of the last pass only.
+        last = i == passes - 1
+        no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last \
+            else nullcontext()
+        with no_sync:
+            with autocast:
+                logits = model(images)
+            loss, exit_losses = criterion(logits, labels, pass_index=i, passes=passes)
+            scaler.scale(loss / passes if passes > 1 else loss).backward()
+        loss_sum, exit_sum = loss_sum + loss.detach(), exit_sum + exit_losses
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    return loss, exit_losses
+    return loss_sum / passes, exit_sum / passes
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer,
@@ -337,10 +352,11 @@ def report(cfg: Config, model: torch.nn.Module, val_errors: dict, seconds: float
     return results
 
 
-def check_run_folder(cfg: Config, store: CheckpointStore,
-                     world_size: int) -> tuple[CheckpointInfo, dict] | None:
+def check_run_folder(cfg: Config, store: CheckpointStore, global_batch: int,
+                     batch_text: str) -> tuple[CheckpointInfo, dict] | None:
     """The checkpoint to resume from and its state, or None. Refuses to mix two runs in one
-    folder, and a resume whose config or number of ranks does not fit the checkpoint."""
+    folder, and a resume whose config or global batch does not fit the checkpoint (another
+    number of ranks is fine: the data position and the global batch carry over)."""
     previous = store.list() or (cfg.run_dir / "metrics.jsonl").exists()
     if cfg.resume == "never":
         if previous:
@@ -366,17 +382,50 @@ def check_run_folder(cfg: Config, store: CheckpointStore,
     else:
         log.warning("checkpoint %s records no config (an older version wrote it): resuming "
                     "without checking that the config still fits", where)
-    saved_ranks = info.meta.get("world_size", len(state["rng"]) if isinstance(state.get("rng"),
-                                                                                list) else None)
-    if saved_ranks is not None and saved_ranks != world_size:
-        raise UserError(f"checkpoint {where} was written by {saved_ranks} ranks and this job has "
-                        f"{world_size}: resuming on another number of ranks changes the data "
-                        f"order and the global batch and is not supported yet; run on "
-                        f"{saved_ranks} ranks")
+    saved_batch = saved_global_batch(info, state)
+    if saved_batch is not None and saved_batch != global_batch:
+        if not cfg.train.allow_batch_change:
+            raise UserError(
+                f"checkpoint {where} was trained with a global batch of {saved_batch} and this "
+                f"job's is {batch_text}: set train.global_batch={saved_batch} to keep it "
+                f"(gradient accumulation makes up the difference), or "
+                f"train.allow_batch_change=true to go on with {global_batch}")
+        log.warning("resuming %s with a global batch of %d instead of %d "
+                    "(train.allow_batch_change): the lr is scaled to it, the schedule goes on "
+                    "by epochs", where, global_batch, saved_batch)
     return latest
 
 
-RUN_STATE = ("model", "optimizer", "scaler", "loss", "rng", "epoch", "step")
+def saved_global_batch(info: CheckpointInfo, state: dict) -> int | None:
+    """The global batch the checkpoint was trained with; None where it does not say."""
+    if "global_batch" in info.meta:
+        return info.meta["global_batch"]
+    world_size = info.meta.get("world_size", len(state["rng"]) if isinstance(state.get("rng"),
+                                                                             list) else None)
+    config = info.meta.get("config")
+    if world_size is None or not isinstance(config, dict):
+        return None
+    return config.get("data", {}).get("batch_size", DataConfig.batch_size) * world_size
+
+
+def data_position_from_step(info: CheckpointInfo, state: dict, num_samples: int) -> dict:
+    """The data position of a checkpoint written before checkpoints held it: from its step, in
+    the geometry of the run that wrote it, as that version resumed."""
+    config = info.meta.get("config") if isinstance(info.meta.get("config"), dict) else {}
+    world_size = info.meta.get("world_size", len(state["rng"]) if isinstance(state["rng"],
+                                                                             list) else 1)
+    batch_size = config.get("data", {}).get("batch_size", DataConfig.batch_size)
+    max_steps = config.get("train", {}).get("max_steps_per_epoch", 0)
+    log.info("checkpoint %s holds no data position (an older version wrote it): epoch %d goes "
+             "on from step %d, as %d ranks x %d images per step", info.name, state["epoch"],
+             state["step"], world_size, batch_size)
+    return position_from_step(state["step"], epoch=state["epoch"], num_samples=num_samples,
+                              batch_size=batch_size, world_size=world_size,
+                              max_steps_per_epoch=max_steps)
+
+
+# What a checkpoint must hold to resume from ("data" came later: older ones get it from the step).
+RUN_STATE = tuple(key for key in RunState.KEYS if key != "data")
 
 
 def missing_run_state(state: dict) -> str | None:
