@@ -207,7 +207,7 @@ def describe(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.models import exit_costs
     from pipeline.report import format_table
-    from pipeline.train.trainer import create_anytime_model
+    from pipeline.train.runtime import create_anytime_model
 
     if not args.config and not args.model:
         raise UserError("describe needs --config FILE or --model NAME")

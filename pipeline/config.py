@@ -257,8 +257,10 @@ class Config:
         if total % world_size:
             fits = [total // world_size * world_size, -(-total // world_size) * world_size]
             raise UserError(f"train.global_batch={total} does not split evenly over "
-                            f"{world_size} processes; use a multiple of {world_size} "
-                            f"(e.g. {' or '.join(str(n) for n in fits if n)})")
+                            f"{world_size} processes; run on a number of processes that divides "
+                            f"it, or use a multiple of {world_size} (e.g. "
+                            f"{' or '.join(str(n) for n in fits if n)}; resuming a run, also "
+                            f"train.allow_batch_change=true)")
         per_process = total // world_size
         passes = next(a for a in range(1, per_process + 1)
                       if per_process % a == 0 and per_process // a <= self.data.batch_size)

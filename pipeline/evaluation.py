@@ -59,7 +59,7 @@ def load_member(url: str, endpoint_url: str = "",
                 map_location: str | torch.device = "cpu") -> Member:
     """The model of the checkpoint at `url`: a checkpoint folder (`.../step-00000468`), a
     checkpoints folder (its newest valid checkpoint) or a run folder holding `checkpoints/`."""
-    from pipeline.train.trainer import create_anytime_model
+    from pipeline.train.runtime import create_anytime_model
 
     url = url.rstrip("/")
     name = url.rsplit("/", 1)[-1]
@@ -185,13 +185,11 @@ def evaluate_checkpoint(url: str, data_root: str, *, split: str = "val", endpoin
     from pipeline.data import build_loader
     from pipeline.models import exit_costs
     from pipeline.report import format_table, plot_anytime_curve
-    from pipeline.train.distributed import close_distributed, init_distributed
-    from pipeline.train.trainer import amp_context, pick_device
+    from pipeline.train.distributed import close_distributed
+    from pipeline.train.runtime import start_job
 
-    torch_device = pick_device(device)
-    dist_info = init_distributed(torch_device)
-    if not dist_info.is_main:
-        logging.getLogger("pipeline").setLevel(logging.WARNING)
+    job = start_job(device, amp)
+    torch_device, dist_info = job.device, job.dist
     member = load_member(url, endpoint_url, map_location="cpu")
     cfg = apply_overrides(member.config, [f"data.root={data_root}", *overrides])
     loader = build_loader(cfg.data, split, train=False, rank=dist_info.rank,
@@ -201,7 +199,7 @@ def evaluate_checkpoint(url: str, data_root: str, *, split: str = "val", endpoin
     log.info("evaluating %s (%s, %d exits) on %s/%s: %d images on %s x %d", member.source,
              cfg.model.name, model.num_exits, data_root, split, loader.num_samples, torch_device,
              dist_info.world_size)
-    [result] = run_exits([model], loader, torch_device, amp_context(torch_device, amp),
+    [result] = run_exits([model], loader, torch_device, job.autocast,
                          per_image=budgeted > 0)
     costs = exit_costs(model, (3, cfg.data.image_size, cfg.data.image_size))
     report = {

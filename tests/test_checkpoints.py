@@ -29,7 +29,7 @@ from pipeline.storage.checkpoints import (
     CheckpointStore,
     StorageError,
 )
-from pipeline.train.trainer import create_anytime_model
+from pipeline.train.runtime import create_anytime_model
 
 
 class Evil:

@@ -261,7 +261,9 @@ def test_batch_geometry_splits_the_global_batch(global_batch, batch, world, expe
 def test_a_global_batch_that_does_not_split_over_the_processes_is_one_line():
     cfg = load_config(DEMO, ["train.global_batch=16"])
     with pytest.raises(UserError, match=r"^train.global_batch=16 does not split evenly over 3 "
-                                        r"processes; use a multiple of 3 \(e.g. 15 or 18\)$"):
+                                        r"processes; run on a number of processes that divides "
+                                        r"it, or use a multiple of 3 \(e.g. 15 or 18; resuming "
+                                        r"a run, also train.allow_batch_change=true\)$"):
         cfg.batch_geometry(3)
 
 

@@ -58,4 +58,7 @@ def test_ilsvrc_recipe(path):
     assert cfg.schedule.decay_epochs == ([30, 60] if msdnet else [30, 60, 90])
     assert cfg.train.epochs == 90
     assert (cfg.train.amp, cfg.train.channels_last) == ("bf16", True)
-    assert 256 % cfg.data.batch_size == 0  # whole processes make up the reference batch of 256
+    # The reference batch of 256 on any number of GPUs: 4 x 64, 8 x 32, 2 x 64 x 2 passes.
+    assert cfg.train.global_batch == 256
+    assert [cfg.batch_geometry(gpus) for gpus in (1, 2, 4, 8)] == [(64, 4), (64, 2), (64, 1),
+                                                                   (32, 1)]

@@ -302,7 +302,7 @@ def test_resumed_augmentation_is_identical(image_folder: Path, workers: int) -> 
     images = [x for x, _ in whole]
     resumed = build_loader(DataConfig(**{**cfg.__dict__, "workers": 2 - workers}), "train",
                            train=True, seed=1)
-    resumed.set_epoch(1, start_batch=3)
+    resumed.load_state_dict({"epoch": 1, "consumed": 3 * 4, "num_samples": 36})
     torch.testing.assert_close(torch.cat([x for x, _ in resumed]), torch.cat(images[3:]),
                                rtol=0, atol=0)
     torch.manual_seed(0)
@@ -348,8 +348,9 @@ def test_loader_shards_across_ranks(image_folder: Path) -> None:
 
 
 def test_too_few_images_for_a_batch(image_folder: Path) -> None:
-    with pytest.raises(UserError, match=r"36 images, fewer than one global batch .* = 64\); "
-                                        r"lower data.batch_size=64"):
+    with pytest.raises(UserError, match=r"36 images, fewer than one global batch \(64 per forward "
+                                        r"pass x 1 process\(es\) x 1 pass\(es\) = 64\); use "
+                                        r"fewer processes or a smaller batch"):
         build_loader(small_cfg(image_folder, batch_size=64), "train", train=True)
 
 
@@ -477,6 +478,27 @@ def test_position_from_step_for_checkpoints_without_loader_state(image_folder: P
     loader = build_loader(small_cfg(image_folder, batch_size=4), "train", train=True, seed=3)
     loader.load_state_dict(state)
     assert loader.batches_left == 6  # the 24 images left, 4 at a time on one rank
+    # At an epoch's end (saved after its validation: epoch already counted), and with
+    # train.max_steps_per_epoch=4 cutting the old run's epochs short.
+    assert position_from_step(12, epoch=2, num_samples=36, batch_size=3, world_size=2) == \
+        {"epoch": 2, "consumed": 0, "num_samples": 36}
+    assert position_from_step(9, epoch=2, num_samples=36, batch_size=3, world_size=2,
+                              max_steps_per_epoch=4)["consumed"] == 6
+
+
+def test_steps_group_passes_and_replace_a_pass_that_failed_whole(image_folder: Path) -> None:
+    bad = add_bad_files(image_folder)  # 38 files, 2 of them bad
+    cfg = small_cfg(image_folder, batch_size=1, max_bad_fraction=0.2)
+    loader = build_loader(cfg, "train", train=True, seed=0, accumulation=2)
+    assert (loader.global_batch, loader.steps_per_epoch) == (2, 19)
+    steps = list(loader.steps())
+    # Every step on every rank, each with both passes: a rank skipping a step would leave the
+    # others waiting in DDP's all-reduce.
+    assert len(steps) == 19 and all(len(step) == 2 for step in steps)
+    passes = [p for step in steps for p in step]
+    repeated = [i for i in range(1, len(passes)) if passes[i] is passes[i - 1]]
+    assert len(repeated) == 2 and sorted(loader.bad_files) == sorted(map(str, bad))
+    assert all(len(labels) == 1 for _, labels in passes)
 
 
 def test_index_benchmark_runs_at_a_tiny_size(tmp_path: Path) -> None:

@@ -200,6 +200,24 @@ def test_adaloss_state_roundtrip_continues_identically():
     assert b.weights == a.weights
 
 
+def test_accumulated_passes_draw_once_and_adapt_once_per_step():
+    # A step of 2 passes over the halves of a batch: the same alternating draw for both, one
+    # AdaLoss update from the passes' mean losses, as one call on the whole batch would.
+    kwargs = dict(adaloss_update_every=1, alternating=True, seed=4)
+    whole, passes = AnytimeLoss(3, "adaloss", **kwargs), AnytimeLoss(3, "adaloss", **kwargs)
+    for step in range(4):
+        logits, target = make_batch(3, seed=step, scale=1 + step)
+        total, _ = whole(logits, target)
+        halves = [passes([y[i::2] for y in logits], target[i::2], pass_index=i, passes=2)
+                  for i in range(2)]
+        assert int(passes.last_drawn) == int(whole.last_drawn)
+        torch.testing.assert_close((halves[0][0] + halves[1][0]) / 2, total)
+        assert int(passes.num_steps) == int(whole.num_steps) == step + 1
+        torch.testing.assert_close(passes.loss_ema, whole.loss_ema)
+        torch.testing.assert_close(passes.loss_weights, whole.loss_weights)
+    assert whole.weights != [1.0, 1.0, 1.0]  # AdaLoss really adapted
+
+
 def test_state_dict_holds_only_tensors_and_plain_types():
     state = AnytimeLoss(3, "adaloss").state_dict()
     assert set(state) == {"loss_weights", "loss_ema", "num_steps", "_extra_state"}

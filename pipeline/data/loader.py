@@ -69,10 +69,8 @@ class Loader(ABC):
             need = (f"one global batch ({cfg.batch_size} per forward pass x {world_size} "
                     f"process(es) x {accumulation} pass(es) = {self.global_batch})" if train else
                     f"one image for each of {world_size} processes")
-            raise UserError(
-                f"{source} has {num_samples} images, fewer than {need}; lower data.batch_size="
-                f"{cfg.batch_size} (or train.global_batch) or use fewer processes"
-            )
+            raise UserError(f"{source} has {num_samples} images, fewer than {need}; use fewer "
+                            "processes or a smaller batch (train.global_batch, data.batch_size)")
         self.epoch = 0
         self.consumed = 0  # samples of this epoch's global order handed out, over all ranks
         per_epoch = len(self) * self.batch_size if train else len(self.sampler)
@@ -111,13 +109,10 @@ class Loader(ABC):
         share = self.sampler.share(remaining)
         return share // self.batch_size if self.train else math.ceil(share / self.batch_size)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Start `epoch` (at its batch `start_batch` of this loader's own geometry;
-        `load_state_dict` resumes on any world size)."""
-        if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch={start_batch} is outside 0..{len(self)} batches")
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning (`load_state_dict` resumes one mid-way)."""
         self.epoch = epoch
-        self.consumed = min(start_batch * self.batch_size * self.world_size, self.num_samples)
+        self.consumed = 0
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "consumed": self.consumed, "num_samples": self.num_samples}
@@ -140,14 +135,24 @@ class Loader(ABC):
 
     def steps(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """The rest of the epoch one optimizer step at a time: the step's `accumulation`
-        (images, labels) batches (fewer when a whole batch failed to decode)."""
+        (images, labels) batches, every step on every rank (DDP's collectives need all ranks in
+        each step). A batch whose images all failed to decode is replaced by this rank's
+        previous good one, with a warning; images that failed are left out of their batch."""
         step: list[tuple[torch.Tensor, torch.Tensor]] = []
+        last_good = None
         for n, (images, labels, ids) in enumerate(self._every_batch(), start=1):
             if len(ids):
-                step.append((images, labels))
+                last_good = (images, labels)
+            elif last_good is None:
+                raise UserError(f"no image of the first batch of epoch {self.epoch} decodes on "
+                                f"rank {self.rank} ({', '.join(self.counter.bad_files[-3:])} "
+                                "...); run `python -m pipeline data verify` on the data root")
+            else:
+                log.warning("every image of a batch failed to decode on rank %d; it takes its "
+                            "previous batch again so that every rank takes the step", self.rank)
+            step.append(last_good)
             if n % self.accumulation == 0:
-                if step:
-                    yield step
+                yield step
                 step = []
 
     def batches_with_indices(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -50,15 +50,13 @@ def assemble(member_urls: list[str], val_root: str, out_url: str, *, split: str 
              amp: str = "none", budgeted: int = 0, print_json: bool = False) -> dict[str, Any]:
     from pipeline.data import build_loader
     from pipeline.models import exit_costs
-    from pipeline.train.distributed import close_distributed, init_distributed
-    from pipeline.train.trainer import amp_context, pick_device
+    from pipeline.train.distributed import close_distributed
+    from pipeline.train.runtime import start_job
 
     if not member_urls:
         raise UserError("assemble needs --members URL [URL ...]")
-    torch_device = pick_device(device)
-    dist_info = init_distributed(torch_device)
-    if not dist_info.is_main:
-        logging.getLogger("pipeline").setLevel(logging.WARNING)
+    job = start_job(device, amp)
+    torch_device, dist_info = job.device, job.dist
     members = [load_member(u, endpoint_url) for u in member_urls]
     check_same_inputs(members)
     cfg = apply_overrides(members[0].config, [f"data.root={val_root}", *overrides])
@@ -78,7 +76,7 @@ def assemble(member_urls: list[str], val_root: str, out_url: str, *, split: str 
     log.info("evaluating %d members (%s) on %s/%s: %d images on %s x %d", len(members),
              ", ".join(m.config.model.name for m in members), val_root, split,
              loader.num_samples, torch_device, dist_info.world_size)
-    results = run_exits(models, loader, torch_device, amp_context(torch_device, amp),
+    results = run_exits(models, loader, torch_device, job.autocast,
                         per_image=budgeted > 0)
 
     member_macs = [[c.macs for c in cs] for cs in costs]

@@ -21,14 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import Config
 from pipeline.data import build_loader
-from pipeline.train.trainer import (
-    amp_context,
-    build_loss,
-    build_optimizer,
-    create_anytime_model,
-    pick_device,
-    train_step,
-)
+from pipeline.train.runtime import amp_context, create_anytime_model, pick_device
+from pipeline.train.trainer import build_loss, build_optimizer, train_step
 
 # Dense (no 2:4 sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets;
 # the first name found in torch.cuda.get_device_name() wins, so variants come before families.

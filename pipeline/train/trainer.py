@@ -6,7 +6,6 @@ checkpoint, then the per-exit results.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib.metadata
 import json
@@ -20,7 +19,6 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import yaml
 from timm.optim import create_optimizer_v2
@@ -28,7 +26,6 @@ from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 from torch.nn.parallel import DistributedDataParallel
 
-import pipeline.models  # noqa: F401  (registers the anytime models with timm)
 from pipeline.anytime.loss import AnytimeLoss
 from pipeline.anytime.metrics import ExitErrors
 from pipeline.config import Config, DataConfig, classify_resume_changes
@@ -43,13 +40,12 @@ from pipeline.train.distributed import (
     DistInfo,
     any_rank,
     close_distributed,
-    init_distributed,
-    local_rank,
     mean_over_ranks,
     run_on_main,
 )
 from pipeline.train.preemption import watch_preemption
 from pipeline.train.progress import MetricsWriter, Progress, format_duration
+from pipeline.train.runtime import create_anytime_model, start_job
 from pipeline.train.state import RunState, seed_everything
 
 log = logging.getLogger("pipeline.train")
@@ -66,10 +62,8 @@ def train(cfg: Config,
     if cfg.data.dtype == "float16" and cfg.train.amp == "none":  # fp16 images, fp32 weights
         raise UserError("data.dtype=float16 needs mixed precision: set train.amp=bf16 or fp16, "
                         "or data.dtype=float32")
-    device = pick_device(cfg.train.device)
-    dist_info = init_distributed(device)
-    if not dist_info.is_main:  # one voice per job: other ranks report only problems
-        logging.getLogger("pipeline").setLevel(logging.WARNING)
+    job = start_job(cfg.train.device, cfg.train.amp)
+    device, dist_info, autocast = job.device, job.dist, job.autocast
     seed_everything(cfg.seed + dist_info.rank)
 
     with ExitStack() as teardown:  # runs last to first, however the run ends
@@ -86,6 +80,12 @@ def train(cfg: Config,
         if lease is not None:
             teardown.callback(lease.release)
         per_pass, passes = cfg.batch_geometry(dist_info.world_size)
+        if passes > 1 and per_pass < cfg.data.batch_size // 2:
+            log.warning("train.global_batch=%d on %d processes: %d passes of only %d images per "
+                        "step (data.batch_size=%d would fit); a global batch that is a multiple "
+                        "of %d keeps the passes full", cfg.train.global_batch,
+                        dist_info.world_size, passes, per_pass, cfg.data.batch_size,
+                        dist_info.world_size * cfg.data.batch_size)
         train_loader = build_loader(replace(cfg.data, batch_size=per_pass), "train", train=True,
                                     rank=dist_info.rank, world_size=dist_info.world_size,
                                     seed=cfg.seed, accumulation=passes)
@@ -94,7 +94,8 @@ def train(cfg: Config,
         global_batch = train_loader.global_batch
         batch_text = f"{global_batch} ({per_pass} x {dist_info.world_size} processes" + \
             (f" x {passes} passes)" if passes > 1 else ")")
-        resume_from = check_run_folder(cfg, store, global_batch, batch_text)  # (info, state)
+        resume_from = check_run_folder(cfg, store, global_batch, batch_text,
+                                       dist_info.world_size)  # (info, state) or None
         run_on_main(lambda: record_config(cfg, resume_from[0] if resume_from else None))
         num_classes = cfg.model.num_classes or len(train_loader.classes)
 
@@ -115,20 +116,22 @@ def train(cfg: Config,
         if resume_from is not None:
             info, state = resume_from
             if "data" not in state:
-                state["data"] = data_position_from_step(info, state, train_loader.num_samples)
+                state["data"] = data_position_from_step(info, state, train_loader.num_samples,
+                                                        dist_info.world_size)
             run.load_state_dict(state)
             log.info("resumed from %s/%s at epoch %d, step %d", store.url, info.name, run.epoch,
                      run.step)
         # The schedule goes by the epoch's progress (the same as the step count unless the
         # global batch changed), and is recomputed rather than restored: timm's scheduler keeps
-        # its settings, which would undo an accepted change of train.epochs.
+        # its settings, which would undo an accepted change of train.epochs. It sets every
+        # group's lr from the base rates it read when it was built (this config's, scaled to this
+        # global batch), not from the restored optimizer's.
         scheduler.step_update(run.epoch * steps_per_epoch + train_loader.steps_done)
 
         ddp_model = model
         if dist_info.world_size > 1:
             ddp_model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
-        autocast = amp_context(device, cfg.train.amp)
         metrics = MetricsWriter(cfg.run_dir, enabled=dist_info.is_main)
         teardown.callback(metrics.close)
         progress = Progress(cfg.train.epochs * steps_per_epoch, run.step, cfg.train.log_every,
@@ -299,20 +302,6 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer,
     return scheduler
 
 
-def create_anytime_model(cfg: Config, num_classes: int) -> torch.nn.Module:
-    if not timm.is_model(cfg.model.name):
-        anytime = timm.list_models("*_ann*") + timm.list_models("*_opt") + \
-            timm.list_models("msdnet*")
-        near = difflib.get_close_matches(cfg.model.name, anytime, n=3, cutoff=0.5)
-        hint = (f"did you mean {' or '.join(near)}?" if near
-                else f"anytime models: {', '.join(anytime)}")
-        raise UserError(f"model.name={cfg.model.name!r} is not a registered model; {hint}")
-    try:
-        return timm.create_model(cfg.model.name, num_classes=num_classes, **cfg.model.kwargs)
-    except (TypeError, ValueError) as e:  # bad kwargs, or values the model rejects
-        raise UserError(f"model.kwargs {cfg.model.kwargs} do not fit {cfg.model.name}: {e}") from e
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Loader, device: torch.device,
              memory_format: torch.memory_format,
@@ -352,8 +341,8 @@ def report(cfg: Config, model: torch.nn.Module, val_errors: dict, seconds: float
     return results
 
 
-def check_run_folder(cfg: Config, store: CheckpointStore, global_batch: int,
-                     batch_text: str) -> tuple[CheckpointInfo, dict] | None:
+def check_run_folder(cfg: Config, store: CheckpointStore, global_batch: int, batch_text: str,
+                     world_size: int) -> tuple[CheckpointInfo, dict] | None:
     """The checkpoint to resume from and its state, or None. Refuses to mix two runs in one
     folder, and a resume whose config or global batch does not fit the checkpoint (another
     number of ranks is fine: the data position and the global batch carry over)."""
@@ -382,7 +371,7 @@ def check_run_folder(cfg: Config, store: CheckpointStore, global_batch: int,
     else:
         log.warning("checkpoint %s records no config (an older version wrote it): resuming "
                     "without checking that the config still fits", where)
-    saved_batch = saved_global_batch(info, state)
+    saved_batch = saved_global_batch(info, state, world_size)
     if saved_batch is not None and saved_batch != global_batch:
         if not cfg.train.allow_batch_change:
             raise UserError(
@@ -396,24 +385,31 @@ def check_run_folder(cfg: Config, store: CheckpointStore, global_batch: int,
     return latest
 
 
-def saved_global_batch(info: CheckpointInfo, state: dict) -> int | None:
+def saved_world_size(info: CheckpointInfo, state: dict, world_size: int) -> int:
+    """The number of ranks that wrote the checkpoint: its meta, else one random state per rank;
+    the oldest checkpoints say neither, and resumed on the job's own number (`world_size`)."""
+    if "world_size" in info.meta:
+        return info.meta["world_size"]
+    return len(state["rng"]) if isinstance(state.get("rng"), list) else world_size
+
+
+def saved_global_batch(info: CheckpointInfo, state: dict, world_size: int) -> int | None:
     """The global batch the checkpoint was trained with; None where it does not say."""
     if "global_batch" in info.meta:
         return info.meta["global_batch"]
-    world_size = info.meta.get("world_size", len(state["rng"]) if isinstance(state.get("rng"),
-                                                                             list) else None)
     config = info.meta.get("config")
-    if world_size is None or not isinstance(config, dict):
+    if not isinstance(config, dict):
         return None
-    return config.get("data", {}).get("batch_size", DataConfig.batch_size) * world_size
+    batch_size = config.get("data", {}).get("batch_size", DataConfig.batch_size)
+    return batch_size * saved_world_size(info, state, world_size)
 
 
-def data_position_from_step(info: CheckpointInfo, state: dict, num_samples: int) -> dict:
+def data_position_from_step(info: CheckpointInfo, state: dict, num_samples: int,
+                            world_size: int) -> dict:
     """The data position of a checkpoint written before checkpoints held it: from its step, in
     the geometry of the run that wrote it, as that version resumed."""
     config = info.meta.get("config") if isinstance(info.meta.get("config"), dict) else {}
-    world_size = info.meta.get("world_size", len(state["rng"]) if isinstance(state["rng"],
-                                                                             list) else 1)
+    world_size = saved_world_size(info, state, world_size)
     batch_size = config.get("data", {}).get("batch_size", DataConfig.batch_size)
     max_steps = config.get("train", {}).get("max_steps_per_epoch", 0)
     log.info("checkpoint %s holds no data position (an older version wrote it): epoch %d goes "
@@ -469,29 +465,3 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"{version}+{commit}" if commit else version
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=auto "
-                        "or cpu")
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        # Training batches keep one shape, so cuDNN's one-off timing of its algorithms pays back.
-        torch.backends.cudnn.benchmark = True
-        # Modulo: a launcher that binds one GPU per task (--gpus-per-task) leaves one visible.
-        device = torch.device("cuda", local_rank() % torch.cuda.device_count())
-        # The current device is what the loaders (DALI, synthetic) and the collectives on
-        # Python objects use.
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
-def amp_context(device: torch.device, amp: str) -> AbstractContextManager:
-    if amp == "none":
-        return nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("train.amp=fp16 needs a CUDA GPU; use train.amp=bf16 on the CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
