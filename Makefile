@@ -18,12 +18,13 @@ install:
 	$(PIP_INSTALL) torch==2.14.1 torchvision==0.29.1
 	$(PIP_INSTALL) -e .
 
-# What the tests need besides: slurm-wlm + munge (the tests start a real one-node SLURM cluster
-# on 127.0.0.1), DALI, Ray, submitit, moto's S3 server, pytest, ruff.
+# What the tests need besides: slurm-wlm + munge (the tests start real SLURM clusters: one node
+# on 127.0.0.1, and two nodes on private hosts made with iproute2's network namespaces), DALI,
+# Ray, submitit, moto's S3 server, pytest, ruff.
 install-dev: install
-	@dpkg -s slurm-wlm munge >/dev/null 2>&1 || { \
-	  $(SUDO) apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1 || \
-	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq slurm-wlm munge; }; }
+	@dpkg -s slurm-wlm munge iproute2 >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get install -y -qq slurm-wlm munge iproute2 >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq slurm-wlm munge iproute2; }; }
 	$(PIP_INSTALL) -e '.[dev,dali]'
 
 demo: install

@@ -45,15 +45,12 @@ launch_training() {
     local nodes=${SLURM_JOB_NUM_NODES:-1}
     local gpus=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}
     gpus=${gpus##*:}  # "a100:4" -> 4
-    # The tasks of this start's allocation, which a requeue may change (`--nodes=1-4`, or
-    # `scontrol update JobId=... NumTasks=1` on the pending job): SLURM_TASKS_PER_NODE ("4(x2)",
-    # "2,1") is this start's; SLURM_NTASKS keeps the count given at submission.
-    local tasks
-    tasks=$(allocated_tasks "${SLURM_TASKS_PER_NODE:-1}")
-    local tasks_per_node=${SLURM_NTASKS_PER_NODE:-$(( tasks / nodes ))}
+    local tasks tasks_per_node layout=()
+    read -r tasks tasks_per_node < <(task_layout "$nodes" "$gpus")
+    [[ -n "$tasks_per_node" ]] && layout=(--ntasks-per-node="$tasks_per_node")
     if (( gpus > 0 && tasks_per_node != gpus )); then
         echo "slurm/common.sh: $gpus GPUs per node but $tasks_per_node tasks per node; one" \
-             "process per GPU needs --ntasks-per-node=$gpus" >&2
+             "process per GPU needs --ntasks-per-node=$gpus, or no --ntasks-per-node" >&2
         exit 2
     fi
 
@@ -61,7 +58,7 @@ launch_training() {
     MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
     export MASTER_ADDR MASTER_PORT
     export PYTHONUNBUFFERED=1  # progress lines reach the log file as they are printed
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_PER_GPU:-1}}}
 
     local overrides=()
     [[ -n "${DATA_ROOT:-}" ]] && overrides+=("data.root=$DATA_ROOT")
@@ -77,12 +74,10 @@ launch_training() {
          "$MASTER_ADDR:$MASTER_PORT, $CONFIG ${overrides[*]}"
 
     # --kill-on-bad-exit=0: on preemption every rank exits 75 after rank 0's save; none may be
-    # killed early because another one exited first. --cpus-per-task is not inherited from
-    # sbatch since Slurm 22.05.
-    local layout=(--ntasks="$tasks")
-    [[ -n "${SLURM_NTASKS_PER_NODE:-}" ]] && layout+=(--ntasks-per-node="$SLURM_NTASKS_PER_NODE")
-    srun --kill-on-bad-exit=0 --nodes="$nodes" "${layout[@]}" \
-         --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    # killed early because another one exited first. --cpus-per-task: sbatch's, or its
+    # --cpus-per-gpu (one task per GPU); srun does not inherit it since Slurm 22.05.
+    srun --kill-on-bad-exit=0 --nodes="$nodes" --ntasks="$tasks" "${layout[@]}" \
+         --cpus-per-task="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_PER_GPU:-1}}" \
          "$PYTHON" -m pipeline train --config "$CONFIG" "${overrides[@]}" &
     SRUN_PID=$!
     trap 'forward_signal USR1' USR1
@@ -108,6 +103,22 @@ launch_training() {
     fi
     echo "[$(date -u +%FT%TZ)] job $SLURM_JOB_ID: training exited with $rc"
     exit "$rc"
+}
+
+task_layout() {
+    # "TASKS [TASKS_PER_NODE]" for this start of the job on $1 nodes with $2 GPUs per node; a
+    # requeue may change it (`--nodes=1-2` on fewer free nodes, `scontrol update JobId=...
+    # NumTasks=1` on the pending job). With GPUs and no --ntasks-per-node: one task per GPU on
+    # every node (a node range with --ntasks-per-node would fix the task count at submission,
+    # and so take the fewest nodes). Else the allocation's own count: SLURM_TASKS_PER_NODE
+    # ("4(x2)", "2,1") is this start's, while SLURM_NTASKS keeps the count given at submission.
+    local nodes=$1 gpus=$2 per_node=${SLURM_NTASKS_PER_NODE:-}
+    [[ -z "$per_node" ]] && (( gpus > 0 )) && per_node=$gpus
+    if [[ -n "$per_node" ]]; then
+        echo "$(( nodes * per_node )) $per_node"
+    else
+        allocated_tasks "${SLURM_TASKS_PER_NODE:-1}"
+    fi
 }
 
 allocated_tasks() {

@@ -2,15 +2,15 @@
 # ILSVRC-2012: MSDNet26 (k=4, 5 exits) with SIEVE weights
 # configs/ilsvrc_msdnet26_sieve.yaml, one process per GPU.
 #   sbatch slurm/ilsvrc_msdnet26.sh [overrides...]
-#   NODES=4 GPUS=8; sbatch --nodes=$NODES --gpus-per-node=$GPUS --ntasks-per-node=$GPUS \
-#       slurm/ilsvrc_msdnet26.sh data.batch_size=$((256 / (NODES * GPUS)))
+#   sbatch --nodes=4 --gpus-per-node=8 slurm/ilsvrc_msdnet26.sh
+#       (one process per GPU, the config's global batch of 256 split over them;
+#       --nodes=1-2 takes as many nodes as are free, and fewer after a requeue)
 # Submit from the repository root. DATA_ROOT, CKPT_URL, CKPT_ENDPOINT_URL, OUT_DIR: see
 # slurm/common.sh. Requeued on preemption or 5 minutes before the time limit; resumes itself.
 #SBATCH --job-name=ilsvrc_msdnet26_sieve
 #SBATCH --nodes=1
 #SBATCH --gpus-per-node=4
-#SBATCH --ntasks-per-node=4
-#SBATCH --cpus-per-task=8
+#SBATCH --cpus-per-gpu=8
 #SBATCH --time=24:00:00
 #SBATCH --requeue
 #SBATCH --signal=USR1@300

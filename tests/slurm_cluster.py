@@ -1,11 +1,14 @@
-"""A real one-node SLURM cluster on 127.0.0.1 for the tests: munged, slurmctld and slurmd from
-Debian's `slurm-wlm` and `munge`, each in the foreground in its own process, with every file
-(config, key, sockets, state, logs) under one folder. Nothing is installed here: `make install`
-apt-installs the packages.
+"""A real SLURM cluster for the tests: munged, slurmctld and slurmd from Debian's `slurm-wlm`
+and `munge`, each in the foreground in its own process, with every file (config, key, sockets,
+state, logs) under one folder. Nothing is installed here: `make install` apt-installs the
+packages. One node on 127.0.0.1, or one slurmd per private host (tests/private_hosts.py: its
+own network, UTS and mount namespaces) with slurmctld at the hosts' gateway address.
 
     with local_slurm_cluster(tmp_path) as cluster:   # sets SLURM_CONF for sbatch/squeue/scontrol
         job_id = cluster.sbatch(["slurm/train.sh", "configs/x.yaml"])
         cluster.wait(job_id, "COMPLETED")
+    with private_hosts(tmp_path, ["node1", "node2"]) as net, \
+            local_slurm_cluster(tmp_path / "slurm", network=net) as cluster: ...
 
 Run as a script to start a cluster by hand and keep it until Ctrl-C:
 `python tests/slurm_cluster.py /tmp/slurm` then `export SLURM_CONF=/tmp/slurm/slurm.conf`.
@@ -25,6 +28,8 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from private_hosts import Network
 
 from pipeline.storage.local_s3 import free_port
 
@@ -58,13 +63,14 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _slurm_conf(root: Path, cpus: int, ctld_port: int, slurmd_port: int) -> str:
-    # One node called localhost. No cgroups (proctrack/linuxproc, task/none): they need a
+def _slurm_conf(root: Path, ctld_address: str, nodes: list[tuple[str, str, int]],
+                ctld_port: int, slurmd_port: int) -> str:
+    # Nodes (name, address, CPUs). No cgroups (proctrack/linuxproc, task/none): they need a
     # delegated cgroup tree that containers rarely give; no accounting daemon (slurmdbd), so job
     # states come from scontrol, kept for MinJobAge seconds after the end.
     return f"""\
 ClusterName=pytest
-SlurmctldHost=localhost(127.0.0.1)
+SlurmctldHost=localhost({ctld_address})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -76,9 +82,9 @@ AuthInfo=socket={root}/munge/munge.socket,cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 SlurmdParameters=config_overrides
@@ -99,16 +105,22 @@ MinJobAge=600
 KillWait=10
 InactiveLimit=0
 Waittime=0
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
-"""
+""" + "".join(f"NodeName={name} NodeAddr={address} CPUs={cpus} State=UNKNOWN\n"
+              for name, address, cpus in nodes) + \
+        f"PartitionName=debug Nodes={','.join(n for n, _, _ in nodes)} Default=YES " \
+        "MaxTime=INFINITE State=UP\n"
 
 
 class LocalSlurmCluster:
-    def __init__(self, root: Path, cpus: int | None = None):
+    def __init__(self, root: Path, cpus: int | None = None, network: Network | None = None):
+        """`cpus` per node: by default, on 127.0.0.1, at least 2, so that a two-rank job fits
+        on a one-core machine too (config_overrides); 1 per private host."""
         self.root = Path(root)
-        # At least 2, so that a two-rank job fits on a one-core machine too (config_overrides).
-        self.cpus = cpus or max(os.cpu_count() or 1, 2)
+        self.network = network
+        if network is None:
+            self.nodes = [("localhost", "127.0.0.1", cpus or max(os.cpu_count() or 1, 2))]
+        else:
+            self.nodes = [(h.name, h.address, cpus or 1) for h in network.hosts]
         self.conf = self.root / "slurm.conf"
         self._procs: list[subprocess.Popen] = []
 
@@ -121,13 +133,15 @@ class LocalSlurmCluster:
     # --- daemons ------------------------------------------------------------------------------
 
     def start(self, timeout: float = 60.0) -> None:
-        for sub in ("munge", "state", "spool", "log"):
+        for sub in ("munge", "state", "log", *(f"spool/{n}" for n, _, _ in self.nodes)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.root / "munge").chmod(0o700)
         key = self.root / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
-        self.conf.write_text(_slurm_conf(self.root, self.cpus, free_port(), free_port()))
+        ctld_address = self.network.gateway if self.network else "127.0.0.1"
+        self.conf.write_text(_slurm_conf(self.root, ctld_address, self.nodes, free_port(),
+                                          free_port()))
         munge = self.root / "munge"
         self._spawn("munged", [_binary("munged"), "--foreground", "--force",
                                f"--socket={munge}/munge.socket", f"--key-file={key}",
@@ -137,8 +151,13 @@ class LocalSlurmCluster:
         # -i: ignore state left by an earlier cluster; -D: stay in the foreground.
         self._spawn("slurmctld", [_binary("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._wait_for(lambda: self._ok(["scontrol", "ping"], "UP"), timeout, "slurmctld")
-        self._spawn("slurmd", [_binary("slurmd"), "-D", "-N", "localhost", "-f", str(self.conf)])
-        self._wait_for(self._node_idle, timeout, "slurmd (node localhost idle)")
+        for name, _, _ in self.nodes:
+            argv = [_binary("slurmd"), "-D", "-N", name, "-f", str(self.conf)]
+            if self.network is not None:
+                argv = next(h for h in self.network.hosts if h.name == name).command(argv)
+            self._spawn(f"slurmd-{name}", argv)
+        names = ", ".join(n for n, _, _ in self.nodes)
+        self._wait_for(self._nodes_idle, timeout, f"slurmd (nodes {names} idle)")
 
     def stop(self) -> None:
         if self._procs and all(p.poll() is None for p in self._procs):
@@ -181,10 +200,14 @@ class LocalSlurmCluster:
         done = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=30)
         return done.returncode == 0 and needle in done.stdout
 
-    def _node_idle(self) -> bool:
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Until every node is idle (a finished job's nodes are 'completing' for a moment)."""
+        self._wait_for(self._nodes_idle, timeout, "every node idle")
+
+    def _nodes_idle(self) -> bool:
         done = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=self.env,
                               capture_output=True, text=True, timeout=30)
-        return done.stdout.strip() == "idle"
+        return done.stdout.split() == ["idle"] * len(self.nodes)
 
     def logs(self, tail: int = 40) -> str:
         parts = []
@@ -235,8 +258,9 @@ class LocalSlurmCluster:
 
 
 @contextlib.contextmanager
-def local_slurm_cluster(root: Path, cpus: int | None = None) -> Iterator[LocalSlurmCluster]:
-    cluster = LocalSlurmCluster(root, cpus)
+def local_slurm_cluster(root: Path, cpus: int | None = None,
+                        network: Network | None = None) -> Iterator[LocalSlurmCluster]:
+    cluster = LocalSlurmCluster(root, cpus, network)
     try:
         cluster.start()
         yield cluster
@@ -245,9 +269,19 @@ def local_slurm_cluster(root: Path, cpus: int | None = None) -> Iterator[LocalSl
 
 
 if __name__ == "__main__":
+    # python tests/slurm_cluster.py [FOLDER] [NODE NODE ...]: with node names, one slurmd per
+    # private host of that name (tests/private_hosts.py), else one node on 127.0.0.1.
+    from private_hosts import private_hosts
+
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/slurm-cluster")
+    names = sys.argv[2:]
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on kill, too
-    with local_slurm_cluster(folder) as c:
+    with contextlib.ExitStack() as stack:
+        net = stack.enter_context(private_hosts(folder / "hosts", names)) if names else None
+        c = stack.enter_context(local_slurm_cluster(folder / "slurm" if names else folder,
+                                                    network=net))
+        for h in net.hosts if net else []:
+            print(f"{h.name}: {h.address}, its /mnt is {h.local}")
         print(f"cluster up: export SLURM_CONF={c.conf}   (Ctrl-C or kill stops it)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()

@@ -205,6 +205,21 @@ def test_submitit_cli_refuses_bad_input_before_submitting(args, message):
     assert message in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("env, layout", [
+    # --nodes=1-2 --gpus-per-node=4 that got 2 nodes: one task per GPU on each
+    ({"SLURM_TASKS_PER_NODE": "1(x2)"}, "2 4 -> 8 4"),
+    ({"SLURM_NTASKS_PER_NODE": "2"}, "3 0 -> 6 2"),  # --ntasks-per-node=2 on 3 nodes
+    ({"SLURM_TASKS_PER_NODE": "2,1"}, "2 0 -> 3"),  # --ntasks=3 on 2 nodes, unevenly
+    ({"SLURM_TASKS_PER_NODE": "1", "SLURM_NTASKS": "2"}, "1 0 -> 1"),  # shrunk by scontrol
+])
+def test_common_sh_takes_the_task_layout_of_this_start(env, layout):
+    nodes, gpus = layout.split(" -> ")[0].split()
+    done = subprocess.run(["bash", "-c", f"source slurm/common.sh && task_layout {nodes} {gpus}"],
+                          cwd=REPO, env={"PATH": os.environ["PATH"], **env}, capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.strip() == layout.split(" -> ")[1], done.stderr
+
+
 def test_common_sh_refuses_gpus_without_one_task_each(tmp_path):
     # What a job sees with --gpus-per-node=4 --ntasks-per-node=1; stops before srun.
     env = {"PATH": os.environ["PATH"], "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "7",

@@ -1,0 +1,185 @@
+"""Two nodes for real: a SLURM cluster whose two slurmd run on two private hosts
+(tests/private_hosts.py: each its own network namespace and address, hostname and mount
+namespace with a local disk of its own at /mnt), slurmctld and the S3 server at the hosts'
+gateway. S3 is the only storage both nodes share: each node has its own copy of the data and its
+own run folder under /mnt, as cluster nodes with local scratch disks do.
+
+slurm/train.sh runs DDP (gloo) across both nodes, its rendezvous taken from the job's node list;
+SIGUSR1 (what `--signal=USR1@T` sends) makes it save to S3 and requeue; it resumes across both
+nodes, or on node1 alone when node2 was drained meanwhile. Each ends like a one-node run of the
+same global batch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import write_image_folder
+
+from pipeline.storage.checkpoints import CheckpointStore
+from pipeline.storage.local_s3 import local_s3_server
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = "configs/demo_fmnist_resnet_ann.yaml"
+# A global batch of 8: 4 per node on two nodes, 2 passes of 4 on one.
+TRAIN_IMAGES, BATCH, EPOCHS = 3 * 64, 8, 2
+STEPS = EPOCHS * (TRAIN_IMAGES // BATCH)
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory):
+    from private_hosts import missing_tools, private_hosts
+    from slurm_cluster import missing_binaries
+
+    missing = missing_tools() + missing_binaries()
+    reason = ""
+    if missing:
+        reason = f"needs {', '.join(missing)}: apt-get install iproute2 slurm-wlm munge"
+    elif os.geteuid() != 0:
+        reason = "network namespaces and slurmd need root"
+    if reason:
+        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
+    with private_hosts(tmp_path_factory.mktemp("hosts"), ["node1", "node2"]) as net:
+        yield net
+
+
+@pytest.fixture(scope="module")
+def cluster(network, tmp_path_factory):
+    from slurm_cluster import local_slurm_cluster
+
+    with local_slurm_cluster(tmp_path_factory.mktemp("slurm2"), network=network) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def s3(network):
+    """moto's S3 server at the gateway: what both nodes (and this test) reach."""
+    import s3fs
+
+    with local_s3_server(host=network.gateway) as endpoint:
+        bucket = f"multinode-{uuid.uuid4().hex[:8]}"
+        s3fs.S3FileSystem(endpoint_url=endpoint).mkdir(bucket)
+        yield {"endpoint": endpoint, "bucket": f"s3://{bucket}"}
+
+
+@pytest.fixture(scope="module")
+def local_data(network, tmp_path_factory) -> str:
+    """The same images on each node's own disk, at /mnt/data there."""
+    source = write_image_folder(tmp_path_factory.mktemp("mn-data") / "data",
+                                counts={"train": TRAIN_IMAGES // 3, "val": 4})
+    for host in network.hosts:
+        shutil.copytree(source, host.local / "data")
+    return "/mnt/data"
+
+
+def submit(cluster, s3, data: str, out: Path, name: str, *sbatch_args: str) -> str:
+    overrides = [f"data.root={data}", "data.image_size=32", "data.augment=small",
+                 f"train.global_batch={BATCH}", f"data.batch_size={BATCH // 2}",
+                 "data.workers=0", f"train.epochs={EPOCHS}", "train.log_every=1",
+                 f"name={name}", "out_dir=/mnt/runs",  # each node's own disk
+                 f"checkpoint.url={s3['bucket']}/{name}",
+                 f"checkpoint.endpoint_url={s3['endpoint']}", "checkpoint.retry_delay=0.3"]
+    return cluster.sbatch([*sbatch_args, f"--output={out}/{name}-%j.out", "slurm/train.sh", DEMO,
+                           *overrides], cwd=REPO, env={"PYTHON": sys.executable})
+
+
+def wait_for_line(path: Path, text: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    log = path.read_text(errors="replace") if path.is_file() else "(no log yet)"
+    raise AssertionError(f"{text!r} not in {path} after {timeout}s:\n{log[-3000:]}")
+
+
+def final_state(s3, name: str) -> dict:
+    store = CheckpointStore(f"{s3['bucket']}/{name}", endpoint_url=s3["endpoint"])
+    return store.load(store.latest_valid())
+
+
+def largest_difference(a: dict, b: dict) -> float:
+    """Of the parameters (BatchNorm's running statistics are each rank's own)."""
+    keys = [k for k in a["model"] if "running_" not in k and "num_batches" not in k]
+    return max((a["model"][k] - b["model"][k]).abs().max().item() for k in keys)
+
+
+@pytest.fixture(scope="module")
+def one_node_reference(cluster, s3, local_data, tmp_path_factory) -> dict:
+    """The same run on node1 alone, uninterrupted: one process, 2 passes of 4 per step."""
+    out = tmp_path_factory.mktemp("reference")
+    job_id = submit(cluster, s3, local_data, out, "reference", "--nodes=1", "--nodelist=node1")
+    info = cluster.wait(job_id, "COMPLETED", timeout=400)
+    assert info["Restarts"] == "0"
+    log = (out / f"reference-{job_id}.out").read_text()
+    assert f"batch {BATCH} ({BATCH // 2} x 1 processes x 2 passes)" in log
+    return final_state(s3, "reference")
+
+
+def preempt_at_step(cluster, log: Path, job_id: str, step: int) -> None:
+    wait_for_line(log, f"step {step}/")
+    cluster.run("scancel", "--signal=USR1", job_id)  # every task, on both nodes
+
+
+def test_two_nodes_train_preempt_requeue_and_resume_from_s3(cluster, s3, local_data,
+                                                            one_node_reference, network,
+                                                            tmp_path):
+    job_id = submit(cluster, s3, local_data, tmp_path, "two", "--nodes=2",
+                    "--ntasks-per-node=1")
+    log = tmp_path / f"two-{job_id}.out"
+    preempt_at_step(cluster, log, job_id, 10)
+    info = cluster.wait(job_id, "COMPLETED", timeout=400)
+    text = log.read_text()
+    assert info["Restarts"] == "1", text
+    assert info["NodeList"] == "node[1-2]", info
+    # Rendezvous at node1, which only the nodes' own /etc/hosts names; one rank per node.
+    assert text.count("2 node(s), 2 task(s)") == 2 and "rendezvous node1:" in text
+    assert text.count(f"batch {BATCH} ({BATCH // 2} x 2 processes)") == 2
+    assert text.count("preempted (SIGUSR1): checkpoint at step") == 2  # both ranks
+    assert "resumed from s3://" in text
+    # Each node keeps its own run folder: rank 0's metrics and results on node1 only.
+    node1, node2 = network.hosts
+    assert (node1.local / "runs" / "two" / "results.json").is_file()
+    assert not (node2.local / "runs" / "two" / "results.json").exists()
+
+    state = final_state(s3, "two")
+    assert state["step"] == one_node_reference["step"] == STEPS
+    gap = largest_difference(state, one_node_reference)
+    print(f"two nodes (preempted, resumed) vs one node: largest weight difference {gap:.2e}")
+    assert gap < 1e-4
+
+
+def test_requeue_onto_one_node_when_the_other_is_drained(cluster, s3, local_data,
+                                                         one_node_reference, tmp_path):
+    cluster.wait_idle()  # both nodes free, so that the job takes both
+    # No --ntasks-per-node: with it the task count is fixed at submission, and a node range
+    # takes its minimum (slurm/common.sh: one task per node's CPU or GPU otherwise).
+    job_id = submit(cluster, s3, local_data, tmp_path, "shrink", "--nodes=1-2")
+    log = tmp_path / f"shrink-{job_id}.out"
+    wait_for_line(log, "step 3/")
+    assert "2 node(s), 2 task(s)" in log.read_text()  # as many as there are
+    cluster.run("scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=maintenance")
+    try:
+        preempt_at_step(cluster, log, job_id, 10)
+        info = cluster.wait(job_id, "COMPLETED", timeout=400)
+    finally:
+        cluster.run("scontrol", "update", "NodeName=node2", "State=RESUME")
+    text = log.read_text()
+    assert info["Restarts"] == "1" and info["NodeList"] == "node1", info
+    assert f"job {job_id} start 2: 1 node(s), 1 task(s)" in text
+    assert f"batch {BATCH} ({BATCH // 2} x 1 processes x 2 passes)" in text
+    assert "resumed from s3://" in text
+
+    state = final_state(s3, "shrink")
+    assert state["step"] == STEPS
+    gap = largest_difference(state, one_node_reference)
+    print(f"two nodes, then node1 alone vs one node: largest weight difference {gap:.2e}")
+    assert gap < 1e-4
