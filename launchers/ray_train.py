@@ -27,6 +27,7 @@ import argparse
 import copy
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # Ray's worker logging has a console handler on the root logger; ours only set the level.
     logging.getLogger("pipeline").setLevel(logging.INFO)
     context = ray.train.get_context()
-    log.info("ray train worker rank %d/%d (local rank %d) pid %d", context.get_world_rank(),
-             context.get_world_size(), context.get_local_rank(), os.getpid())
+    log.info("ray train worker rank %d/%d (local rank %d) pid %d on %s",
+             context.get_world_rank(), context.get_world_size(), context.get_local_rank(),
+             os.getpid(), socket.gethostname())
     train(config_from_dict(loop_config["config"]), on_epoch_end=report_epoch)
 
 

@@ -12,8 +12,10 @@ same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -80,15 +82,18 @@ def local_data(network, tmp_path_factory) -> str:
     return "/mnt/data"
 
 
+def overrides(s3, data: str, name: str) -> list[str]:
+    return [f"data.root={data}", "data.image_size=32", "data.augment=small",
+            f"train.global_batch={BATCH}", f"data.batch_size={BATCH // 2}", "data.workers=0",
+            f"train.epochs={EPOCHS}", "train.log_every=1", "train.device=cpu",
+            f"name={name}", "out_dir=/mnt/runs",  # each node's own disk
+            f"checkpoint.url={s3['bucket']}/{name}", f"checkpoint.endpoint_url={s3['endpoint']}",
+            "checkpoint.retry_delay=0.3", "checkpoint.every_steps=4"]
+
+
 def submit(cluster, s3, data: str, out: Path, name: str, *sbatch_args: str) -> str:
-    overrides = [f"data.root={data}", "data.image_size=32", "data.augment=small",
-                 f"train.global_batch={BATCH}", f"data.batch_size={BATCH // 2}",
-                 "data.workers=0", f"train.epochs={EPOCHS}", "train.log_every=1",
-                 f"name={name}", "out_dir=/mnt/runs",  # each node's own disk
-                 f"checkpoint.url={s3['bucket']}/{name}",
-                 f"checkpoint.endpoint_url={s3['endpoint']}", "checkpoint.retry_delay=0.3"]
     return cluster.sbatch([*sbatch_args, f"--output={out}/{name}-%j.out", "slurm/train.sh", DEMO,
-                           *overrides], cwd=REPO, env={"PYTHON": sys.executable})
+                           *overrides(s3, data, name)], cwd=REPO, env={"PYTHON": sys.executable})
 
 
 def wait_for_line(path: Path, text: str, timeout: float = 300.0) -> None:
@@ -183,3 +188,74 @@ def test_requeue_onto_one_node_when_the_other_is_drained(cluster, s3, local_data
     gap = largest_difference(state, one_node_reference)
     print(f"two nodes, then node1 alone vs one node: largest weight difference {gap:.2e}")
     assert gap < 1e-4
+
+
+# --- Ray: the head on node1, a worker node on node2 ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_two_nodes(network, s3, tmp_path_factory):
+    """A Ray cluster of two nodes with one CPU each: a 2-worker group takes one per node.
+    Started after the S3 server, so its processes inherit the test credentials."""
+    from ray_cluster import RayMissing, ray_head, ray_node, token_auth
+
+    folder = tmp_path_factory.mktemp("ray2")
+    node1, node2 = network.hosts
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(token_auth(folder))
+        try:
+            cluster = stack.enter_context(ray_head(folder, host=node1, cpus=1))
+            worker = stack.enter_context(ray_node(cluster, node2, folder, cpus=1))
+        except (RayMissing, ImportError) as e:
+            pytest.fail(str(e)) if os.environ.get("CI") else pytest.skip(str(e))
+        yield cluster, worker
+
+
+def test_ray_group_across_two_nodes_resumes_from_s3_when_a_node_is_lost(
+        ray_two_nodes, s3, local_data, one_node_reference, tmp_path):
+    from ray_cluster import alive_nodes
+
+    cluster, node2 = ray_two_nodes
+    url = f"{s3['bucket']}/ray"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launchers.ray_submit", "--address", cluster.dashboard,
+         "--config", DEMO, "--num-workers", "2", "--max-failures", "5",
+         # A lost node's lease is taken over once it expires: soon, here.
+         *overrides(s3, local_data, "ray"), "checkpoint.lease_ttl=10"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    store = CheckpointStore(url, endpoint_url=s3["endpoint"])
+    try:
+        deadline = time.monotonic() + 300
+        while (info := store.latest_valid()) is None or info.step < 8:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.5)
+        node2.stop()  # the machine is lost: every process on it SIGKILLed
+        assert node2.host.address not in alive_nodes(cluster) or wait_until(
+            lambda: node2.host.address not in alive_nodes(cluster))
+        time.sleep(5)  # the group cannot restart on one CPU: it waits for the node
+        node2.start()  # the machine comes back and rejoins
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-5000:]
+    # One worker per node, in the first group and in the restarted one.
+    for rank in (0, 1):
+        assert output.count(f"ray train worker rank {rank}/2 (local rank 0) ") >= 2, output
+    assert " on node1" in output and " on node2" in output
+    assert "resumed from s3://" in output, output[-5000:]
+
+    state = final_state(s3, "ray")
+    assert state["step"] == STEPS
+    gap = largest_difference(state, one_node_reference)
+    print(f"Ray, two nodes, one lost and back vs one node: largest weight difference {gap:.2e}")
+    assert gap < 1e-4
+
+
+def wait_until(condition, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True

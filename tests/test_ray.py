@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -14,13 +13,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ray_cluster import RayCluster, RayMissing, ray_head, token_auth
 
 from pipeline.storage.checkpoints import CheckpointStore
-from pipeline.storage.local_s3 import free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 DEMO = "configs/demo_fmnist_resnet_ann.yaml"
@@ -30,12 +28,6 @@ REPO = Path(__file__).resolve().parent.parent
 def missing(message: str) -> None:
     """CI must run these tests: there a missing piece fails; elsewhere it skips."""
     pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
-
-
-@dataclass
-class RayCluster:
-    address: str  # GCS, for ray.init / --address
-    dashboard: str  # HTTP: job server and state API
 
 
 @pytest.fixture(scope="module")
@@ -51,80 +43,12 @@ def ray_cluster(s3_server: str) -> Iterator[RayCluster]:
             import ray.train  # noqa: F401
         except ImportError as e:
             missing(f"Ray is not installed ({e}): pip install 'anytime-pipeline[ray]'")
-        with ray_head(Path(temp_dir)) as cluster:
+        with contextlib.ExitStack() as stack:
+            try:
+                cluster = stack.enter_context(ray_head(Path(temp_dir)))
+            except RayMissing as e:
+                missing(str(e))
             yield cluster
-
-
-@contextlib.contextmanager
-def token_auth(folder: Path) -> Iterator[None]:
-    """Token authentication, as Ray sets up by default, with a token of this cluster's own that
-    every client here (launchers, job client, state API) reads from the same variables. Set
-    before Ray is imported: it reads them once."""
-    token = folder / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    saved = {k: os.environ.get(k) for k in (*auth, "RAY_AUTH_TOKEN")}
-    os.environ.pop("RAY_AUTH_TOKEN", None)
-    os.environ.update(auth)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
-def ray_head(temp_dir: Path) -> Iterator[RayCluster]:
-    """`ray start --head --block`: terminating that one process stops the whole cluster."""
-    ray_bin = Path(sys.executable).parent / "ray"
-    if not ray_bin.exists():
-        missing(f"no `ray` command next to {sys.executable}")
-    gcs_port, dashboard_port = free_port(), free_port()
-    log = temp_dir / "ray_start.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-             f"--port={gcs_port}", "--num-cpus=2", "--num-gpus=0",
-             "--object-store-memory=100000000", "--include-dashboard=true",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-             f"--ray-client-server-port={free_port()}",
-             f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp_dir}",
-             "--disable-usage-stats"],
-            stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-            # Stop at once when told: by then the tests are done, nothing is left to drain.
-            # A job's `python` is this interpreter, also when its venv is not activated.
-            env={**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-                 "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"})
-    cluster = RayCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}")
-    try:
-        wait_for_dashboard(cluster.dashboard, proc, log)
-        yield cluster
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path) -> None:
-    from ray.job_submission import JobSubmissionClient
-
-    wait_for_port(int(url.rsplit(":", 1)[1]), timeout=90)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            JobSubmissionClient(url).list_jobs()
-            return
-        except Exception as e:  # not up yet: connection refused, 503, ...
-            if proc.poll() is not None or time.monotonic() > deadline:
-                missing(f"`ray start --head` did not come up ({type(e).__name__}: {e}); its "
-                        f"log ends: {log.read_text()[-1000:]}")
-            time.sleep(1.0)
 
 
 def tiny_overrides(data: Path, out: Path, url: str, endpoint: str, epochs: int) -> list[str]:
