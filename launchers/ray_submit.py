@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from launchers.ray_train import add_train_arguments, for_ray
+from launchers.ray_train import add_train_arguments, check_worker_counts, for_ray
 from pipeline.config import load_config
 from pipeline.errors import UserError
 
@@ -60,12 +60,14 @@ def entrypoint(args: argparse.Namespace, working_dir: Path) -> str:
         raise UserError(f"--config {args.config} is outside --working-dir {working_dir}: the job "
                         "only sees the working dir; copy the config into it (e.g. configs/)")
     cfg = for_ray(load_config(config, args.overrides))  # a bad config fails here, not remotely
+    check_worker_counts(cfg, args.num_workers)
     paths = [f"out_dir={cfg.out_dir}", f"data.root={cfg.data.root}"]
     if cfg.checkpoint.url:
         paths.append(f"checkpoint.url={cfg.checkpoint.url}")
     command = ["python", "-m", "launchers.ray_train",
                "--config", str(config.relative_to(working_dir)),
-               "--num-workers", str(args.num_workers),
+               "--num-workers", "-".join(map(str, args.num_workers))
+               if isinstance(args.num_workers, tuple) else str(args.num_workers),
                "--cpus-per-worker", str(args.cpus_per_worker),
                "--max-failures", str(args.max_failures)]
     if args.gpus:

@@ -97,15 +97,16 @@ def ray_storage(storage_url: str, endpoint_url: str = "") -> tuple[str, Any]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def build_trainer(cfg: Config, *, num_workers: int, use_gpu: bool = False,
+def build_trainer(cfg: Config, *, num_workers: int | tuple[int, int], use_gpu: bool = False,
                   cpus_per_worker: float = 1.0, max_failures: int = 3,
                   storage_url: str = "") -> Any:
-    """A TorchTrainer running `train_worker` on `num_workers` workers (one per GPU)."""
+    """A TorchTrainer running `train_worker` on `num_workers` workers (one per GPU), or on
+    between MIN and MAX of them, (MIN, MAX): Ray's elastic group, which shrinks when nodes are
+    lost and grows back when they return; the trainer keeps the global batch across sizes."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    if num_workers < 1:
-        raise UserError(f"--num-workers {num_workers}: need at least one worker")
+    check_worker_counts(cfg, num_workers)
     if use_gpu and cfg.train.device == "cpu":
         raise UserError("--gpus with train.device=cpu: drop --gpus or use train.device=auto")
     if not use_gpu and cfg.train.device == "cuda":
@@ -124,6 +125,36 @@ def build_trainer(cfg: Config, *, num_workers: int, use_gpu: bool = False,
             name=RAY_RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=max_failures)),
     )
+
+
+def check_worker_counts(cfg: Config, num_workers: int | tuple[int, int]) -> None:
+    low, high = num_workers if isinstance(num_workers, tuple) else (num_workers, num_workers)
+    if low < 1:
+        raise UserError(f"--num-workers {low}: need at least one worker")
+    if low == high:
+        return
+    total = cfg.train.global_batch
+    if not total:
+        raise UserError(f"--num-workers {low}-{high} lets Ray change the group's size, which "
+                        f"would change the global batch: set train.global_batch (e.g. "
+                        f"{cfg.data.batch_size * high}, data.batch_size x {high})")
+    odd = [n for n in range(low, high + 1) if total % n]
+    if odd:
+        raise UserError(f"train.global_batch={total} does not split over "
+                        f"{' or '.join(map(str, odd))} workers, sizes --num-workers {low}-{high} "
+                        "allows; choose a range whose every size divides it")
+
+
+def worker_count(text: str) -> int | tuple[int, int]:
+    """--num-workers: N, or MIN-MAX for an elastic group."""
+    low, sep, high = text.partition("-")
+    try:
+        counts = (int(low), int(high) if sep else int(low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give N or MIN-MAX, e.g. 2 or 1-4") from None
+    if not 1 <= counts[0] <= counts[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= MIN <= MAX")
+    return counts if sep else counts[0]
 
 
 def run(cfg: Config, **trainer_options: Any) -> Any:
@@ -158,8 +189,11 @@ def find_user_error(error: BaseException) -> UserError | None:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a Ray Train run (shared with launchers.ray_submit, which passes them on)."""
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/*.yaml")
-    parser.add_argument("--num-workers", type=int, default=int(os.environ.get("NUM_WORKERS", 2)),
-                        help="training processes: one per GPU with --gpus (env NUM_WORKERS; 2)")
+    parser.add_argument("--num-workers", type=worker_count,
+                        default=worker_count(os.environ.get("NUM_WORKERS", "2")),
+                        help="training processes: one per GPU with --gpus (env NUM_WORKERS; 2); "
+                             "MIN-MAX: an elastic group, which Ray shrinks when nodes are lost "
+                             "and grows when they return (needs train.global_batch)")
     parser.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL)")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0,
                         help="CPUs Ray reserves per worker (data loading); default 1")

@@ -193,6 +193,12 @@ def test_requeue_onto_one_node_when_the_other_is_drained(cluster, s3, local_data
 # --- Ray: the head on node1, a worker node on node2 ----------------------------------------------
 
 
+def alive_nodes(cluster) -> list[str]:
+    from ray_cluster import alive_nodes
+
+    return alive_nodes(cluster)
+
+
 @pytest.fixture(scope="module")
 def ray_two_nodes(network, s3, tmp_path_factory):
     """A Ray cluster of two nodes with one CPU each: a 2-worker group takes one per node.
@@ -213,8 +219,6 @@ def ray_two_nodes(network, s3, tmp_path_factory):
 
 def test_ray_group_across_two_nodes_resumes_from_s3_when_a_node_is_lost(
         ray_two_nodes, s3, local_data, one_node_reference, tmp_path):
-    from ray_cluster import alive_nodes
-
     cluster, node2 = ray_two_nodes
     url = f"{s3['bucket']}/ray"
     proc = subprocess.Popen(
@@ -249,6 +253,41 @@ def test_ray_group_across_two_nodes_resumes_from_s3_when_a_node_is_lost(
     assert state["step"] == STEPS
     gap = largest_difference(state, one_node_reference)
     print(f"Ray, two nodes, one lost and back vs one node: largest weight difference {gap:.2e}")
+    assert gap < 1e-4
+
+
+def test_an_elastic_ray_group_goes_on_on_one_node_when_the_other_is_lost(
+        ray_two_nodes, s3, local_data, one_node_reference, tmp_path):
+    cluster, node2 = ray_two_nodes
+    assert wait_until(lambda: len(alive_nodes(cluster)) == 2)  # the last test's node2 is back
+    url = f"{s3['bucket']}/elastic"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launchers.ray_submit", "--address", cluster.dashboard,
+         "--config", DEMO, "--num-workers", "1-2", "--max-failures", "5",
+         *overrides(s3, local_data, "elastic"), "checkpoint.lease_ttl=10"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    store = CheckpointStore(url, endpoint_url=s3["endpoint"])
+    try:
+        deadline = time.monotonic() + 300
+        while (info := store.latest_valid()) is None or info.step < 8:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.5)
+        node2.stop()  # lost for good: the group goes on with what is left
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        node2.start()
+    assert proc.returncode == 0, output[-5000:]
+    assert "ray train worker rank 1/2 (local rank 0) " in output  # first on both nodes
+    assert "ray train worker rank 0/1 (local rank 0) " in output  # then on node1 alone
+    assert f"batch {BATCH} ({BATCH // 2} x 1 processes x 2 passes)" in output
+    assert "resumed from s3://" in output
+
+    state = final_state(s3, "elastic")
+    assert state["step"] == STEPS
+    gap = largest_difference(state, one_node_reference)
+    print(f"Ray, elastic 2 -> 1 workers vs one node: largest weight difference {gap:.2e}")
     assert gap < 1e-4
 
 

@@ -167,6 +167,19 @@ def test_submit_checks_the_config_before_contacting_the_cluster(tmp_path):
     assert proc.stderr.startswith("error: cannot reach the Ray cluster at http://127.0.0.1:1")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--num-workers", "1-2"], "--num-workers 1-2 lets Ray change the group's size, which would "
+                               "change the global batch: set train.global_batch (e.g. 256"),
+    (["--num-workers", "2-4", "train.global_batch=8"],
+     "train.global_batch=8 does not split over 3 workers, sizes --num-workers 2-4 allows"),
+    (["--num-workers", "3-1"], "'3-1': need 1 <= MIN <= MAX"),
+    (["--num-workers", "two"], "'two': give N or MIN-MAX, e.g. 2 or 1-4"),
+])
+def test_submit_refuses_an_elastic_group_that_would_change_the_batch(args, message):
+    proc = submit("--address", "http://127.0.0.1:1", "--config", DEMO, *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
 def test_submit_refuses_a_bad_value_before_contacting_the_cluster(capsys, monkeypatch):
     try:
         import ray.job_submission  # noqa: F401
