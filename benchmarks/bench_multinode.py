@@ -178,7 +178,8 @@ def main() -> None:
         stack.enter_context(token_auth(work))
         ray = stack.enter_context(ray_head(work, host=net.hosts[0], cpus=1))
         stack.enter_context(ray_node(ray, net.hosts[1], work, cpus=1))
-        for label, workers in (("1 node", 1), ("2 nodes", 2)) * ("ray" in args.engines):
+        # Ray places a 1-worker group on either host (1 CPU each): the row is by workers.
+        for label, workers in (("1 worker", 1), ("2 (1/node)", 2)) * ("ray" in args.engines):
             result = ray_run(ray, endpoint, bucket, f"ray{workers}", workers)
             rows.append({"engine": "Ray", "nodes": label, **result})
             print(rows[-1], flush=True)
@@ -188,7 +189,7 @@ def main() -> None:
     ratios = []
     for engine in {r["engine"]: None for r in rows}:
         one, two = (r for r in rows if r["engine"] == engine)
-        ratios.append(f"{engine}: 2 nodes / 1 node: submit to first step "
+        ratios.append(f"{engine}: {two['nodes']} / {one['nodes']}: submit to first step "
                       f"{two['submit_to_first_step_s'] / one['submit_to_first_step_s']:.2f}x, "
                       f"failure to resumed step "
                       f"{two['failure_to_resumed_step_s'] / one['failure_to_resumed_step_s']:.2f}x")

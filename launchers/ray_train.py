@@ -190,7 +190,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a Ray Train run (shared with launchers.ray_submit, which passes them on)."""
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/*.yaml")
     parser.add_argument("--num-workers", type=worker_count,
-                        default=worker_count(os.environ.get("NUM_WORKERS", "2")),
+                        default=os.environ.get("NUM_WORKERS", "2"),
                         help="training processes: one per GPU with --gpus (env NUM_WORKERS; 2); "
                              "MIN-MAX: an elastic group, which Ray shrinks when nodes are lost "
                              "and grows when they return (needs train.global_batch)")

@@ -45,6 +45,11 @@ launch_training() {
     local nodes=${SLURM_JOB_NUM_NODES:-1}
     local gpus=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}
     gpus=${gpus##*:}  # "a100:4" -> 4
+    if [[ ! "$gpus" =~ ^[0-9]+$ ]]; then
+        echo "slurm/common.sh: cannot read the GPUs per node from '$gpus'; submit with" \
+             "--gpus-per-node=N (not --gpus=TOTAL)" >&2
+        exit 2
+    fi
     local tasks tasks_per_node layout=()
     read -r tasks tasks_per_node < <(task_layout "$nodes" "$gpus")
     [[ -n "$tasks_per_node" ]] && layout=(--ntasks-per-node="$tasks_per_node")

@@ -4,7 +4,8 @@
 #   sbatch slurm/ilsvrc_msdnet41_sieve.sh [overrides...]
 #   sbatch --nodes=4 --gpus-per-node=8 slurm/ilsvrc_msdnet41_sieve.sh
 #       (one process per GPU, the config's global batch of 256 split over them;
-#       --nodes=1-2 takes as many nodes as are free, and fewer after a requeue)
+#       --nodes=1-2 takes as many nodes as are free, and fewer after a requeue). CPUs per
+#       process: --cpus-per-gpu=N (--cpus-per-task conflicts with the script's own)
 # Submit from the repository root. DATA_ROOT, CKPT_URL, CKPT_ENDPOINT_URL, OUT_DIR: see
 # slurm/common.sh. Requeued on preemption or 5 minutes before the time limit; resumes itself.
 #SBATCH --job-name=ilsvrc_msdnet41_sieve

@@ -9,14 +9,15 @@ Traffic stays on the bridge, which the machine's root namespace joins at the gat
         subprocess.run(node1.command(["hostname"]))   # -> node1, on 10.77.x.11
         net.gateway                                # the root namespace's address on the bridge
 
-Run as a script to keep two hosts until Ctrl-C: `python tests/private_hosts.py /tmp/hosts`,
-then e.g. `ip netns exec <namespace> bash`.
+Run as a script to keep two hosts until Ctrl-C: `python tests/private_hosts.py /tmp/hosts`; it
+prints the command for a shell on each.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -60,16 +61,35 @@ def missing_tools() -> list[str]:
     return [t for t in ("ip", "nsenter", "unshare") if shutil.which(t) is None]
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+def _ip(*args: str) -> str:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if done.returncode:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def _free_subnet() -> str:
+    """A 10.77.N.0/24 no route of this machine uses (another test run's bridge, say)."""
+    routes = _ip("-4", "route")
+    return next(f"10.77.{n}" for n in range(1, 255) if f"10.77.{n}." not in routes)
+
+
+def _kill_namespace(namespace: str) -> None:
+    """SIGKILL what still runs in the namespace: a namespace holding processes outlives
+    `ip netns del`, with its veth and address."""
+    pids = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True,
+                          timeout=30).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
 
 
 @contextlib.contextmanager
 def private_hosts(root: Path, names: list[str]) -> Iterator[Network]:
-    """Hosts `names` on a bridge of their own (10.77.N.0/24, N from this process's id, so that
-    two test runs do not share one); removed again on the way out."""
-    tag = f"{os.getpid() % 100_000}"
-    subnet = f"10.77.{os.getpid() % 250 + 1}"
+    """Hosts `names` on a bridge of their own (a 10.77.N.0/24 no route uses yet; names carry
+    this process's id); removed again on the way out, with whatever still runs on them."""
+    tag = str(os.getpid())
+    subnet = _free_subnet()
     bridge = f"anyb{tag}"
     root = Path(root)
     hosts_file = root / "etc-hosts"
@@ -88,6 +108,7 @@ def private_hosts(root: Path, names: list[str]) -> Iterator[Network]:
             host.local.mkdir(parents=True, exist_ok=True)
             _ip("netns", "add", host.namespace)
             created.append(("netns", "del", host.namespace))
+            created.append(("kill", host.namespace))
             outside = f"anyv{tag}-{i}"
             _ip("link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns",
                 host.namespace)
@@ -98,8 +119,8 @@ def private_hosts(root: Path, names: list[str]) -> Iterator[Network]:
         yield Network(f"{subnet}.1", hosts)
     finally:
         for args in reversed(created):  # a namespace's end takes its veth pair along
-            with contextlib.suppress(subprocess.CalledProcessError):
-                _ip(*args)
+            with contextlib.suppress(RuntimeError, subprocess.SubprocessError):
+                _kill_namespace(args[1]) if args[0] == "kill" else _ip(*args)
 
 
 if __name__ == "__main__":
@@ -107,7 +128,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with private_hosts(folder, ["node1", "node2"]) as net:
         for h in net.hosts:
-            print(f"{h.name} {h.address}: ip netns exec {h.namespace} bash")
+            print(f"{h.name} {h.address}: {shlex.join(h.command(['bash']))}")
         print(f"gateway {net.gateway}; Ctrl-C to remove them")
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()

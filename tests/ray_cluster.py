@@ -29,7 +29,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class RayMissing(RuntimeError):
-    """Ray, or a working `ray start`, is not there (the tests skip, or fail on CI)."""
+    """Ray is not installed (the tests skip, or fail on CI)."""
+
+
+class RayStartError(RuntimeError):
+    """`ray start` did not come up or a node did not join: a failure, never a skip."""
 
 
 @dataclass
@@ -38,13 +42,18 @@ class RayCluster:
     dashboard: str  # HTTP: job server and state API
 
 
+# One token per test process: Ray's client reads it once, so a second cluster in the same
+# process (test_multinode.py, then test_ray.py) must be started with the same one.
+_TOKEN = secrets.token_hex(32)
+
+
 @contextlib.contextmanager
 def token_auth(folder: Path) -> Iterator[None]:
     """Token authentication, as Ray sets up by default, with a token of this cluster's own that
     every client here (launchers, job client, state API) and every node reads from the same
     variables. Set before Ray is imported: it reads them once."""
     token = folder / "auth_token"
-    token.write_text(secrets.token_hex(32))
+    token.write_text(_TOKEN)
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     saved = {k: os.environ.get(k) for k in (*auth, "RAY_AUTH_TOKEN")}
     os.environ.pop("RAY_AUTH_TOKEN", None)
@@ -130,21 +139,38 @@ class RayNode:
         deadline = time.monotonic() + timeout
         while self.host.address not in alive_nodes(self.cluster):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RayMissing(f"Ray node on {self.host.name} did not join; its log ends: "
-                                 f"{log.read_text()[-1000:]}")
+                self.stop()
+                raise RayStartError(f"Ray node on {self.host.name} did not join; its log "
+                                    f"ends: {log.read_text()[-1000:]}")
             time.sleep(1.0)
 
     def stop(self) -> None:
-        """SIGKILL every process of the host's network namespace (raylet, workers, `ray
-        start`): a lost machine says no goodbye."""
+        """SIGKILL the node's Ray processes (`ray start` and everything it started: GCS
+        client, raylet, workers, agents): a lost machine says no goodbye. Other processes of
+        the host (a slurmd of another test's cluster) are left alone."""
         if self.proc is not None:
-            pids = subprocess.run(["ip", "netns", "pids", self.host.namespace],
-                                  capture_output=True, text=True, check=False).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
+            for _ in range(3):  # again: a process may have forked meanwhile
+                for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             self.proc.wait()
             self.proc = None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` in the process tree (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # pid (comm) state ppid ...: comm may hold spaces, so split after its ")"
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def alive_nodes(cluster: RayCluster) -> list[str]:
@@ -158,8 +184,8 @@ def alive_nodes(cluster: RayCluster) -> list[str]:
 @contextlib.contextmanager
 def ray_node(cluster: RayCluster, host: Host, temp_dir: Path, cpus: int = 1) -> Iterator[RayNode]:
     node = RayNode(cluster, host, temp_dir, cpus)
-    node.start()
     try:
+        node.start()
         yield node
     finally:
         node.stop()
@@ -177,6 +203,7 @@ def wait_for_dashboard(url: str, proc: subprocess.Popen, log: Path) -> None:
             return
         except Exception as e:  # not up yet: connection refused, 503, ...
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RayMissing(f"`ray start --head` did not come up ({type(e).__name__}: "
-                                 f"{e}); its log ends: {log.read_text()[-1000:]}") from e
+                raise RayStartError(f"`ray start --head` did not come up "
+                                    f"({type(e).__name__}: {e}); its log ends: "
+                                    f"{log.read_text()[-1000:]}") from e
             time.sleep(1.0)

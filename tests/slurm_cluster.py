@@ -35,8 +35,8 @@ from pipeline.storage.local_s3 import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "scancel", "srun")
-# Final states: the job will not run again (a requeued job goes back to PENDING instead).
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Final states: the job will not run again (a requeued job goes back to PENDING instead).
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE"}
 
@@ -160,8 +160,12 @@ class LocalSlurmCluster:
         self._wait_for(self._nodes_idle, timeout, f"slurmd (nodes {names} idle)")
 
     def stop(self) -> None:
-        if self._procs and all(p.poll() is None for p in self._procs):
-            # Cancel what still runs so that no training process outlives the cluster.
+        ctld_up = False
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            ctld_up = bool(self._procs) and self._ok(["scontrol", "ping"], "UP")
+        if ctld_up:
+            # Cancel what still runs so that no training process outlives the cluster (also
+            # when a slurmd died: its node's jobs are cancelled by slurmctld).
             user = pwd.getpwuid(os.getuid()).pw_name
             with contextlib.suppress(OSError, subprocess.SubprocessError, TimeoutError,
                                      RuntimeError):

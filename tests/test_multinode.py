@@ -166,7 +166,7 @@ def test_requeue_onto_one_node_when_the_other_is_drained(cluster, s3, local_data
                                                          one_node_reference, tmp_path):
     cluster.wait_idle()  # both nodes free, so that the job takes both
     # No --ntasks-per-node: with it the task count is fixed at submission, and a node range
-    # takes its minimum (slurm/common.sh: one task per node's CPU or GPU otherwise).
+    # takes its minimum (slurm/common.sh: one task per node, or per GPU, otherwise).
     job_id = submit(cluster, s3, local_data, tmp_path, "shrink", "--nodes=1-2")
     log = tmp_path / f"shrink-{job_id}.out"
     wait_for_line(log, "step 3/")
@@ -217,27 +217,41 @@ def ray_two_nodes(network, s3, tmp_path_factory):
         yield cluster, worker
 
 
-def test_ray_group_across_two_nodes_resumes_from_s3_when_a_node_is_lost(
-        ray_two_nodes, s3, local_data, one_node_reference, tmp_path):
-    cluster, node2 = ray_two_nodes
-    url = f"{s3['bucket']}/ray"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launchers.ray_submit", "--address", cluster.dashboard,
-         "--config", DEMO, "--num-workers", "2", "--max-failures", "5",
+def submit_ray(ray, s3, data: str, name: str, workers: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "launchers.ray_submit", "--address", ray.dashboard,
+         "--config", DEMO, "--num-workers", workers, "--max-failures", "5",
          # A lost node's lease is taken over once it expires: soon, here.
-         *overrides(s3, local_data, "ray"), "checkpoint.lease_ttl=10"],
+         *overrides(s3, data, name), "checkpoint.lease_ttl=10"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    store = CheckpointStore(url, endpoint_url=s3["endpoint"])
+
+
+def wait_for_checkpoint(store: CheckpointStore, proc: subprocess.Popen, step: int) -> None:
+    deadline = time.monotonic() + 300
+    while (info := store.latest_valid()) is None or info.step < step:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no checkpoint of step {step}:\n{proc.communicate()[0][-5000:]}")
+        time.sleep(0.5)
+
+
+def test_ray_group_across_two_nodes_resumes_from_s3_when_a_node_is_lost(
+        ray_two_nodes, s3, local_data, one_node_reference):
+    ray, node2 = ray_two_nodes
+    proc = submit_ray(ray, s3, local_data, "ray", "2")
+    store = CheckpointStore(f"{s3['bucket']}/ray", endpoint_url=s3["endpoint"])
     try:
-        deadline = time.monotonic() + 300
-        while (info := store.latest_valid()) is None or info.step < 8:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            time.sleep(0.5)
-        node2.stop()  # the machine is lost: every process on it SIGKILLed
-        assert node2.host.address not in alive_nodes(cluster) or wait_until(
-            lambda: node2.host.address not in alive_nodes(cluster))
-        time.sleep(5)  # the group cannot restart on one CPU: it waits for the node
-        node2.start()  # the machine comes back and rejoins
+        wait_for_checkpoint(store, proc, 8)
+        try:
+            node2.stop()  # the machine is lost: its Ray processes SIGKILLed
+            assert wait_until(lambda: node2.host.address not in alive_nodes(ray))
+            # A group of 2 cannot restart on node1's one CPU: it waits, and nothing trains.
+            time.sleep(3)
+            waiting_at = store.latest_valid().step
+            time.sleep(5)
+            assert store.latest_valid().step == waiting_at and proc.poll() is None
+        finally:
+            node2.start()  # the machine comes back and rejoins
         output, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
@@ -257,27 +271,21 @@ def test_ray_group_across_two_nodes_resumes_from_s3_when_a_node_is_lost(
 
 
 def test_an_elastic_ray_group_goes_on_on_one_node_when_the_other_is_lost(
-        ray_two_nodes, s3, local_data, one_node_reference, tmp_path):
-    cluster, node2 = ray_two_nodes
-    assert wait_until(lambda: len(alive_nodes(cluster)) == 2)  # the last test's node2 is back
-    url = f"{s3['bucket']}/elastic"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launchers.ray_submit", "--address", cluster.dashboard,
-         "--config", DEMO, "--num-workers", "1-2", "--max-failures", "5",
-         *overrides(s3, local_data, "elastic"), "checkpoint.lease_ttl=10"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    store = CheckpointStore(url, endpoint_url=s3["endpoint"])
+        ray_two_nodes, s3, local_data, one_node_reference):
+    ray, node2 = ray_two_nodes
+    assert wait_until(lambda: len(alive_nodes(ray)) == 2)  # the last test's node2 is back
+    proc = submit_ray(ray, s3, local_data, "elastic", "1-2")
+    store = CheckpointStore(f"{s3['bucket']}/elastic", endpoint_url=s3["endpoint"])
     try:
-        deadline = time.monotonic() + 300
-        while (info := store.latest_valid()) is None or info.step < 8:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            time.sleep(0.5)
-        node2.stop()  # lost for good: the group goes on with what is left
-        output, _ = proc.communicate(timeout=600)
+        wait_for_checkpoint(store, proc, 8)
+        try:
+            node2.stop()  # lost for good: the group goes on with what is left
+            output, _ = proc.communicate(timeout=600)
+        finally:
+            node2.start()
     finally:
         if proc.poll() is None:
             proc.kill()
-        node2.start()
     assert proc.returncode == 0, output[-5000:]
     assert "ray train worker rank 1/2 (local rank 0) " in output  # first on both nodes
     assert "ray train worker rank 0/1 (local rank 0) " in output  # then on node1 alone
