@@ -19,6 +19,20 @@ from pipeline.storage.local_s3 import free_port, local_s3_server
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 
 
+def unavailable(reason: str) -> None:
+    """A real component the test needs is missing: CI must run every test, so there it fails;
+    elsewhere it skips."""
+    pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
+
+
+def largest_parameter_difference(a: dict, b: dict) -> float:
+    """The largest difference between two run states' parameters. Not BatchNorm's running
+    statistics: each rank keeps its own (DDP broadcasts rank 0's), so they differ by design
+    between runs on other numbers of ranks or passes."""
+    keys = [k for k in a["model"] if "running_" not in k and "num_batches" not in k]
+    return max((a["model"][k] - b["model"][k]).abs().max().item() for k in keys)
+
+
 def write_image_folder(
     root: Path,
     classes: tuple[str, ...] = ("ant", "bee", "cat"),
@@ -115,7 +129,7 @@ def fmnist(tmp_path_factory) -> Path:
 
     if not Path("/usr/share/datasets/fashion-mnist").is_dir():
         message = "needs Debian's dataset-fashion-mnist (make install)"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+        unavailable(message)
     root = tmp_path_factory.mktemp("fmnist") / "data"
     prepare_fashion_mnist(root, limit=1000)
     return root
@@ -137,7 +151,7 @@ def slurm_cluster(tmp_path_factory):
     elif os.geteuid() != 0:
         reason = "slurmd must run as root to start jobs"
     if reason:
-        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
+        unavailable(reason)
     with local_slurm_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
         yield cluster
 

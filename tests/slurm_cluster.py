@@ -261,6 +261,17 @@ class LocalSlurmCluster:
                            f"{self.job(job_id)}\n{self.logs()}")
 
 
+def wait_for_line(path: Path, text: str, timeout: float = 300.0) -> None:
+    """Until a job's log file holds `text`; else an AssertionError showing its end."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    log = path.read_text(errors="replace") if path.is_file() else "(no log yet)"
+    raise AssertionError(f"{text!r} not in {path} after {timeout}s:\n{log[-3000:]}")
+
+
 @contextlib.contextmanager
 def local_slurm_cluster(root: Path, cpus: int | None = None,
                         network: Network | None = None) -> Iterator[LocalSlurmCluster]:

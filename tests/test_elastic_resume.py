@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TORCHRUN, write_image_folder
+from conftest import TORCHRUN, largest_parameter_difference, write_image_folder
 
 from pipeline.config import load_config
 from pipeline.errors import UserError
@@ -98,13 +98,6 @@ def final(out: Path) -> dict:
     return CheckpointStore(str(out / "run" / "checkpoints")).load_latest_valid()[1]
 
 
-def largest_difference(a: dict, b: dict) -> float:
-    """Of the parameters: BatchNorm's running statistics are each rank's own (DDP keeps rank
-    0's), so they differ by design between geometries."""
-    keys = [k for k in a["model"] if "running_" not in k and "num_batches" not in k]
-    return max((a["model"][k] - b["model"][k]).abs().max().item() for k in keys)
-
-
 @pytest.fixture(scope="module")
 def whole(data, tmp_path_factory) -> Path:
     """The uninterrupted run on 2 ranks."""
@@ -136,7 +129,7 @@ def test_two_to_one_consumes_each_sample_once_and_matches_the_uninterrupted_loss
     after = range(11, 2 * STEPS_PER_EPOCH + 1)
     assert sorted(k for k in resumed if k > 10) == list(after)
     loss_gap = max(abs(reference[k] - resumed[k]) for k in after)
-    weight_gap = largest_difference(final(whole), final(two_to_one))
+    weight_gap = largest_parameter_difference(final(whole), final(two_to_one))
     print(f"2 -> 1: largest loss difference {loss_gap:.2e}, largest weight difference "
           f"{weight_gap:.2e}")
     # Floating-point reduction order only (measured: see the print above and README).

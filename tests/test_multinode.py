@@ -22,7 +22,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import write_image_folder
+from conftest import largest_parameter_difference, unavailable, write_image_folder
+from slurm_cluster import wait_for_line
 
 from pipeline.storage.checkpoints import CheckpointStore
 from pipeline.storage.local_s3 import local_s3_server
@@ -48,7 +49,7 @@ def network(tmp_path_factory):
     elif os.geteuid() != 0:
         reason = "network namespaces and slurmd need root"
     if reason:
-        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
+        unavailable(reason)
     with private_hosts(tmp_path_factory.mktemp("hosts"), ["node1", "node2"]) as net:
         yield net
 
@@ -96,25 +97,19 @@ def submit(cluster, s3, data: str, out: Path, name: str, *sbatch_args: str) -> s
                            *overrides(s3, data, name)], cwd=REPO, env={"PYTHON": sys.executable})
 
 
-def wait_for_line(path: Path, text: str, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.is_file() and text in path.read_text(errors="replace"):
-            return
-        time.sleep(0.1)
-    log = path.read_text(errors="replace") if path.is_file() else "(no log yet)"
-    raise AssertionError(f"{text!r} not in {path} after {timeout}s:\n{log[-3000:]}")
-
-
 def final_state(s3, name: str) -> dict:
     store = CheckpointStore(f"{s3['bucket']}/{name}", endpoint_url=s3["endpoint"])
     return store.load(store.latest_valid())
 
 
-def largest_difference(a: dict, b: dict) -> float:
-    """Of the parameters (BatchNorm's running statistics are each rank's own)."""
-    keys = [k for k in a["model"] if "running_" not in k and "num_batches" not in k]
-    return max((a["model"][k] - b["model"][k]).abs().max().item() for k in keys)
+def assert_ends_like(s3, name: str, reference: dict, what: str) -> None:
+    """The run's last checkpoint: every step taken, and the reference's parameters up to
+    floating-point reduction order (the difference measured is printed)."""
+    state = final_state(s3, name)
+    assert state["step"] == reference["step"] == STEPS
+    gap = largest_parameter_difference(state, reference)
+    print(f"{what} vs one node: largest weight difference {gap:.2e}")
+    assert gap < 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +150,7 @@ def test_two_nodes_train_preempt_requeue_and_resume_from_s3(cluster, s3, local_d
     assert (node1.local / "runs" / "two" / "results.json").is_file()
     assert not (node2.local / "runs" / "two" / "results.json").exists()
 
-    state = final_state(s3, "two")
-    assert state["step"] == one_node_reference["step"] == STEPS
-    gap = largest_difference(state, one_node_reference)
-    print(f"two nodes (preempted, resumed) vs one node: largest weight difference {gap:.2e}")
-    assert gap < 1e-4
+    assert_ends_like(s3, "two", one_node_reference, "two nodes (preempted, resumed)")
 
 
 def test_requeue_onto_one_node_when_the_other_is_drained(cluster, s3, local_data,
@@ -183,11 +174,7 @@ def test_requeue_onto_one_node_when_the_other_is_drained(cluster, s3, local_data
     assert f"batch {BATCH} ({BATCH // 2} x 1 processes x 2 passes)" in text
     assert "resumed from s3://" in text
 
-    state = final_state(s3, "shrink")
-    assert state["step"] == STEPS
-    gap = largest_difference(state, one_node_reference)
-    print(f"two nodes, then node1 alone vs one node: largest weight difference {gap:.2e}")
-    assert gap < 1e-4
+    assert_ends_like(s3, "shrink", one_node_reference, "two nodes, then node1 alone")
 
 
 # --- Ray: the head on node1, a worker node on node2 ----------------------------------------------
@@ -213,7 +200,7 @@ def ray_two_nodes(network, s3, tmp_path_factory):
             cluster = stack.enter_context(ray_head(folder, host=node1, cpus=1))
             worker = stack.enter_context(ray_node(cluster, node2, folder, cpus=1))
         except (RayMissing, ImportError) as e:
-            pytest.fail(str(e)) if os.environ.get("CI") else pytest.skip(str(e))
+            unavailable(str(e))
         yield cluster, worker
 
 
@@ -263,11 +250,7 @@ def test_ray_group_across_two_nodes_resumes_from_s3_when_a_node_is_lost(
     assert " on node1" in output and " on node2" in output
     assert "resumed from s3://" in output, output[-5000:]
 
-    state = final_state(s3, "ray")
-    assert state["step"] == STEPS
-    gap = largest_difference(state, one_node_reference)
-    print(f"Ray, two nodes, one lost and back vs one node: largest weight difference {gap:.2e}")
-    assert gap < 1e-4
+    assert_ends_like(s3, "ray", one_node_reference, "Ray, two nodes, one lost and back")
 
 
 def test_an_elastic_ray_group_goes_on_on_one_node_when_the_other_is_lost(
@@ -292,11 +275,7 @@ def test_an_elastic_ray_group_goes_on_on_one_node_when_the_other_is_lost(
     assert f"batch {BATCH} ({BATCH // 2} x 1 processes x 2 passes)" in output
     assert "resumed from s3://" in output
 
-    state = final_state(s3, "elastic")
-    assert state["step"] == STEPS
-    gap = largest_difference(state, one_node_reference)
-    print(f"Ray, elastic 2 -> 1 workers vs one node: largest weight difference {gap:.2e}")
-    assert gap < 1e-4
+    assert_ends_like(s3, "elastic", one_node_reference, "Ray, elastic 2 -> 1 workers")
 
 
 def wait_until(condition, timeout: float = 60.0) -> bool:

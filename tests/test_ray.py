@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import unavailable
 from ray_cluster import RayCluster, RayMissing, ray_head, token_auth
 
 from pipeline.storage.checkpoints import CheckpointStore
@@ -23,11 +24,6 @@ from pipeline.storage.checkpoints import CheckpointStore
 pytestmark = pytest.mark.slow
 DEMO = "configs/demo_fmnist_resnet_ann.yaml"
 REPO = Path(__file__).resolve().parent.parent
-
-
-def missing(message: str) -> None:
-    """CI must run these tests: there a missing piece fails; elsewhere it skips."""
-    pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +38,12 @@ def ray_cluster(s3_server: str) -> Iterator[RayCluster]:
             import ray.job_submission
             import ray.train  # noqa: F401
         except ImportError as e:
-            missing(f"Ray is not installed ({e}): pip install 'anytime-pipeline[ray]'")
+            unavailable(f"Ray is not installed ({e}): pip install 'anytime-pipeline[ray]'")
         with contextlib.ExitStack() as stack:
             try:
                 cluster = stack.enter_context(ray_head(Path(temp_dir)))
             except RayMissing as e:
-                missing(str(e))
+                unavailable(str(e))
             yield cluster
 
 
@@ -184,7 +180,7 @@ def test_submit_refuses_a_bad_value_before_contacting_the_cluster(capsys, monkey
     try:
         import ray.job_submission  # noqa: F401
     except ImportError as e:
-        missing(f"Ray is not installed ({e}): pip install 'anytime-pipeline[ray]'")
+        unavailable(f"Ray is not installed ({e}): pip install 'anytime-pipeline[ray]'")
     from launchers.ray_submit import main
 
     monkeypatch.chdir(REPO)

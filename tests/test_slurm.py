@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_image_folder
+from conftest import largest_parameter_difference, write_image_folder
+from slurm_cluster import wait_for_line
 
 from pipeline.storage.checkpoints import CheckpointStore
 
@@ -54,16 +55,6 @@ def overrides(data: Path, out: Path, name: str, url: str, endpoint: str) -> list
 def sbatch_train(cluster, out: Path, name: str, args: list[str], *sbatch_args: str) -> str:
     return cluster.sbatch([*sbatch_args, f"--output={out}/{name}-%j.out", "slurm/train.sh", DEMO,
                            *args], cwd=REPO, env={"PYTHON": sys.executable})
-
-
-def wait_for_line(path: Path, text: str, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.is_file() and text in path.read_text(errors="replace"):
-            return
-        time.sleep(0.1)
-    log = path.read_text(errors="replace") if path.is_file() else "(no log yet)"
-    raise AssertionError(f"{text!r} not in {path} after {timeout}s:\n{log[-3000:]}")
 
 
 def final_state(url: str, endpoint: str) -> dict:
@@ -183,13 +174,11 @@ def test_sbatch_two_tasks_requeued_on_one_go_on_where_they_stopped(
     assert text.count("preempted (SIGUSR1): checkpoint at step") == 2  # both ranks, same step
     assert "resumed from" in text
 
-    # Ends like the uninterrupted one-task job, up to floating-point reduction order (the
-    # parameters; BatchNorm's running statistics are each rank's own).
+    # Ends like the uninterrupted one-task job, up to floating-point reduction order.
     reference = finished_reference(slurm_cluster, reference_run)
     a, b = final_state(url, s3_server), final_state(reference["url"], s3_server)
     assert a["step"] == b["step"] == EPOCHS * (TRAIN_IMAGES // BATCH)
-    keys = [k for k in a["model"] if "running_" not in k and "num_batches" not in k]
-    gap = max((a["model"][k] - b["model"][k]).abs().max().item() for k in keys)
+    gap = largest_parameter_difference(a, b)
     print(f"2 tasks -> 1 task: largest weight difference to the uninterrupted job {gap:.2e}")
     assert gap < 1e-4
 
