@@ -100,6 +100,10 @@ class LossConfig:
     scheme: str = "sieve"  # const, linear, half_end, opt, sieve, sieve_orig, adaloss
     opt_exit: int = 0  # for scheme=opt: 1-based exit; 0 = the final exit
     alternating: bool = False  # the seed's AANN: add one exit's loss drawn from the weights
+    # The drawn exit's extra weight: "seed" B_L (SPEC); "authors" sum(B) / sum_rand_ratio, and
+    # the final exit on the first step (their code). Equal for SIEVE and HALF-END.
+    alternating_rule: Literal["seed", "authors"] = "seed"
+    sum_rand_ratio: float = 2.0  # alternating_rule=authors only
     adaloss_update_every: int = 100
     adaloss_momentum: float = 0.9
     adaloss_gamma: float = 0.07
@@ -112,6 +116,12 @@ class LossConfig:
                    f" (schemes: {', '.join(SCHEMES)})", "sieve")
         # The upper bound is the model's number of exits, checked where the loss is built.
         c.integer("opt_exit", 0, "1", " (0 = the final exit)")
+        if self.alternating and self.scheme == "opt":
+            # One exit has a loss, so the draw always picks it: alternating would only rescale
+            # it (double the final exit's loss: a doubled learning rate). The authors turn it off.
+            c.fail("alternating", "does not go with loss.scheme=opt (a plain network: only one "
+                   "exit has a loss, alternating would just rescale it)", "false")
+        c.number("sum_rand_ratio", "2.0", gt=0)
         c.integer("adaloss_update_every", 1, "100")
         c.number("adaloss_momentum", "0.9", ge=0, lt=1)
         c.number("adaloss_gamma", "0.07", ge=0, le=1)

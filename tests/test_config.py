@@ -105,6 +105,7 @@ BAD_VALUES = [
     "model.num_classes=-1", "model.name=", "model.kwargs={1: 2}",
     "loss.scheme=siev", "loss.opt_exit=-1", "loss.adaloss_update_every=0",
     "loss.adaloss_momentum=1", "loss.adaloss_gamma=2", "loss.adaloss_final_boost=-1",
+    "loss.sum_rand_ratio=0", "loss.alternating_rule=author",
     "schedule.warmup_epochs=-1", "schedule.warmup_lr=-1", "schedule.min_lr=-0.1",
     "schedule.decay_epochs=[60,30]", "schedule.decay_epochs=[30,30]", "schedule.decay_epochs=[-1]",
     "schedule.decay_rate=0", "schedule.decay_rate=1.5",
@@ -113,7 +114,7 @@ BAD_VALUES = [
 NON_FINITE = [f"{key}={v}" for key in (
     "optim.lr", "optim.momentum", "optim.weight_decay", "optim.grad_clip", "data.max_bad_fraction",
     "data.val_resize_ratio", "schedule.warmup_epochs", "schedule.min_lr", "schedule.decay_rate",
-    "checkpoint.retry_delay", "checkpoint.lease_ttl", "loss.adaloss_gamma",
+    "checkpoint.retry_delay", "checkpoint.lease_ttl", "loss.adaloss_gamma", "loss.sum_rand_ratio",
 ) for v in ("nan", ".nan", "inf", "-.inf")] + [
     "data.crop_scale=[.nan,1]", "data.std=[0.2,.inf,0.2]", "data.mean=[.nan,0,0]"]
 
@@ -148,6 +149,7 @@ def refusal(override: str) -> str:
     ("optim.name=sgdd", ["not a timm optimizer", "did you mean sgd"]),
     ("loss.scheme=siev", ["did you mean sieve", "half_end"]),
     ("checkpoint.keep_last=-1", [">= 0 (0 = keep all)"]),
+    ("loss.alternating_rule=author", ["seed", "authors"]),
 ])
 def test_value_messages_give_the_range_and_the_fix(override, words):
     with pytest.raises(UserError) as err:
@@ -305,3 +307,13 @@ def _flat_keys(tree, prefix=""):
             yield from _flat_keys(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}"
+
+
+def test_alternating_with_opt_is_refused_in_one_line():
+    with pytest.raises(UserError) as err:
+        load_config(None, ["loss.scheme=opt", "loss.alternating=true"])
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("loss.alternating=True does not go with loss.scheme=opt"), message
+    assert "e.g. loss.alternating=false" in message
+    assert load_config(None, ["loss.scheme=opt"]).loss.alternating is False

@@ -91,6 +91,51 @@ def test_alternating_adds_final_weight_times_drawn_loss():
         assert total.item() == pytest.approx(base + b[-1] * per_exit[j].item(), rel=1e-6)
 
 
+def authors_total(b, per_exit, drawn, sum_rand_ratio):
+    """The authors' code: total += (B_i + [i == drawn] * sum(B) / sum_rand_ratio) * l_i."""
+    extra = sum(b) / sum_rand_ratio
+    return sum((w + (extra if i == drawn else 0.0)) * x
+               for i, (w, x) in enumerate(zip(b, per_exit, strict=True)))
+
+
+@pytest.mark.parametrize("scheme, sum_rand_ratio", [
+    ("const", 2.0), ("linear", 2.0), ("sieve", 2.0), ("adaloss", 2.0), ("const", 4.0)])
+def test_authors_rule_adds_sum_over_ratio_and_starts_at_the_final_exit(scheme, sum_rand_ratio):
+    loss = AnytimeLoss(6, scheme, alternating=True, alternating_rule="authors",
+                       sum_rand_ratio=sum_rand_ratio, seed=3, adaloss_update_every=2)
+    drawn = []
+    for step in range(30):
+        logits, target = make_batch(6, seed=100 + step, scale=1 + step % 3)
+        b = loss.weights  # AdaLoss changes them after some steps: the extra term follows
+        total, _ = loss(logits, target)
+        drawn.append(int(loss.last_drawn))
+        expected = authors_total(b, ce(logits, target), drawn[-1], sum_rand_ratio)
+        assert total.item() == pytest.approx(expected, rel=1e-6)
+    assert drawn[0] == 5  # the first step: the final exit, not a draw
+    assert len(set(drawn[1:])) > 2  # later steps draw
+    if scheme == "adaloss":
+        assert len(set(loss.weights)) > 1  # the weights (and so sum(B)) really changed
+
+
+def test_the_two_rules_differ_by_the_extra_weight_and_the_first_step():
+    # For CONST at 6 exits the authors' extra weight is sum(B) / 2 = 3, the seed's B_L = 1. For
+    # SIEVE, sum(B) = 2 B_L: the rules agree from the second step on (same draws, same totals).
+    for scheme, ratio in (("const", 3.0), ("sieve", 1.0)):
+        seed_rule = AnytimeLoss(6, scheme, alternating=True, seed=8)
+        authors = AnytimeLoss(6, scheme, alternating=True, alternating_rule="authors", seed=8)
+        base = AnytimeLoss(6, scheme)
+        for step in range(20):
+            batch = make_batch(6, seed=step)
+            plain, per_exit = base(*batch)
+            theirs, _ = authors(*batch)
+            ours, _ = seed_rule(*batch)
+            if step == 0:
+                assert int(authors.last_drawn) == 5
+                continue
+            assert int(authors.last_drawn) == int(seed_rule.last_drawn)
+            torch.testing.assert_close(theirs - plain, ratio * (ours - plain))
+
+
 def draws(loss, n, num_exits):
     logits, target = make_batch(num_exits, seed=0, batch=2, classes=3)
     out = []
@@ -126,13 +171,15 @@ def test_alternating_is_seeded():
     assert a != c
 
 
-def test_alternating_resumes_from_state_dict():
-    full = draws(AnytimeLoss(5, "sieve", alternating=True, seed=5), 60, 5)
-    first = AnytimeLoss(5, "sieve", alternating=True, seed=5)
+@pytest.mark.parametrize("rule", ["seed", "authors"])
+def test_alternating_resumes_from_state_dict(rule):
+    full = draws(AnytimeLoss(5, "sieve", alternating=True, alternating_rule=rule, seed=5), 60, 5)
+    first = AnytimeLoss(5, "sieve", alternating=True, alternating_rule=rule, seed=5)
     head = draws(first, 25, 5)
     state = roundtrip(first)
-    # A different seed proves the sequence comes from the checkpoint, not the constructor.
-    resumed = AnytimeLoss(5, "sieve", alternating=True, seed=999)
+    # A different seed proves the sequence comes from the checkpoint, not the constructor (and,
+    # for the authors' rule, the restored step count that the resumed run is past its first).
+    resumed = AnytimeLoss(5, "sieve", alternating=True, alternating_rule=rule, seed=999)
     resumed.load_state_dict(state)
     assert head + draws(resumed, 35, 5) == full
 
@@ -200,10 +247,11 @@ def test_adaloss_state_roundtrip_continues_identically():
     assert b.weights == a.weights
 
 
-def test_accumulated_passes_draw_once_and_adapt_once_per_step():
+@pytest.mark.parametrize("rule", ["seed", "authors"])
+def test_accumulated_passes_draw_once_and_adapt_once_per_step(rule):
     # A step of 2 passes over the halves of a batch: the same alternating draw for both, one
     # AdaLoss update from the passes' mean losses, as one call on the whole batch would.
-    kwargs = dict(adaloss_update_every=1, alternating=True, seed=4)
+    kwargs = dict(adaloss_update_every=1, alternating=True, alternating_rule=rule, seed=4)
     whole, passes = AnytimeLoss(3, "adaloss", **kwargs), AnytimeLoss(3, "adaloss", **kwargs)
     for step in range(4):
         logits, target = make_batch(3, seed=step, scale=1 + step)
@@ -235,6 +283,10 @@ def test_bad_arguments():
         AnytimeLoss(3, "adaloos")
     with pytest.raises(UserError, match="adaloss_update_every"):
         AnytimeLoss(3, "adaloss", adaloss_update_every=0)
+    with pytest.raises(UserError, match="alternating_rule must be one of seed, authors"):
+        AnytimeLoss(3, "const", alternating=True, alternating_rule="author")
+    with pytest.raises(UserError, match="sum_rand_ratio must be > 0"):
+        AnytimeLoss(3, "const", alternating=True, alternating_rule="authors", sum_rand_ratio=0)
     with pytest.raises(ValueError, match="expected 3 exit logits"):
         AnytimeLoss(3, "const")(*make_batch(2, seed=0))
 

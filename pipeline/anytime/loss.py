@@ -1,7 +1,12 @@
 """The anytime training loss: a weighted sum of every exit's cross-entropy (SPEC section 2).
 
 Adds the two dynamic parts on top of the static schemes in ``weights.py``: ALTERNATING (one extra
-randomly drawn exit per training call) and ADALOSS (weights from a moving average of the losses).
+randomly drawn exit per optimizer step) and ADALOSS (weights from a moving average of the losses).
+
+ALTERNATING has two rules. "seed" (SPEC section 2): the drawn exit j adds B_L * l_j. "authors"
+(the authors' code): it adds sum(B) / sum_rand_ratio * l_j, and the first step uses the final exit
+instead of a draw. They agree when sum(B) = 2 B_L (SIEVE, SIEVE-ORIG, HALF-END) from the second
+step on; for CONST and LINEAR the authors' term is larger (3x and 1.9x at 6 exits).
 Everything the next call depends on (weights, averages, step count, the draw generator) is in
 ``state_dict()`` so a resumed run continues exactly as an uninterrupted one.
 
@@ -21,6 +26,8 @@ from torch import Tensor, nn
 from pipeline.anytime.weights import check_scheme, static_weights
 from pipeline.errors import UserError
 
+ALTERNATING_RULES = ("seed", "authors")
+
 
 class AnytimeLoss(nn.Module):
     """total = sum_i B_i * CE(logits_i, target), plus the ALTERNATING and ADALOSS extensions."""
@@ -32,6 +39,8 @@ class AnytimeLoss(nn.Module):
         *,
         opt_exit: int = 0,
         alternating: bool = False,
+        alternating_rule: str = "seed",
+        sum_rand_ratio: float = 2.0,
         seed: int = 0,
         adaloss_update_every: int = 100,
         adaloss_momentum: float = 0.9,
@@ -40,6 +49,11 @@ class AnytimeLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_scheme(scheme)
+        if alternating_rule not in ALTERNATING_RULES:
+            raise UserError(f"alternating_rule must be one of {', '.join(ALTERNATING_RULES)}, "
+                            f"got {alternating_rule!r}")
+        if not sum_rand_ratio > 0:
+            raise UserError(f"sum_rand_ratio must be > 0, got {sum_rand_ratio}")
         if adaloss_update_every < 1:
             raise UserError(f"adaloss_update_every must be >= 1, got {adaloss_update_every}")
         if not 0.0 <= adaloss_momentum < 1.0:
@@ -52,6 +66,8 @@ class AnytimeLoss(nn.Module):
         self.scheme = scheme
         self.opt_exit = opt_exit
         self.alternating = alternating
+        self.alternating_rule = alternating_rule
+        self.sum_rand_ratio = sum_rand_ratio
         self.seed = seed
         self.update_every = adaloss_update_every
         self.momentum = adaloss_momentum
@@ -95,7 +111,7 @@ class AnytimeLoss(nn.Module):
             if self.alternating:
                 if pass_index == 0:
                     self.last_drawn = self._draw(w)
-                total = total + w[-1] * losses[self.last_drawn]
+                total = total + self._alternating_weight(w) * losses[self.last_drawn]
             if passes == 1:
                 self._step(losses.detach())
             else:
@@ -110,8 +126,17 @@ class AnytimeLoss(nn.Module):
         # draw needs no device-to-host copy. P(j) = w_j / sum(w); zero weights are never drawn.
         u = torch.rand((), generator=self._generator, dtype=torch.float64).item()
         cdf = torch.cumsum(w, 0)
-        j = (cdf <= u * cdf[-1]).sum()
-        return j.clamp(max=self.num_exits - 1)
+        j = (cdf <= u * cdf[-1]).sum().clamp(max=self.num_exits - 1)
+        if self.alternating_rule == "authors":
+            # Their first step trains the final exit. The draw above is made all the same, so the
+            # generator runs in step with the seed's rule; torch.where keeps the check on-device.
+            j = torch.where(self.num_steps == 0, self.num_exits - 1, j)
+        return j
+
+    def _alternating_weight(self, w: Tensor) -> Tensor:
+        """The drawn exit's extra weight: B_L (the seed's rule), sum(B) / sum_rand_ratio (the
+        authors')."""
+        return w[-1] if self.alternating_rule == "seed" else w.sum() / self.sum_rand_ratio
 
     @torch.no_grad()
     def _step(self, losses: Tensor) -> None:
@@ -157,4 +182,6 @@ class AnytimeLoss(nn.Module):
         self._generator.set_state(state["generator"].to("cpu", torch.uint8))
 
     def extra_repr(self) -> str:
-        return f"num_exits={self.num_exits}, scheme={self.scheme!r}, alternating={self.alternating}"
+        rule = f" ({self.alternating_rule}'s rule)" if self.alternating else ""
+        return (f"num_exits={self.num_exits}, scheme={self.scheme!r}, "
+                f"alternating={self.alternating}{rule}")

@@ -138,7 +138,8 @@ def train(cfg: Config,
                             enabled=dist_info.is_main)
         log.info("training %s (%d exits, %s loss%s) on %s: %d epochs x %d steps, batch %s",
                  cfg.model.name, model.num_exits, cfg.loss.scheme,
-                 " + alternating" if cfg.loss.alternating else "", device, cfg.train.epochs,
+                 f" + alternating ({cfg.loss.alternating_rule}'s rule)" if cfg.loss.alternating
+                 else "", device, cfg.train.epochs,
                  steps_per_epoch, batch_text)
 
         checkpointer = Checkpointer(store, writer=dist_info.is_main, lease=lease,
@@ -242,7 +243,8 @@ def stop_if_diverged(loss: torch.Tensor, model: torch.nn.Module | None, step: in
 def build_loss(cfg: Config, num_exits: int) -> AnytimeLoss:
     return AnytimeLoss(
         num_exits, cfg.loss.scheme, opt_exit=cfg.loss.opt_exit,
-        alternating=cfg.loss.alternating, seed=cfg.seed,
+        alternating=cfg.loss.alternating, alternating_rule=cfg.loss.alternating_rule,
+        sum_rand_ratio=cfg.loss.sum_rand_ratio, seed=cfg.seed,
         adaloss_update_every=cfg.loss.adaloss_update_every,
         adaloss_momentum=cfg.loss.adaloss_momentum, adaloss_gamma=cfg.loss.adaloss_gamma,
         adaloss_final_boost=cfg.loss.adaloss_final_boost,
