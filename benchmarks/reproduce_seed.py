@@ -4,12 +4,14 @@ Trains CIFAR-style ResNet-ANNs (configs/reproduce_fmnist.yaml) on a Fashion-MNIS
 project's own CLI, one run after another, then writes a results table and plots:
 
 - OPT-k (a plain network of exit k's depth: scheme `opt`, one run per exit), CONST, LINEAR, SIEVE
-  with alternating weights and ADALOSS at depth d; CONST at depth 2d; every method for each seed.
+  with alternating weights (the seed's rule, and SIEVE-AUTHORS: the authors' rule) and ADALOSS at
+  depth d; CONST at depth 2d; every method for each seed.
 - An EANN of three SIEVE members of depth ratio 2 (m, 2m, 4m units per stage, m = max(1, n/2)),
   stitched by `python -m pipeline assemble`, with the measured cost ratio C.
 
     python benchmarks/reproduce_seed.py                 # about 1 h on 2 idle cores
     python benchmarks/reproduce_seed.py --quick         # a few minutes: tiny data, 1 epoch, 1 seed
+    python benchmarks/reproduce_seed.py --methods SIEVE SIEVE-AUTHORS   # OPT and these only
 
 Runs that finished already (results.json present) are not trained again, so an interrupted
 reproduction continues where it stopped. Output: OUT/results.md, OUT/results.json, OUT/*.png.
@@ -32,9 +34,13 @@ SCHEMES = {  # method name -> loss overrides
     "CONST": ["loss.scheme=const"],
     "LINEAR": ["loss.scheme=linear"],
     "SIEVE": ["loss.scheme=sieve", "loss.alternating=true"],
+    # The authors' alternating rule (sum(B) / 2 = B_L for SIEVE; the final exit on step one).
+    "SIEVE-AUTHORS": ["loss.scheme=sieve", "loss.alternating=true",
+                      "loss.alternating_rule=authors"],
     # Weights stay 1 (= CONST) until the first update; a short run needs frequent updates.
     "ADALOSS": ["loss.scheme=adaloss", "loss.adaloss_update_every=10"],
 }
+EXTRAS = ["CONST-2d", "EANN"]  # CONST at twice the depth; the EANN of three SIEVE members
 
 
 def units(depth: int) -> int:
@@ -66,8 +72,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def train_all(out: Path, depth: int, seeds: list[int], common: list[str]) -> dict[str, Any]:
-    """Every method for every seed; returns {method: [per-seed results.json]}."""
+def train_all(out: Path, depth: int, seeds: list[int], common: list[str],
+              methods: list[str]) -> dict[str, Any]:
+    """OPT and `methods` for every seed; returns {method: [per-seed results.json]}."""
     runs: dict[str, list[dict[str, Any]]] = {"OPT": []}
     model = [f"model.kwargs.depth={depth}"]
     num_exits = 3 * units(depth)
@@ -81,10 +88,14 @@ def train_all(out: Path, depth: int, seeds: list[int], common: list[str]) -> dic
             opt_macs.append(r["exits"][k - 1]["macs_own_head"])  # a plain net: its head only
         runs["OPT"].append({"top1": opt_errors, "macs": opt_macs})
         for method, loss in SCHEMES.items():
+            if method not in methods:
+                continue
             r = run_training(out, f"d{depth}_{method.lower()}_s{seed}",
                              [*common, *model, f"seed={seed}", *loss])
             runs.setdefault(method, []).append({"top1": errors(r),
                                                 "macs": [e["macs"] for e in r["exits"]]})
+        if "CONST-2d" not in methods:
+            continue
         deep = 6 * 2 * units(depth) + 2
         r = run_training(out, f"d{deep}_const_s{seed}",
                          [*common, f"model.kwargs.depth={deep}", f"seed={seed}",
@@ -113,24 +124,46 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def verdicts(summary: dict[str, Any]) -> list[str]:
-    """The seed's three small-scale claims, each checked against what was measured."""
+    """The seed's small-scale claims, each checked against what was measured (those whose
+    methods ran)."""
     final = {m: s[-1] for m, s in summary.items()}
     lines = []
-    sieve = final["SIEVE"]["rel_mean"]
-    lines.append(f"- SIEVE near OPT at the final exit (seed: within a few %): measured "
-                 f"{sieve:+.1%} -> {'agrees' if sieve <= 0.05 else 'does not agree'} "
-                 f"(criterion: <= +5%).")
+    if "SIEVE" in final:
+        sieve = final["SIEVE"]["rel_mean"]
+        lines.append(f"- SIEVE near OPT at the final exit (seed: within a few %): measured "
+                     f"{sieve:+.1%} -> {'agrees' if sieve <= 0.05 else 'does not agree'} "
+                     f"(criterion: <= +5%).")
+    if "SIEVE-AUTHORS" in final:
+        def final_exit(method: str) -> str:
+            e = final[method]
+            return f"{e['rel_mean']:+.1%} over OPT ({e['top1_mean']:.2f} ± {e['top1_std']:.2f}%)"
+
+        seeds_rule = f"; the seed's rule {final_exit('SIEVE')}" if "SIEVE" in final else ""
+        lines.append(f"- SIEVE with the authors' alternating rule: final exit "
+                     f"{final_exit('SIEVE-AUTHORS')}{seeds_rule}.")
     for m in ("CONST", "LINEAR"):
+        if m not in final:
+            continue
         rel = final[m]["rel_mean"]
         lines.append(f"- {m} more than 10% worse than OPT at the final exit: measured {rel:+.1%} "
                      f"-> {'agrees' if rel > 0.10 else 'does not agree'}.")
-    s, c = final["SIEVE"], final["CONST-2d"]
-    close = s["top1_mean"] <= c["top1_mean"] * 1.05
-    lines.append(f"- SIEVE at depth d close to CONST at depth 2d (final error): "
-                 f"{s['top1_mean']:.2f}% ({s['macs'] / 1e6:.1f} MMACs) vs {c['top1_mean']:.2f}% "
-                 f"({c['macs'] / 1e6:.1f} MMACs) -> {'agrees' if close else 'does not agree'} "
-                 f"(criterion: SIEVE's error <= 1.05x CONST-2d's).")
+    if "SIEVE" in final and "CONST-2d" in final:
+        s, c = final["SIEVE"], final["CONST-2d"]
+        close = s["top1_mean"] <= c["top1_mean"] * 1.05
+        lines.append(f"- SIEVE at depth d close to CONST at depth 2d (final error): "
+                     f"{s['top1_mean']:.2f}% ({s['macs'] / 1e6:.1f} MMACs) vs "
+                     f"{c['top1_mean']:.2f}% ({c['macs'] / 1e6:.1f} MMACs) -> "
+                     f"{'agrees' if close else 'does not agree'} "
+                     f"(criterion: SIEVE's error <= 1.05x CONST-2d's).")
     return lines
+
+
+def final_exit_per_seed(runs: dict[str, list[dict[str, Any]]], seeds: list[int]) -> str:
+    """Each method's final-exit error on each seed: how much of a mean's gap is one seed."""
+    per_method = [f"{m} " + " / ".join(f"{r['top1'][-1]:.2f}" for r in per_seed)
+                  for m, per_seed in runs.items()]
+    return (f"Per seed, final exit (top-1 %, seeds {' / '.join(map(str, seeds))}): "
+            + "; ".join(per_method) + ".")
 
 
 def table(summary: dict[str, Any]) -> str:
@@ -143,11 +176,12 @@ def table(summary: dict[str, Any]) -> str:
         if "rel_mean" in exits[0]:
             cells = [f"{e['rel_mean']:+.1%}" for e in exits]
             lines.append(f"| {method} vs OPT | " + " | ".join(cells) + " |")
-    c = summary["CONST-2d"]
-    lines.append("")
-    lines.append(f"CONST-2d ({len(c)} exits) top-1 %: "
-                 + ", ".join(f"{e['top1_mean']:.2f}" for e in c)
-                 + f"; final exit at {c[-1]['macs'] / 1e6:.1f} MMACs.")
+    if "CONST-2d" in summary:
+        c = summary["CONST-2d"]
+        lines.append("")
+        lines.append(f"CONST-2d ({len(c)} exits) top-1 %: "
+                     + ", ".join(f"{e['top1_mean']:.2f}" for e in c)
+                     + f"; final exit at {c[-1]['macs'] / 1e6:.1f} MMACs.")
     return "\n".join(lines)
 
 
@@ -229,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=10000,
                         help="Fashion-MNIST images per split (class-balanced)")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--methods", nargs="+", choices=[*SCHEMES, *EXTRAS],
+                        default=[*SCHEMES, *EXTRAS],
+                        help="what to train besides OPT (default: everything)")
     parser.add_argument("--quick", action="store_true",
                         help="CI size: 1,000 images, 1 epoch, 1 seed, depth 8")
     args = parser.parse_args(argv)
@@ -245,24 +282,28 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"preparing {data} failed (exit {prepared.returncode}); see the lines above")
     common = [f"data.root={data}", f"train.epochs={args.epochs}"]
     start = time.time()
-    runs = train_all(args.out, args.depth, args.seeds, common)
+    runs = train_all(args.out, args.depth, args.seeds, common, args.methods)
     summary = summarise(runs)
-    eann = assemble_eann(args.out, args.depth, str(data), common)
     title = (f"ResNet-ANN depth {args.depth} on Fashion-MNIST ({args.limit} train images, "
              f"{args.epochs} epochs, {len(args.seeds)} seeds)")
-    ratio = eann["cost_ratio"]
     figure = plot(summary, args.out / "schemes.png", title)
     lines = [f"# {title}", "", "Validation top-1 error, mean ± std over seeds "
              f"{args.seeds}; 'vs OPT' = relative increase over a plain network of the same depth "
-             "and seed (SPEC section 5).", "", table(summary), "", "## Against the seed", "",
-             *verdicts(summary), "", "## EANN", "",
-             f"Members: SIEVE ResNet-ANNs of depths {eann['depths']}, full-cost growth "
-             f"b = {ratio['b']:.2f}. Cost ratio C over the {len(eann['schedule'])} emitted "
-             f"outputs: max {ratio['max']:.2f}, mean {ratio['mean']:.2f} (seed's bound "
-             f"2 + 1/(b-1) = {ratio['seed_bound']:.2f}).", "",
-             eann_table(eann), "",
-             f"Plots: {figure.name}; eann/eann_curve.png, eann/eann_cost_ratio.png. "
-             f"This invocation: {(time.time() - start) / 60:.1f} min (finished runs reused)."]
+             "and seed (SPEC section 5).", "", table(summary), "",
+             final_exit_per_seed(runs, args.seeds), "", "## Against the seed", "",
+             *verdicts(summary), ""]
+    eann = None
+    if "EANN" in args.methods:
+        eann = assemble_eann(args.out, args.depth, str(data), common)
+        ratio = eann["cost_ratio"]
+        lines += ["## EANN", "",
+                  f"Members: SIEVE ResNet-ANNs of depths {eann['depths']}, full-cost growth "
+                  f"b = {ratio['b']:.2f}. Cost ratio C over the {len(eann['schedule'])} emitted "
+                  f"outputs: max {ratio['max']:.2f}, mean {ratio['mean']:.2f} (seed's bound "
+                  f"2 + 1/(b-1) = {ratio['seed_bound']:.2f}).", "",
+                  eann_table(eann), "", "Plots: eann/eann_curve.png, eann/eann_cost_ratio.png."]
+    lines.append(f"Plot: {figure.name}. This invocation: {(time.time() - start) / 60:.1f} min "
+                 f"(finished runs reused).")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     (args.out / "results.json").write_text(json.dumps(
         {"runs": runs, "summary": summary, "eann": eann}, indent=1))

@@ -24,7 +24,8 @@ def test_reproduce_quick(tmp_path: Path, fmnist: Path) -> None:  # fmnist: the d
 
     results = json.loads((out / "results.json").read_text())
     summary = results["summary"]
-    assert set(summary) == {"OPT", "CONST", "LINEAR", "SIEVE", "ADALOSS", "CONST-2d"}
+    assert set(summary) == {"OPT", "CONST", "LINEAR", "SIEVE", "SIEVE-AUTHORS", "ADALOSS",
+                            "CONST-2d"}
     assert all(len(exits) == 3 for m, exits in summary.items() if m != "CONST-2d")
     assert len(summary["CONST-2d"]) == 6
     # The relative increase is recomputed from the per-seed errors the runs wrote.
@@ -43,3 +44,20 @@ def test_reproduce_quick(tmp_path: Path, fmnist: Path) -> None:  # fmnist: the d
         assert claim in report
     assert (out / "schemes.png").stat().st_size > 10_000
     assert (out / "eann" / "eann_curve.png").exists()
+    # The authors' alternating rule reached the trainer of its run only.
+    assert "alternating (rule: authors)" in (out / "d8_sieve-authors_s0.log").read_text()
+    assert "alternating (rule: seed)" in (out / "d8_sieve_s0.log").read_text()
+
+    # A subset of the methods: the finished runs are reused, the report covers only them.
+    done = subprocess.run(
+        [sys.executable, "benchmarks/reproduce_seed.py", "--quick", "--out", str(out),
+         "--data-dir", str(tmp_path / "data"), "--methods", "SIEVE", "SIEVE-AUTHORS"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "] train d" not in done.stdout  # nothing trained again
+    subset = json.loads((out / "results.json").read_text())
+    assert set(subset["summary"]) == {"OPT", "SIEVE", "SIEVE-AUTHORS"}
+    assert subset["eann"] is None
+    report = (out / "results.md").read_text()
+    assert "the authors' alternating rule" in report and "the seed's rule" in report
+    assert "CONST" not in report and "Cost ratio C" not in report

@@ -182,6 +182,6 @@ class AnytimeLoss(nn.Module):
         self._generator.set_state(state["generator"].to("cpu", torch.uint8))
 
     def extra_repr(self) -> str:
-        rule = f" ({self.alternating_rule}'s rule)" if self.alternating else ""
+        rule = f" (rule: {self.alternating_rule})" if self.alternating else ""
         return (f"num_exits={self.num_exits}, scheme={self.scheme!r}, "
                 f"alternating={self.alternating}{rule}")

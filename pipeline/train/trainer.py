@@ -138,7 +138,7 @@ def train(cfg: Config,
                             enabled=dist_info.is_main)
         log.info("training %s (%d exits, %s loss%s) on %s: %d epochs x %d steps, batch %s",
                  cfg.model.name, model.num_exits, cfg.loss.scheme,
-                 f" + alternating ({cfg.loss.alternating_rule}'s rule)" if cfg.loss.alternating
+                 f" + alternating (rule: {cfg.loss.alternating_rule})" if cfg.loss.alternating
                  else "", device, cfg.train.epochs,
                  steps_per_epoch, batch_text)
 
