@@ -76,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML run config (its model, data and loss sections)")
     p.add_argument("--model", help="registered model name, e.g. resnet_ann_cifar20")
     p.add_argument("--scheme", help="loss-weight scheme, e.g. sieve")
-    p.add_argument("--image-size", type=int, help="input height = width")
-    p.add_argument("--num-classes", type=int, help="classes (default: config, or 1000)")
+    p.add_argument("--image-size", type=int,
+                   help="input height = width (default: the config's, else the model's: 32 for "
+                        "the CIFAR models, 224 for the others)")
+    p.add_argument("--num-classes", type=int,
+                   help="classes (default: the config's, else the model's: 10 or 1000)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
 
@@ -219,7 +222,10 @@ def describe(args: argparse.Namespace) -> int:
     if args.image_size:
         overrides.append(f"data.image_size={args.image_size}")
     cfg = load_config(args.config, overrides)
-    num_classes = args.num_classes or cfg.model.num_classes or 1000
+    # The model's pretrained cfg (timm's defaults for it), like the data section's unset keys.
+    pretrained = timm.models.get_pretrained_cfg(cfg.model.name)
+    num_classes = (args.num_classes or cfg.model.num_classes
+                   or (pretrained.num_classes if pretrained else 1000))
     model = create_anytime_model(cfg, num_classes)
     if not hasattr(model, "num_exits"):
         anytime = timm.list_models("*ann*") + timm.list_models("msdnet*")

@@ -34,6 +34,9 @@ class DataConfig:
     # torch: PIL + DataLoader; dali: NVIDIA DALI (GPU decode when a GPU is visible, else CPU
     # operators); synthetic: random tensors on the device, for throughput measurements.
     backend: Literal["torch", "dali", "synthetic"] = "torch"
+    # image_size, mean, std: a config that leaves them out gets the model's (its timm pretrained
+    # cfg, see load_config): 32 and CIFAR-10's statistics for the CIFAR models. These defaults
+    # are ImageNet's, for a Config built in code.
     image_size: int = 224
     # "imagenet": RandomResizedCrop + flip / resize + centre crop; "small": flip only, for
     # images already at image_size (CIFAR, Fashion-MNIST).
@@ -291,7 +294,25 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise UserError(f"config file {path} is not valid YAML: {e}".replace("\n", " ")) from e
         if not isinstance(raw, dict):
             raise UserError(f"config file {path} must hold a mapping of sections, not {raw!r:.60}")
-    return config_from_dict(with_overrides(raw, overrides))
+    return config_from_dict(with_model_data_defaults(with_overrides(raw, overrides)))
+
+
+def with_model_data_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with the input size, mean and std it leaves unset taken from the model's pretrained
+    cfg, in place, as timm's `resolve_data_config` does: 32x32 and CIFAR-10 statistics for the
+    CIFAR models, 224 and ImageNet's for the others (the data section's defaults). The run's
+    stored config holds the values, so a resume compares and reuses them."""
+    model, data = raw.get("model"), raw.setdefault("data", {})
+    name = model.get("name", ModelConfig.name) if isinstance(model, dict) else ModelConfig.name
+    if not isinstance(data, dict) or not isinstance(name, str):
+        return raw  # the section's own checks name the problem
+    pretrained = _pretrained_cfg(name)
+    if pretrained is None:  # not a timm model: the trainer names the registered ones
+        return raw
+    data.setdefault("image_size", pretrained.input_size[-1])
+    data.setdefault("mean", list(pretrained.mean))
+    data.setdefault("std", list(pretrained.std))
+    return raw
 
 
 def with_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -542,6 +563,14 @@ def _show(value: Any) -> str:
     """A value as a user would type it in an override, on one line."""
     text = repr(list(value) if isinstance(value, tuple) else value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _pretrained_cfg(model_name: str) -> Any:
+    import timm.models  # lazily: timm imports torch (seconds)
+
+    import pipeline.models  # noqa: F401  (registers the anytime models and their cfgs)
+
+    return timm.models.get_pretrained_cfg(model_name)
 
 
 @functools.cache

@@ -30,6 +30,19 @@ def test_describe_json_matches_the_model():
     assert all(e["flops"] == 2 * e["macs"] for e in exits)
 
 
+def test_describe_takes_input_size_and_classes_from_the_model():
+    # No --image-size, --num-classes or config: the model's own (timm's pretrained cfg), here a
+    # CIFAR model's 32x32 and 10 classes. (The ImageNet models' 224 and 1000: test_msdnet.py,
+    # test_resnet_ann_imagenet.py; every model's data defaults: test_config.py.)
+    proc = cli("describe", "--model", "msdnet_cifar", "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert (info["image_size"], info["num_classes"], len(info["exits"])) == (32, 10, 7)
+    proc = cli("describe", "--model", "resnet_ann_cifar20")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("resnet_ann_cifar20 at 32x32, 10 classes, sieve weights.")
+
+
 def test_describe_table_from_config():
     proc = cli("describe", "--config", "configs/demo_fmnist_resnet_ann.yaml")
     assert proc.returncode == 0, proc.stderr

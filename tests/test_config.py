@@ -207,9 +207,9 @@ def test_same_config_changes_nothing():
     ("optim.lr=0.2", "optim.lr: 0.1 -> 0.2"),
     ("optim.grad_clip=1", "optim.grad_clip: 0.0 -> 1.0"),
     ("schedule.decay_epochs=[30,60]", "schedule.decay_epochs: [30, 60, 90] -> [30, 60]"),
-    ("data.image_size=192", "data.image_size: 224 -> 192"),
+    ("data.image_size=192", "data.image_size: 32 -> 192"),
     ("data.crop_scale=[0.2,1]", "data.crop_scale: [0.08, 1.0] -> [0.2, 1.0]"),
-    ("data.std=[0.5,0.5,0.5]", "data.std: [0.229, 0.224, 0.225] -> [0.5, 0.5, 0.5]"),
+    ("data.std=[0.5,0.5,0.5]", "data.std: [0.247, 0.2435, 0.2616] -> [0.5, 0.5, 0.5]"),
     ("seed=1", "seed: 0 -> 1"),
     ("train.amp=bf16", "train.amp: 'none' -> 'bf16'"),
     ("train.max_steps_per_epoch=10", "train.max_steps_per_epoch: 0 -> 10"),
@@ -317,3 +317,41 @@ def test_alternating_with_opt_is_refused_in_one_line():
     assert message.startswith("loss.alternating=True does not go with loss.scheme=opt"), message
     assert "e.g. loss.alternating=false" in message
     assert load_config(None, ["loss.scheme=opt"]).loss.alternating is False
+
+
+@pytest.mark.parametrize("model, size, mean, std", [
+    # The defaults model (resnet_ann_cifar20) and every CIFAR model: 32x32, CIFAR-10 statistics.
+    (None, 32, (0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)),
+    ("msdnet_cifar", 32, (0.4914, 0.4822, 0.4465), (0.247, 0.2435, 0.2616)),
+    ("msdnet26", 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ("resnet50_ann", 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ("vit_base_patch16_384", 384, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # any timm model's cfg
+    ("not_a_model", 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # the section's own
+])
+def test_unset_input_size_and_statistics_come_from_the_model(model, size, mean, std):
+    cfg = load_config(None, [f"model.name={model}"] if model else [])
+    assert (cfg.data.image_size, cfg.data.mean, cfg.data.std) == (size, mean, std)
+
+
+def test_every_anytime_model_has_its_data_defaults():
+    import timm
+
+    names = timm.list_models("*_ann*") + timm.list_models("*_opt") + timm.list_models("msdnet*")
+    assert len(names) == 19
+    for name in names:
+        cifar = "cifar" in name
+        cfg = load_config(None, [f"model.name={name}"])
+        assert cfg.data.image_size == (32 if cifar else 224), name
+        assert cfg.data.mean == ((0.4914, 0.4822, 0.4465) if cifar else (0.485, 0.456, 0.406))
+
+
+def test_input_size_and_statistics_a_config_sets_win_over_the_model():
+    demo = load_config(DEMO)  # a CIFAR model, at 28x28 with Fashion-MNIST statistics
+    assert (demo.data.image_size, demo.data.mean) == (28, (0.286, 0.286, 0.286))
+    cfg = load_config(None, ["model.name=msdnet26", "data.image_size=288", "data.std=[1,1,1]"])
+    assert (cfg.data.image_size, cfg.data.mean, cfg.data.std) == (
+        288, (0.485, 0.456, 0.406), (1.0, 1.0, 1.0))
+    # A resume that changes the model changes what its data defaults to: both are named.
+    refused, _ = changes([], ["model.name=msdnet26"])
+    assert "data.image_size: 32 -> 224" in refused and any(
+        line.startswith("model.name:") for line in refused)
