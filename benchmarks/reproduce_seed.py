@@ -4,8 +4,9 @@ Trains CIFAR-style ResNet-ANNs (configs/reproduce_fmnist.yaml) on a Fashion-MNIS
 project's own CLI, one run after another, then writes a results table and plots:
 
 - OPT-k (a plain network of exit k's depth: scheme `opt`, one run per exit), CONST, LINEAR, SIEVE
-  with alternating weights (the seed's rule, and SIEVE-AUTHORS: the authors' rule) and ADALOSS at
-  depth d; CONST at depth 2d; every method for each seed.
+  with alternating weights (the seed's rule, and SIEVE-AUTHORS: the authors' rule), LINEAR with
+  alternating under both rules, and ADALOSS at depth d; CONST at depth 2d; every method for each
+  seed.
 - An EANN of three SIEVE members of depth ratio 2 (m, 2m, 4m units per stage, m = max(1, n/2)),
   stitched by `python -m pipeline assemble`, with the measured cost ratio C.
 
@@ -37,6 +38,11 @@ SCHEMES = {  # method name -> loss overrides
     # The authors' alternating rule (sum(B) / 2 = B_L for SIEVE; the final exit on step one).
     "SIEVE-AUTHORS": ["loss.scheme=sieve", "loss.alternating=true",
                       "loss.alternating_rule=authors"],
+    # LINEAR with alternating under both rules: where they differ (the authors' extra weight is
+    # sum(B) / 2 = 1.875 B_L at 6 exits).
+    "LINEAR-ALT": ["loss.scheme=linear", "loss.alternating=true"],
+    "LINEAR-ALT-AUTHORS": ["loss.scheme=linear", "loss.alternating=true",
+                           "loss.alternating_rule=authors"],
     # Weights stay 1 (= CONST) until the first update; a short run needs frequent updates.
     "ADALOSS": ["loss.scheme=adaloss", "loss.adaloss_update_every=10"],
 }
@@ -128,19 +134,25 @@ def verdicts(summary: dict[str, Any]) -> list[str]:
     methods ran)."""
     final = {m: s[-1] for m, s in summary.items()}
     lines = []
+
+    def final_exit(method: str) -> str:
+        e = final[method]
+        return f"{e['rel_mean']:+.1%} over OPT ({e['top1_mean']:.2f} ± {e['top1_std']:.2f}%)"
+
     if "SIEVE" in final:
         sieve = final["SIEVE"]["rel_mean"]
         lines.append(f"- SIEVE near OPT at the final exit (seed: within a few %): measured "
                      f"{sieve:+.1%} -> {'agrees' if sieve <= 0.05 else 'does not agree'} "
                      f"(criterion: <= +5%).")
-    if "SIEVE-AUTHORS" in final:
-        def final_exit(method: str) -> str:
-            e = final[method]
-            return f"{e['rel_mean']:+.1%} over OPT ({e['top1_mean']:.2f} ± {e['top1_std']:.2f}%)"
 
+    if "SIEVE-AUTHORS" in final:
         seeds_rule = f"; the seed's rule {final_exit('SIEVE')}" if "SIEVE" in final else ""
         lines.append(f"- SIEVE with the authors' alternating rule: final exit "
                      f"{final_exit('SIEVE-AUTHORS')}{seeds_rule}.")
+    if "LINEAR-ALT" in final and "LINEAR-ALT-AUTHORS" in final:
+        lines.append(f"- LINEAR with alternating, the authors' rule: final exit "
+                     f"{final_exit('LINEAR-ALT-AUTHORS')}; the seed's rule "
+                     f"{final_exit('LINEAR-ALT')}.")
     for m in ("CONST", "LINEAR"):
         if m not in final:
             continue
