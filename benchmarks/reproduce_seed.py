@@ -10,7 +10,7 @@ project's own CLI, one run after another, then writes a results table and plots:
 - An EANN of three SIEVE members of depth ratio 2 (m, 2m, 4m units per stage, m = max(1, n/2)),
   stitched by `python -m pipeline assemble`, with the measured cost ratio C.
 
-    python benchmarks/reproduce_seed.py                 # about 1 h on 2 idle cores
+    python benchmarks/reproduce_seed.py                 # about 70 min on 2 idle cores
     python benchmarks/reproduce_seed.py --quick         # a few minutes: tiny data, 1 epoch, 1 seed
     python benchmarks/reproduce_seed.py --methods SIEVE SIEVE-AUTHORS   # OPT and these only
 
