@@ -208,7 +208,7 @@ def describe(args: argparse.Namespace) -> int:
     import pipeline.models  # noqa: F401  (registers the models)
     from pipeline.anytime.weights import static_weights
     from pipeline.config import load_config
-    from pipeline.models import exit_costs
+    from pipeline.models import exit_costs, pretrained_cfg
     from pipeline.report import format_table
     from pipeline.train.runtime import create_anytime_model
 
@@ -223,7 +223,7 @@ def describe(args: argparse.Namespace) -> int:
         overrides.append(f"data.image_size={args.image_size}")
     cfg = load_config(args.config, overrides)
     # The model's pretrained cfg (timm's defaults for it), like the data section's unset keys.
-    pretrained = timm.models.get_pretrained_cfg(cfg.model.name)
+    pretrained = pretrained_cfg(cfg.model.name)
     num_classes = (args.num_classes or cfg.model.num_classes
                    or (pretrained.num_classes if pretrained else 1000))
     model = create_anytime_model(cfg, num_classes)

@@ -104,7 +104,9 @@ class LossConfig:
     opt_exit: int = 0  # for scheme=opt: 1-based exit; 0 = the final exit
     alternating: bool = False  # the seed's AANN: add one exit's loss drawn from the weights
     # The drawn exit's extra weight: "seed" B_L (SPEC); "authors" sum(B) / sum_rand_ratio, and
-    # the final exit on the first step (their code). Equal for SIEVE and HALF-END.
+    # the final exit on the first step (their code). For SIEVE and HALF-END, whose weights sum to
+    # 2 B_L, they differ only in the first step. With ADALOSS (which the authors never combine
+    # with alternating) sum(B) is that of the current adaptive weights.
     alternating_rule: Literal["seed", "authors"] = "seed"
     sum_rand_ratio: float = 2.0  # alternating_rule=authors only
     adaloss_update_every: int = 100
@@ -121,10 +123,18 @@ class LossConfig:
         c.integer("opt_exit", 0, "1", " (0 = the final exit)")
         if self.alternating and self.scheme == "opt":
             # One exit has a loss, so the draw always picks it: alternating would only rescale
-            # it (double the final exit's loss: a doubled learning rate). The authors turn it off.
+            # it (OPT at the final exit: its loss doubled, i.e. the learning rate; at an earlier
+            # exit the seed's rule adds B_L = 0). The authors turn it off.
             c.fail("alternating", "does not go with loss.scheme=opt (a plain network: only one "
                    "exit has a loss, alternating would just rescale it)", "false")
+        # Keys that would do nothing are refused: whoever set them expects an effect.
+        if self.alternating_rule != "seed" and not self.alternating:
+            c.fail("alternating_rule", "needs loss.alternating=true (without it no exit is "
+                   "drawn)", "seed")
         c.number("sum_rand_ratio", "2.0", gt=0)
+        if self.sum_rand_ratio != 2.0 and self.alternating_rule != "authors":
+            c.fail("sum_rand_ratio", "applies only with loss.alternating_rule=authors (the "
+                   "seed's rule adds B_L)", "2.0")
         c.integer("adaloss_update_every", 1, "100")
         c.number("adaloss_momentum", "0.9", ge=0, lt=1)
         c.number("adaloss_gamma", "0.07", ge=0, le=1)
@@ -566,11 +576,11 @@ def _show(value: Any) -> str:
 
 
 def _pretrained_cfg(model_name: str) -> Any:
-    import timm.models  # lazily: timm imports torch (seconds)
-
-    import pipeline.models  # noqa: F401  (registers the anytime models and their cfgs)
-
-    return timm.models.get_pretrained_cfg(model_name)
+    try:  # lazily: the models import torch and timm (seconds)
+        from pipeline.models import pretrained_cfg
+    except ImportError:  # a launcher-only environment: the trainer's own load resolves them
+        return None
+    return pretrained_cfg(model_name)
 
 
 @functools.cache

@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.anytime import AnytimeLoss, static_weights
 from pipeline.errors import UserError
@@ -68,6 +69,31 @@ def test_gradients_reach_every_exit_with_opt():
         assert head.weight.grad is not None, f"exit {i + 1} left out of the graph"
         nonzero = head.weight.grad.abs().sum().item() > 0
         assert nonzero == (i == 1)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the values read from a tensor into Python (on an accelerator: a sync point)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rule", ["seed", "authors"])
+def test_the_training_forward_reads_only_the_draw_to_the_host(rule):
+    # The one read is u from the loss's own CPU generator, which no device work waits for; the
+    # drawn exit, the first-step check and AdaLoss's update stay tensors on the weights' device.
+    loss = AnytimeLoss(5, "adaloss", alternating=True, alternating_rule=rule,
+                       adaloss_update_every=1)
+    for step in range(3):
+        logits, target = make_batch(5, seed=step)
+        with HostReads() as mode:
+            loss(logits, target)
+        assert mode.reads == 1, f"step {step}: {mode.reads} values read to the host"
 
 
 def test_eval_mode_neither_draws_nor_adapts():

@@ -111,7 +111,9 @@ class AnytimeLoss(nn.Module):
             if self.alternating:
                 if pass_index == 0:
                     self.last_drawn = self._draw(w)
-                total = total + self._alternating_weight(w) * losses[self.last_drawn]
+                # index_select, not losses[tensor]: indexing with a tensor reads it to the host.
+                drawn_loss = losses.index_select(0, self.last_drawn.view(1)).squeeze(0)
+                total = total + self._alternating_weight(w) * drawn_loss
             if passes == 1:
                 self._step(losses.detach())
             else:

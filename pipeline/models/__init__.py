@@ -4,6 +4,6 @@ from pipeline.models import (
     msdnet,  # noqa: F401
     resnet_ann,  # noqa: F401  (registers the models)
 )
-from pipeline.models.anytime import AnytimeNet, ExitCost, exit_costs
+from pipeline.models.anytime import AnytimeNet, ExitCost, exit_costs, pretrained_cfg
 
-__all__ = ["AnytimeNet", "ExitCost", "exit_costs"]
+__all__ = ["AnytimeNet", "ExitCost", "exit_costs", "pretrained_cfg"]

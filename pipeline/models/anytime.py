@@ -21,7 +21,7 @@ import torch
 import torch.fx
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, create_classifier
-from timm.models import build_model_with_cfg, checkpoint
+from timm.models import PretrainedCfg, build_model_with_cfg, checkpoint, get_pretrained_cfg
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -201,6 +201,15 @@ class ExitCost:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "flops": self.flops}
+
+
+def pretrained_cfg(model_name: str) -> PretrainedCfg | None:
+    """timm's pretrained cfg of a model name (an anytime model or any of timm's): input size,
+    mean, std, classes. None for a name timm does not know; the trainer names the known ones."""
+    try:
+        return get_pretrained_cfg(model_name)
+    except RuntimeError:  # "resnet50.nope": a pretrained tag timm does not know
+        return None
 
 
 def exit_costs(model: nn.Module, input_size: tuple[int, int, int]) -> list[ExitCost]:
