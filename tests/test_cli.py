@@ -43,6 +43,20 @@ def test_describe_takes_input_size_and_classes_from_the_model():
     assert proc.stdout.startswith("resnet_ann_cifar20 at 32x32, 10 classes, sieve weights.")
 
 
+def test_describe_prints_every_anytime_model(capsys):
+    from pipeline.__main__ import main
+
+    names = timm.list_models("*_ann*") + timm.list_models("*_opt") + timm.list_models("msdnet*")
+    assert {"msdnet26", "msdnet_cifar", "resnet50_opt", "resnet_ann_cifar110"} <= set(names)
+    for name in names:
+        assert main(["describe", "--model", name, "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert (info["image_size"], info["num_classes"]) == (cfg.input_size[-1], cfg.num_classes)
+        assert len(info["exits"]) == len(cfg.classifier), name  # one row per exit head
+        assert all(a["macs"] < b["macs"] for a, b in zip(info["exits"], info["exits"][1:]))
+
+
 def test_describe_table_from_config():
     proc = cli("describe", "--config", "configs/demo_fmnist_resnet_ann.yaml")
     assert proc.returncode == 0, proc.stderr
