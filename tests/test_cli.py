@@ -70,6 +70,7 @@ def test_describe_errors_are_one_line():
     for args, words in [(["--model", "resnet_ann_cifar21"], "resnet_ann_cifar"),
                         (["--model", "resnet_ann_cifar20", "--scheme", "seive"], "sieve"),
                         (["--model", "resnet18"], "not an anytime network"),
+                        (["--model", "resnet_ann_cifar20.x"], "no pretrained tag 'x'"),
                         (["--model", "resnet_ann_cifar", "model.kwargs={depth: 21}"], "6n+2")]:
         proc = cli("describe", *args)
         assert proc.returncode == 2, proc.stderr

@@ -322,9 +322,9 @@ def test_loss_keys_that_would_do_nothing_are_refused(overrides, start):
     assert (cfg.loss.alternating_rule, cfg.loss.alternating) == ("authors", True)
 
 
-def test_a_model_name_with_an_unknown_tag_fails_where_the_model_is_made():
-    # timm raises RuntimeError for an unknown pretrained tag; the config keeps the section's
-    # values and the trainer's model check names the problem in one line.
+def test_a_model_name_with_an_unknown_tag_keeps_the_sections_data_values():
+    # timm raises RuntimeError for an unknown pretrained tag: the config keeps the section's
+    # values, and making the model names the problem in one line (test_cli.py).
     assert load_config(None, ["model.name=resnet50.nope"]).data.image_size == 224
 
 

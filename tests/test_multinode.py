@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 from conftest import largest_parameter_difference, unavailable, write_image_folder
-from slurm_cluster import wait_for_line
+from private_hosts import missing_tools, private_hosts
+from ray_cluster import RayMissing, alive_nodes, ray_head, ray_node, token_auth
+from slurm_cluster import local_slurm_cluster, missing_binaries, wait_for_line
 
 from pipeline.storage.checkpoints import CheckpointStore
 from pipeline.storage.local_s3 import local_s3_server
@@ -39,9 +41,6 @@ STEPS = EPOCHS * (TRAIN_IMAGES // BATCH)
 
 @pytest.fixture(scope="module")
 def network(tmp_path_factory):
-    from private_hosts import missing_tools, private_hosts
-    from slurm_cluster import missing_binaries
-
     missing = missing_tools() + missing_binaries()
     reason = ""
     if missing:
@@ -56,8 +55,6 @@ def network(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(network, tmp_path_factory):
-    from slurm_cluster import local_slurm_cluster
-
     with local_slurm_cluster(tmp_path_factory.mktemp("slurm2"), network=network) as c:
         yield c
 
@@ -180,18 +177,10 @@ def test_requeue_onto_one_node_when_the_other_is_drained(cluster, s3, local_data
 # --- Ray: the head on node1, a worker node on node2 ----------------------------------------------
 
 
-def alive_nodes(cluster) -> list[str]:
-    from ray_cluster import alive_nodes
-
-    return alive_nodes(cluster)
-
-
 @pytest.fixture(scope="module")
 def ray_two_nodes(network, s3, tmp_path_factory):
     """A Ray cluster of two nodes with one CPU each: a 2-worker group takes one per node.
     Started after the S3 server, so its processes inherit the test credentials."""
-    from ray_cluster import RayMissing, ray_head, ray_node, token_auth
-
     folder = tmp_path_factory.mktemp("ray2")
     node1, node2 = network.hosts
     with contextlib.ExitStack() as stack:

@@ -222,9 +222,9 @@ def test_resume_refuses_another_recipe_and_accepts_more_epochs(image_folder, tmp
                           ("optim.name=adamw", "optim.name"),
                           # the global batch of 4 it makes up (tests/test_elastic_resume.py)
                           ("data.batch_size=6", "set train.global_batch=4 to keep it"),
-                          # std was left out: the model's (CIFAR-10's), which the hint restores
+                          # std was left out: the run stored the model's (CIFAR-10's)
                           ("data.std=[0.5,0.5,0.5]",
-                           "the saved run's: data.std=[0.247,0.2435,0.2616]")]:
+                           "data.std: [0.247, 0.2435, 0.2616] -> [0.5, 0.5, 0.5]")]:
         code, _, err = finish(cli_train([*run, "resume=auto", change]))
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
         assert "Traceback" not in err

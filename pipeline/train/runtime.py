@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import timm
 import torch
 
-import pipeline.models  # noqa: F401  (registers the anytime models with timm)
 from pipeline.config import Config
 from pipeline.errors import UserError
+from pipeline.models import pretrained_cfg  # importing it registers the models with timm
 from pipeline.train.distributed import DistInfo, init_distributed, local_rank
 
 
@@ -76,6 +76,11 @@ def create_anytime_model(cfg: Config, num_classes: int) -> torch.nn.Module:
         hint = (f"did you mean {' or '.join(near)}?" if near
                 else f"anytime models: {', '.join(anytime)}")
         raise UserError(f"model.name={cfg.model.name!r} is not a registered model; {hint}")
+    if pretrained_cfg(cfg.model.name) is None:  # registered, but "arch.tag" with a tag timm lacks
+        arch, _, tag = cfg.model.name.partition(".")
+        raise UserError(f"model.name={cfg.model.name!r}: timm knows no pretrained tag {tag!r} "
+                        f"for {arch} (the part after the dot names a set of weights); use "
+                        f"model.name={arch}")
     try:
         return timm.create_model(cfg.model.name, num_classes=num_classes, **cfg.model.kwargs)
     except (TypeError, ValueError) as e:  # bad kwargs, or values the model rejects

@@ -343,22 +343,6 @@ def report(cfg: Config, model: torch.nn.Module, val_errors: dict, seconds: float
     return results
 
 
-def _saved_data_hint(saved: dict[str, Any], refused: list[str]) -> str:
-    """The overrides that give a resume the saved input size and statistics back, when those are
-    among the refused changes: a config that leaves them out takes them from the model (since
-    2026-11-30), so a run that relied on the data section's old defaults (224, ImageNet's) needs
-    them written out."""
-    data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
-    keys = [k for k in ("image_size", "mean", "std")
-            if k in data and any(line.startswith(f"data.{k}:") for line in refused)]
-    if not keys:
-        return ""
-    plain = {k: f"[{','.join(map(str, data[k]))}]" if isinstance(data[k], list | tuple)
-             else str(data[k]) for k in keys}
-    return (" (data.image_size, data.mean and data.std that a config leaves out come from the "
-            "model; the saved run's: " + " ".join(f"data.{k}={plain[k]}" for k in keys) + ")")
-
-
 def check_run_folder(cfg: Config, store: CheckpointStore, global_batch: int, batch_text: str,
                      world_size: int) -> tuple[CheckpointInfo, dict] | None:
     """The checkpoint to resume from and its state, or None. Refuses to mix two runs in one
@@ -382,9 +366,8 @@ def check_run_folder(cfg: Config, store: CheckpointStore, global_batch: int, bat
     if isinstance(saved, dict):
         refused, accepted = classify_resume_changes(saved, cfg.to_dict())
         if refused:
-            raise UserError(f"cannot resume {where} with a different run: {'; '.join(refused)}"
-                            f"{_saved_data_hint(saved, refused)}. Undo these changes, or start a "
-                            "new run with name=NEW_NAME")
+            raise UserError(f"cannot resume {where} with a different run: {'; '.join(refused)}. "
+                            "Undo these changes, or start a new run with name=NEW_NAME")
         if accepted:
             log.info("resuming %s with changes: %s", where, "; ".join(accepted))
     else:
