@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +35,13 @@ def largest_parameter_difference(a: dict, b: dict) -> float:
     between runs on other numbers of ranks or passes."""
     keys = [k for k in a["model"] if "running_" not in k and "num_batches" not in k]
     return max((a["model"][k] - b["model"][k]).abs().max().item() for k in keys)
+
+
+def payload_path(fs, folder: str) -> str:
+    """The path of the one payload object (`state-<upload id>.pt`) in a checkpoint folder."""
+    fs.invalidate_cache()
+    [path] = [p for p in fs.ls(folder, detail=False) if p.rsplit("/", 1)[-1].startswith("state")]
+    return path
 
 
 def write_image_folder(
@@ -89,13 +100,18 @@ def s3_bucket(s3_server: str) -> str:
 
 
 class Proxy:
-    """A TCP forwarder process in front of a server: stop() cuts every connection for real."""
+    """A TCP forwarder process in front of a server (tests/tcp_proxy.py): stop() cuts every
+    connection for real, a rate throttles them, hold() stalls them until release(); with
+    `report`, wait_for() waits on the HTTP exchanges it prints as they pass."""
 
-    def __init__(self, target_port: int, rate: float = 0.0):
+    def __init__(self, target_port: int, rate: float = 0.0, report: bool = False):
         self.port = free_port()
         self.target_port = target_port
         self.rate = rate  # bytes/s per direction and connection; 0 = as fast as it goes
+        self.report = report
         self.proc: subprocess.Popen | None = None
+        self.lines: list[str] = []
+        self._new_line = threading.Condition()
 
     @property
     def endpoint(self) -> str:
@@ -104,8 +120,37 @@ class Proxy:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).parent / "tcp_proxy.py"), str(self.port),
-             str(self.target_port), str(self.rate)], stdout=subprocess.PIPE, text=True)
+             str(self.target_port), str(self.rate), *(["--report"] if self.report else [])],
+            stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline().strip() == "ready"
+        threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
+
+    def _read(self, stdout) -> None:
+        for line in stdout:  # read always, so that the proxy never blocks on a full pipe
+            with self._new_line:
+                self.lines.append(line.strip())
+                self._new_line.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 120, after: int = 0) -> re.Match:
+        """The first printed line from index `after` on that matches `pattern` (re.search)."""
+        deadline = time.monotonic() + timeout
+        with self._new_line:
+            while True:
+                for line in self.lines[after:]:
+                    if match := re.search(pattern, line):
+                        return match
+                left = deadline - time.monotonic()
+                assert left > 0 and self.proc.poll() is None, \
+                    f"the proxy printed no line like {pattern!r}: {self.lines[-20:]}"
+                self._new_line.wait(left)
+
+    def hold(self) -> None:
+        seen = len(self.lines)
+        self.proc.send_signal(signal.SIGUSR1)
+        self.wait_for("^held$", timeout=10, after=seen)
+
+    def release(self) -> None:
+        self.proc.send_signal(signal.SIGUSR2)
 
     def stop(self) -> None:
         if self.proc is not None:

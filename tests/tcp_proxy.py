@@ -1,17 +1,100 @@
-"""A TCP forwarder the tests kill and restart to cut storage off for real.
+"""A TCP forwarder the tests kill, throttle and stall, to make storage absent or slow for real.
 
-    python tests/tcp_proxy.py LISTEN_PORT TARGET_PORT [BYTES_PER_SECOND]
+    python tests/tcp_proxy.py LISTEN_PORT TARGET_PORT [BYTES_PER_SECOND] [--report]
 
-The optional rate slows every connection down, so that a test can cut one mid-transfer.
+BYTES_PER_SECOND throttles each connection in each direction (0: as fast as it goes). What a
+client sends is read at once and forwarded to the server at that rate, so an upload can be
+wholly in flight: sent by the client, not yet at the server. SIGUSR1 stalls everything bound
+for the server (a link that stops moving) and prints `held`; SIGUSR2 lets it go on (`flowing`).
+
+With --report, each HTTP/1.1 exchange is printed as it passes, for a test to wait on:
+    request <conn> <request line>     its head came from the client
+    received <conn> <request line>    its whole body too (by its Content-Length)
+    answered <conn> <status line>     the server's answer began
 """
 
 import asyncio
+import signal
 import sys
 
+REPORT = "--report" in sys.argv
 
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float) -> None:
+
+def report(*words: object) -> None:
+    if REPORT:
+        print(*words, flush=True)
+
+
+class Requests:
+    """Finds the requests in what one client sends: heads and, by Content-Length, bodies."""
+
+    def __init__(self, conn: int):
+        self.conn = conn
+        self.head = bytearray()
+        self.body_left = 0
+        self.line = ""
+
+    def feed(self, data: bytes) -> None:
+        while data:
+            if self.body_left:
+                taken = min(self.body_left, len(data))
+                self.body_left -= taken
+                data = data[taken:]
+                if not self.body_left:
+                    report("received", self.conn, self.line)
+                continue
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            lines = bytes(self.head[:end]).decode("latin-1").split("\r\n")
+            data = bytes(self.head[end + 4:])
+            self.head.clear()
+            self.line = lines[0]
+            lengths = [h.split(":", 1)[1] for h in lines[1:]
+                       if h.lower().startswith("content-length:")]
+            self.body_left = int(lengths[0]) if lengths else 0
+            report("request", self.conn, self.line)
+            if not self.body_left:
+                report("received", self.conn, self.line)
+
+
+async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float,
+                   flowing: asyncio.Event, conn: int) -> None:
+    """Client -> server: read as fast as the client sends, forward at `rate` unless held."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    requests = Requests(conn)
+
+    async def read() -> None:
+        while data := await reader.read(1 << 16):
+            requests.feed(data)
+            queue.put_nowait(data)
+        queue.put_nowait(b"")
+
+    reading = asyncio.ensure_future(read())
+    step = max(1024, int(rate / 20)) if rate else 1 << 16
+    try:
+        while data := await queue.get():
+            for i in range(0, len(data), step):
+                await flowing.wait()
+                writer.write(data[i:i + step])
+                await writer.drain()
+                if rate:
+                    await asyncio.sleep(len(data[i:i + step]) / rate)
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    finally:
+        reading.cancel()
+        writer.close()
+
+
+async def downstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float,
+                     conn: int) -> None:
+    """Server -> client at `rate`."""
     try:
         while data := await reader.read(1 << 16):
+            if data.startswith(b"HTTP/1."):
+                report("answered", conn, data.split(b"\r\n", 1)[0].decode("latin-1"))
             writer.write(data)
             await writer.drain()
             if rate:
@@ -23,9 +106,29 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate:
 
 
 async def main(listen: int, target: int, rate: float) -> None:
+    flowing = asyncio.Event()
+    flowing.set()
+    loop = asyncio.get_running_loop()
+
+    def hold() -> None:
+        flowing.clear()
+        print("held", flush=True)
+
+    def go_on() -> None:
+        flowing.set()
+        print("flowing", flush=True)
+
+    loop.add_signal_handler(signal.SIGUSR1, hold)
+    loop.add_signal_handler(signal.SIGUSR2, go_on)
+    connections = 0
+
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        conn = connections
         server_r, server_w = await asyncio.open_connection("127.0.0.1", target)
-        await asyncio.gather(pipe(client_r, server_w, rate), pipe(server_r, client_w, rate))
+        await asyncio.gather(upstream(client_r, server_w, rate, flowing, conn),
+                             downstream(server_r, client_w, rate, conn))
 
     server = await asyncio.start_server(handle, "127.0.0.1", listen, reuse_address=True)
     print("ready", flush=True)
@@ -34,4 +137,5 @@ async def main(listen: int, target: int, rate: float) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3:4] and sys.argv[3] or 0)))
+    numbers = [arg for arg in sys.argv[1:] if not arg.startswith("--")]
+    asyncio.run(main(int(numbers[0]), int(numbers[1]), float(numbers[2]) if numbers[2:] else 0))

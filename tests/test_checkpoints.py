@@ -16,6 +16,7 @@ from typing import Any
 import fsspec
 import pytest
 import torch
+from conftest import payload_path
 
 from pipeline.__main__ import main
 from pipeline.config import load_config
@@ -26,6 +27,7 @@ from pipeline.storage.checkpoints import (
     NO_MANIFEST,
     PAYLOAD,
     QUARANTINE,
+    SAVE_IN_PROGRESS_S,
     CheckpointStore,
     StorageError,
 )
@@ -69,18 +71,18 @@ def test_file_url_works(tmp_path):
 def test_a_folder_in_the_way_is_moved_to_quarantine_never_overwritten(tmp_path, caplog):
     store = CheckpointStore(str(tmp_path), keep_last=1)
     store.save(5, state(5.0))
-    first = (tmp_path / "step-00000005" / PAYLOAD).read_bytes()
+    first = Path(payload_path(store.fs, str(tmp_path / "step-00000005"))).read_bytes()
     with caplog.at_level(logging.WARNING):
         store.save(5, state(6.0))  # a resumed run saving the same step again
     (moved,) = (tmp_path / QUARANTINE).iterdir()
     assert moved.name.startswith("step-00000005.")
     assert str(moved.relative_to(tmp_path)) in caplog.text
-    assert (moved / PAYLOAD).read_bytes() == first
+    assert Path(payload_path(store.fs, str(moved))).read_bytes() == first
     assert store.load(store.latest_valid())["step"] == 6
     for step in (6, 7):  # retention rotates checkpoints, never the quarantine
         store.save(step, state(float(step)))
     assert [i.name for i in store.list()] == ["step-00000007"]
-    assert (moved / PAYLOAD).read_bytes() == first
+    assert Path(payload_path(store.fs, str(moved))).read_bytes() == first
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_manifest", "no_payload"])
@@ -89,7 +91,7 @@ def test_latest_valid_skips_damaged_checkpoints(tmp_path, caplog, damage):
     store.save(1, state(1.0))
     store.save(2, state(2.0))
     folder = tmp_path / "step-00000002"
-    payload = folder / PAYLOAD
+    payload = Path(payload_path(store.fs, str(folder)))
     data = payload.read_bytes()
     if damage == "truncate":
         payload.write_bytes(data[: len(data) // 2])
@@ -131,14 +133,14 @@ def test_load_latest_valid_reads_each_payload_once(tmp_path, monkeypatch):
     store = CheckpointStore(str(tmp_path), keep_last=0)
     store.save(1, state(1.0))
     store.save(2, state(2.0))
-    (tmp_path / "step-00000002" / PAYLOAD).write_bytes(b"broken")
+    Path(payload_path(store.fs, str(tmp_path / "step-00000002"))).write_bytes(b"broken")
     reads = []
     cat_file = store.fs.cat_file
     monkeypatch.setattr(store.fs, "cat_file", lambda path, **kw: reads.append(path) or
                         cat_file(path, **kw))
     info, loaded = store.load_latest_valid()
     assert info.step == 1 and loaded["step"] == 1
-    assert sum(p.endswith(PAYLOAD) for p in reads) == 2  # the broken one, then the good one
+    assert sum(p.endswith(".pt") for p in reads) == 2  # the broken one, then the good one
 
 
 # --- broken for any reason, locally and on the S3 server: reported, skipped, moved aside --------
@@ -158,6 +160,10 @@ class Where:
 
     def cli(self, *args: str) -> int:
         return main(["checkpoints", *args, self.url, "--endpoint-url", self.endpoint])
+
+    def payload(self, folder: str) -> str:
+        """The payload's path inside the root, as read() and write() take it."""
+        return payload_path(self.fs, f"{self.root}/{folder}")[len(self.root) + 1:]
 
     def read(self, path: str) -> bytes:
         return self.fs.cat_file(f"{self.root}/{path}")
@@ -188,13 +194,15 @@ def where(request, tmp_path) -> Where:
 
 
 def flip(where: Where, folder: str, marker: Path) -> None:
-    data = where.read(f"{folder}/{PAYLOAD}")
+    path = where.payload(folder)
+    data = where.read(path)
     i = len(data) // 2
-    where.write(f"{folder}/{PAYLOAD}", data[:i] + bytes([data[i] ^ 0x40]) + data[i + 1:])
+    where.write(path, data[:i] + bytes([data[i] ^ 0x40]) + data[i + 1:])
 
 
 def truncate(where: Where, folder: str, marker: Path) -> None:
-    where.write(f"{folder}/{PAYLOAD}", where.read(f"{folder}/{PAYLOAD}")[:100])
+    path = where.payload(folder)
+    where.write(path, where.read(path)[:100])
 
 
 def not_json(where: Where, folder: str, marker: Path) -> None:
@@ -206,13 +214,13 @@ def no_step(where: Where, folder: str, marker: Path) -> None:
 
 
 def size_as_text(where: Where, folder: str, marker: Path) -> None:
-    where.rewrite_manifest(folder, lambda m: m["files"][PAYLOAD].update(size="123"))
+    where.rewrite_manifest(folder, lambda m: next(iter(m["files"].values())).update(size="123"))
 
 
 def outside_file(where: Where, folder: str, marker: Path) -> None:
     """An entry naming the older checkpoint's payload, with its right size and sha256."""
-    older = json.loads(where.read(f"step-00000001/{MANIFEST}"))["files"][PAYLOAD]
-    where.rewrite_manifest(folder, lambda m: m["files"].update({f"../step-00000001/{PAYLOAD}":
+    [(name, older)] = json.loads(where.read(f"step-00000001/{MANIFEST}"))["files"].items()
+    where.rewrite_manifest(folder, lambda m: m["files"].update({f"../step-00000001/{name}":
                                                                 older}))
 
 
@@ -221,9 +229,11 @@ def malicious_pickle(where: Where, folder: str, marker: Path) -> None:
     buffer = io.BytesIO()
     torch.save({"model": Evil(marker)}, buffer)
     payload = buffer.getvalue()
-    where.write(f"{folder}/{PAYLOAD}", payload)
+    path = where.payload(folder)
+    where.write(path, payload)
     where.rewrite_manifest(folder, lambda m: m["files"].update(
-        {PAYLOAD: {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}))
+        {path.rsplit("/", 1)[1]: {"size": len(payload),
+                                  "sha256": hashlib.sha256(payload).hexdigest()}}))
 
 
 @pytest.mark.parametrize("damage, words", [
@@ -231,8 +241,8 @@ def malicious_pickle(where: Where, folder: str, marker: Path) -> None:
     (truncate, "has 100 bytes, the manifest says"),
     (not_json, "manifest.json is not JSON"),
     (no_step, "manifest.json lacks step"),
-    (size_as_text, f"entry for {PAYLOAD} is not"),
-    (outside_file, "'../step-00000001/state.pt', not a plain name inside the checkpoint folder"),
+    (size_as_text, "entry for state-"),
+    (outside_file, "'../step-00000001/state-"),
     (malicious_pickle, "Trying to load unsupported GLOBAL posix.system"),
 ])
 def test_a_broken_checkpoint_is_reported_skipped_and_moved_aside(where, tmp_path, caplog, capsys,
@@ -280,6 +290,11 @@ def test_a_broken_checkpoint_is_reported_skipped_and_moved_aside(where, tmp_path
     assert not marker.exists()
 
 
+def entry(manifest: dict) -> dict:
+    """The payload's entry in a manifest's files."""
+    return next(iter(manifest["files"].values()))
+
+
 @pytest.mark.parametrize("change, words", [
     (lambda m: m.clear() or m.update(files={PAYLOAD: {}}), "lacks format, step, meta"),
     (lambda m: m.update(format=2), "format 2"),
@@ -289,12 +304,19 @@ def test_a_broken_checkpoint_is_reported_skipped_and_moved_aside(where, tmp_path
     (lambda m: m.update(meta=[]), "meta is a list"),
     (lambda m: m.update(files=[]), "files is not a non-empty object"),
     (lambda m: m.update(files={}), "files is not a non-empty object"),
-    (lambda m: m["files"][PAYLOAD].update(sha256="A" * 64), "64 lowercase hex"),
-    (lambda m: m["files"][PAYLOAD].update(size=-1), "bytes >= 0"),
-    (lambda m: m["files"].update({".hidden": m["files"][PAYLOAD]}), "starts with '.'"),
-    (lambda m: m["files"].update({"": m["files"][PAYLOAD]}), "an empty name"),
-    (lambda m: m["files"].update({"a\\b": m["files"][PAYLOAD]}), "path separator"),
-    (lambda m: m.update(files={"other.pt": m["files"][PAYLOAD]}), f"does not list {PAYLOAD}"),
+    (lambda m: entry(m).update(sha256="A" * 64), "64 lowercase hex"),
+    (lambda m: entry(m).update(size=-1), "bytes >= 0"),
+    (lambda m: m["files"].update({".hidden": entry(m)}), "starts with '.'"),
+    (lambda m: m["files"].update({"": entry(m)}), "an empty name"),
+    (lambda m: m["files"].update({"a\\b": entry(m)}), "path separator"),
+    (lambda m: m.update(files={"other.pt": entry(m)}), "does not list a payload"),
+    (lambda m: m["files"].update({PAYLOAD: entry(m)}), "lists 2 payloads, not one"),
+    # meta values the trainer reads back, of another type than it writes
+    (lambda m: m["meta"].update(global_batch="32"), 'meta.global_batch is "32", not an integer'),
+    (lambda m: m["meta"].update(world_size=0), "meta.world_size is 0, not an integer >= 1"),
+    (lambda m: m["meta"].update(epoch=1.5), "meta.epoch is 1.5, not an integer >= 0"),
+    (lambda m: m["meta"].update(end_of_epoch="yes"), 'meta.end_of_epoch is "yes", not true or'),
+    (lambda m: m["meta"].update(config=["a"]), 'meta.config is ["a"], not an object'),
 ])
 def test_every_unexpected_manifest_shape_is_a_problem_not_a_traceback(tmp_path, capsys, change,
                                                                      words):
@@ -318,12 +340,38 @@ def test_an_array_manifest_and_one_without_json_are_listed(tmp_path):
     (tmp_path / "step-00000002" / MANIFEST).write_text("[]")
     (tmp_path / "step-00000003").mkdir()
     (tmp_path / "step-00000003" / MANIFEST).write_bytes(b"\xff\xfe")
-    (tmp_path / "step-00000004").mkdir()  # a save that died before its manifest
+    (tmp_path / "step-00000004").mkdir()  # a save that died before its manifest, long ago
+    os.utime(tmp_path / "step-00000004", (time.time() - 3600, time.time() - 3600))
     assert [(i.step, i.problem) for i in store.list()] == [
         (1, None), (2, "manifest.json holds a list, not an object"),
         (3, store.list()[2].problem), (4, NO_MANIFEST)]
     assert "is not JSON" in store.list()[2].problem
     assert store.load_latest_valid()[0].step == 1
+
+
+def test_a_save_in_progress_is_not_broken_until_it_is_old(tmp_path, capsys, caplog):
+    """`checkpoints verify` while a save is being written: the folder without its manifest is
+    "in progress" (exit 0), skipped by a resume; once it stopped changing for longer than a save
+    may take it is broken (exit 1), and retention deletes it, saying so."""
+    where = Where(str(tmp_path), "", fsspec.filesystem("file"), str(tmp_path))
+    store = where.store(keep_last=2)
+    store.save(1, state(1.0))
+    folder = tmp_path / "step-00000002"
+    folder.mkdir()
+    (folder / "state-0123456789abcdef.pt").write_bytes(b"the first bytes of an upload")
+    assert where.cli("verify") == 0
+    out, err = capsys.readouterr()
+    assert "a save in progress (last write 0 s ago)" in out and err == ""
+    assert store.load_latest_valid()[0].step == 1
+    old = time.time() - SAVE_IN_PROGRESS_S - 1
+    for path in (folder, *folder.iterdir()):
+        os.utime(path, (old, old))
+    assert where.cli("verify") == 1
+    assert f"step-00000002 ({NO_MANIFEST})" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING):
+        store.save(3, state(3.0))
+    assert [i.step for i in store.list()] == [1, 3]
+    assert f"deleting {where.url}/step-00000002, a save that never finished" in caplog.text
 
 
 # --- storage that cannot take a save: answered at once, and nothing partial left behind --------

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import s3fs
 import torch
+from conftest import payload_path
 
+from pipeline.__main__ import main
 from pipeline.config import load_config
-from pipeline.storage.checkpoints import MANIFEST, PAYLOAD, CheckpointStore
+from pipeline.storage.checkpoints import MANIFEST, CheckpointStore
 from pipeline.train.trainer import train
 
 # 3 classes x 12 training images, batch 4: 9 steps an epoch, a checkpoint every 3 steps.
@@ -80,13 +82,14 @@ class Location:
     def damage(self, step: int, how: str) -> None:
         folder = f"{self.root}/step-{step:08d}"
         if how == "flip_byte":
-            payload = self.fs.cat_file(f"{folder}/{PAYLOAD}")
+            path = payload_path(self.fs, folder)
+            payload = self.fs.cat_file(path)
             i = len(payload) // 2
-            self.fs.pipe_file(f"{folder}/{PAYLOAD}",
-                              payload[:i] + bytes([payload[i] ^ 0x01]) + payload[i + 1:])
+            self.fs.pipe_file(path, payload[:i] + bytes([payload[i] ^ 0x01]) + payload[i + 1:])
         elif how == "truncate":
-            payload = self.fs.cat_file(f"{folder}/{PAYLOAD}")
-            self.fs.pipe_file(f"{folder}/{PAYLOAD}", payload[: len(payload) // 2])
+            path = payload_path(self.fs, folder)
+            payload = self.fs.cat_file(path)
+            self.fs.pipe_file(path, payload[: len(payload) // 2])
         elif how == "manifest_not_json":
             self.fs.pipe_file(f"{folder}/{MANIFEST}", b"{not json")
         elif how == "manifest_without_step":
@@ -288,3 +291,50 @@ def test_a_writer_whose_lease_was_taken_over_stops_writing(image_folder, tmp_pat
     assert code == 2 and "fenced" in err, err
     store = CheckpointStore(url)
     assert [info.step for info in store.list()] == [48, 51, 54]  # B's last three, none of A's
+
+
+@pytest.mark.slow
+def test_a_fenced_writers_late_upload_never_lands_on_the_new_holders_checkpoint(
+        image_folder, tmp_path, s3_server, s3_bucket):
+    """A uploads through a slow link and is stopped while its payload is in flight (sent, not yet
+    at the server); B takes the run over and commits that same step; then A's upload lands. B's
+    checkpoint must stay whole, and A, thawed, must leave it alone."""
+    from conftest import Proxy
+
+    proxy = Proxy(int(s3_server.rsplit(":", 1)[1]), rate=30_000, report=True)
+    proxy.start()
+    url = f"{s3_bucket}/tiny"
+    run = tiny(image_folder, tmp_path / "runs", "resume=auto", f"checkpoint.url={url}",
+               "checkpoint.lease_ttl=3", "checkpoint.keep_last=0")
+    a = cli_train([*run, f"checkpoint.endpoint_url={proxy.endpoint}"])
+    try:
+        wait_for_checkpoint(url, a, s3_server)
+        upload = proxy.wait_for(r"^received (\d+) PUT \S+/(step-\d+)/state\S*\.pt ",
+                                after=len(proxy.lines))
+        a.send_signal(signal.SIGSTOP)  # A has sent every byte of it: the upload is in flight
+        proxy.hold()  # and the link stalls with it
+        assert not any(line.startswith(f"answered {upload[1]} HTTP/1.1 200")
+                       for line in proxy.lines), "the upload landed before the link stalled"
+        fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+        lease = json.loads(fs.cat_file(f"{url}/lease.json"))
+        time.sleep(max(0.0, lease["renewed"] + lease["ttl"] - time.time()) + 0.2)  # A's expiry
+        code, out, err = finish(cli_train([*run, f"checkpoint.endpoint_url={s3_server}"]))
+        assert code == 0, err
+        assert "taking over" in out and "resumed from" in out and "step 18/18" in out
+        seen = len(proxy.lines)
+        proxy.release()
+        proxy.wait_for(rf"^answered {upload[1]} HTTP/1.1 [2-5]\d\d", after=seen)  # A's landed
+        assert main(["checkpoints", "verify", url, "--endpoint-url", s3_server]) == 0
+        a.send_signal(signal.SIGCONT)
+        code, _, err = finish(a)  # through the proxy still: A learns that it was fenced
+        assert code == 2 and "fenced" in err, err
+    finally:
+        a.kill()
+        proxy.stop()
+    store = CheckpointStore(url, endpoint_url=s3_server)
+    assert [info.step for info in store.list()] == [3, 6, 9, 12, 15, 18]
+    assert all(store.verify(info) is None for info in store.list())
+    fs.invalidate_cache()
+    [b_checkpoint] = [info for info in store.list() if info.name == upload[2]]
+    assert fs.ls(f"{url}/{upload[2]}", detail=False) == [  # A removed its own upload, only
+        f"{url[5:]}/{upload[2]}/{name}" for name in (MANIFEST, b_checkpoint.payload)]

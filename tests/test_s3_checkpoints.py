@@ -10,11 +10,11 @@ import time
 import pytest
 import s3fs
 import torch
+from conftest import payload_path
 
 from pipeline.errors import UserError
 from pipeline.storage.checkpoints import (
     MANIFEST,
-    PAYLOAD,
     QUARANTINE,
     CheckpointStore,
     StorageError,
@@ -50,13 +50,13 @@ def test_damaged_checkpoints_are_skipped_on_s3(s3_server, s3_bucket, caplog, dam
     store.save(2, state(2.0))
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)
     folder = f"{s3_bucket[5:]}/run/step-00000002"
-    payload = fs.cat_file(f"{folder}/{PAYLOAD}")
+    path = payload_path(fs, folder)
+    payload = fs.cat_file(path)
     if damage == "truncate":
-        fs.pipe_file(f"{folder}/{PAYLOAD}", payload[: len(payload) // 3])
+        fs.pipe_file(path, payload[: len(payload) // 3])
     elif damage == "flip_byte":
         i = len(payload) // 2
-        fs.pipe_file(f"{folder}/{PAYLOAD}", payload[:i] + bytes([payload[i] ^ 0x40]) +
-                     payload[i + 1:])
+        fs.pipe_file(path, payload[:i] + bytes([payload[i] ^ 0x40]) + payload[i + 1:])
     elif damage == "no_manifest":
         fs.rm(f"{folder}/{MANIFEST}")
     else:  # the manifest lists an object that is not there
@@ -78,11 +78,12 @@ def test_a_run_whose_every_checkpoint_is_broken_starts_afresh_on_s3(s3_server, s
     store.save(1, state(1.0))
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)
     root = f"{s3_bucket[5:]}/run"
-    fs.pipe_file(f"{root}/step-00000001/{PAYLOAD}", b"not a checkpoint")
+    bad_payload = payload_path(fs, f"{root}/step-00000001")
+    fs.pipe_file(bad_payload, b"not a checkpoint")
     fs.pipe_file(f"{root}/step-00000002/{MANIFEST}", b"{}")  # written by hand, say
     with caplog.at_level(logging.WARNING):
         assert store.load_latest_valid() is None
-    assert "step-00000001: state.pt has 16 bytes" in caplog.text
+    assert f"step-00000001: {bad_payload.rsplit('/', 1)[1]} has 16 bytes" in caplog.text
     assert "step-00000002: manifest.json lacks format, step, files, meta" in caplog.text
     for step in (1, 2, 3):
         store.save(step, state(float(step)))
@@ -90,7 +91,7 @@ def test_a_run_whose_every_checkpoint_is_broken_starts_afresh_on_s3(s3_server, s
     fs.invalidate_cache()
     moved = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{QUARANTINE}"))
     assert [m[:13] for m in moved] == ["step-00000001", "step-00000002"]
-    assert fs.cat_file(f"{root}/{QUARANTINE}/{moved[0]}/{PAYLOAD}") == b"not a checkpoint"
+    assert fs.cat_file(payload_path(fs, f"{root}/{QUARANTINE}/{moved[0]}")) == b"not a checkpoint"
     assert fs.cat_file(f"{root}/{QUARANTINE}/{moved[1]}/{MANIFEST}") == b"{}"
 
 

@@ -25,10 +25,13 @@ project's configs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import re
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -38,6 +41,7 @@ import fsspec
 import torch
 
 from pipeline.errors import UserError
+from pipeline.storage.atomic import create_only
 from pipeline.storage.manifest import (
     MANIFEST,
     PAYLOAD,
@@ -47,6 +51,7 @@ from pipeline.storage.manifest import (
     folder_name,
     folder_step,
     parse,
+    payload_name,
 )
 from pipeline.storage.retry import StorageError, retry_storage
 
@@ -56,6 +61,10 @@ log = logging.getLogger(__name__)
 
 QUARANTINE = "quarantine"  # <url>/quarantine/: folders moved out of a new save's way
 NO_MANIFEST = f"{MANIFEST} is missing (a save that did not finish?)"
+# A folder without a manifest whose last write is younger than this is taken for a save still
+# being written (an upload of a large state over a slow link, or retrying through an outage),
+# not a broken checkpoint; older ones are saves that never finished.
+SAVE_IN_PROGRESS_S = 600.0
 T = TypeVar("T")
 
 # Answers about the storage itself: waiting does not change them, so they are not retried.
@@ -65,7 +74,9 @@ class CheckpointInfo:
     step: int  # from the folder name; -1 for a `step-*` name without a number
     meta: dict[str, Any]  # from the manifest: epoch, end_of_epoch, config, code version, ...
     size: int  # bytes of payload
-    problem: str | None = None  # why it is broken; None = fine as far as checked
+    problem: str | None = None  # why it is broken (or unfinished); None = fine as far as checked
+    in_progress: bool = False  # no manifest yet, but written to recently: a save under way
+    payload: str = ""  # the state's file in the folder, as the manifest names it
 
 
 class CheckpointStore:
@@ -94,11 +105,15 @@ class CheckpointStore:
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any] | None = None, *,
              may_write: Callable[[], None] | None = None) -> str:
         """Write `state` as checkpoint `step`; returns its folder name. A folder already there
-        is moved to quarantine first, never overwritten; a failed save removes its own folder.
+        is moved to quarantine first, never overwritten; a failed save removes what it wrote.
 
         `may_write()`, when given, raises if this process may no longer write (a lost lease):
         it is asked before anything is moved and again right before the commit, so a fenced
-        writer never commits, and never touches a folder another writer may own by then.
+        writer never commits, and never touches a folder another writer may own by then. An
+        upload still in flight when its writer was fenced can land later; it lands on this
+        save's own payload name, which only this save's manifest could name, and the manifest
+        is created only where none exists (where the storage can say so: S3, local paths), so
+        nothing a committed checkpoint names is ever written again.
         Each storage call is retried with exponential backoff; StorageError when all fail.
         """
         name = folder_name(step)
@@ -106,31 +121,44 @@ class CheckpointStore:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         payload = buffer.getvalue()
-        manifest = build(step, {PAYLOAD: payload}, meta or {})
+        payload_file = payload_name(uuid.uuid4().hex[:16])
+        manifest = build(step, {payload_file: payload}, meta or {})
         if may_write is not None:
             may_write()
         self._move_aside(name)
         try:
             self._retry(lambda: self.fs.makedirs(folder, exist_ok=True), f"create {name}")
-            self._retry(lambda: self.fs.pipe_file(f"{folder}/{PAYLOAD}", payload),
+            self._retry(lambda: self.fs.pipe_file(f"{folder}/{payload_file}", payload),
                         f"upload {name}")
-        except Exception:
-            self._remove_partial(name)
-            raise
-        if may_write is not None:
-            may_write()  # raising here leaves the folder alone: it may be another writer's now
-        try:
+            if may_write is not None:
+                may_write()  # a fenced writer stops here and removes only its own payload
             # The manifest goes last: its presence is what makes the checkpoint exist.
-            self._retry(lambda: self.fs.pipe_file(f"{folder}/{MANIFEST}", manifest),
-                        f"commit {name}")
+            self._retry(lambda: self._commit(folder, manifest, payload_file), f"commit {name}")
         except Exception:
-            self._remove_partial(name)
+            self._remove_partial(name, payload_file)
             raise
         try:
             self._apply_retention(keep=name)
         except Exception as e:  # a failed clean-up must not fail a good save
             log.warning("checkpoint retention in %s failed (will retry next save): %s", self.url, e)
         return name
+
+    def _commit(self, folder: str, manifest: bytes, payload_file: str) -> None:
+        """Create `folder`'s manifest unless one exists. One that names our payload is our own
+        write landing before a retry; any other was committed by another writer at this step
+        meanwhile (one fenced while it committed): it stays, and this save fails."""
+        try:
+            create_only(self.fs, f"{folder}/{MANIFEST}", manifest)
+        except FileExistsError:
+            self.fs.invalidate_cache(folder)
+            name = folder.rsplit("/", 1)[-1]
+            try:
+                theirs = parse(self.fs.cat_file(f"{folder}/{MANIFEST}"), folder_step(name))
+            except ManifestError:
+                theirs = None
+            if theirs is None or payload_file not in theirs.files:
+                raise StorageError(f"checkpoint {self.url}/{name} was committed by another "
+                                   "writer while this one saved it; left as it is") from None
 
     def list(self) -> list[CheckpointInfo]:
         """Every `step-*` folder, oldest first, broken ones with their `problem`; only manifests
@@ -190,12 +218,37 @@ class CheckpointStore:
             raw = self._retry(lambda: self.fs.cat_file(f"{self.root}/{name}/{MANIFEST}"),
                               f"read {name}/{MANIFEST}")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            age = self._seconds_since_last_write(name)
+            if age is not None and age < SAVE_IN_PROGRESS_S:
+                return CheckpointInfo(name, step, {}, 0, f"{MANIFEST} not written yet: a save "
+                                      f"in progress (last write {age:.0f} s ago)",
+                                      in_progress=True), None
             return CheckpointInfo(name, step, {}, 0, NO_MANIFEST), None
         try:
             manifest = parse(raw, step)
         except ManifestError as e:
             return CheckpointInfo(name, step, {}, 0, str(e)), None
-        return CheckpointInfo(name, step, manifest.meta, manifest.size), manifest
+        return CheckpointInfo(name, step, manifest.meta, manifest.size,
+                              payload=manifest.payload), manifest
+
+    def _seconds_since_last_write(self, name: str) -> float | None:
+        """Seconds since anything in folder `name` (or the folder itself) was last written;
+        None where the storage does not tell."""
+        folder = f"{self.root}/{name}"
+        try:
+            paths = [folder, *self.fs.find(folder)]
+            stamps = []
+            for path in paths:
+                with contextlib.suppress(FileNotFoundError, NotImplementedError):
+                    modified = self.fs.modified(path)
+                    if modified.tzinfo is None:  # fsspec's local file system: naive UTC
+                        modified = modified.replace(tzinfo=timezone.utc)
+                    stamps.append(modified.timestamp())
+        except Exception:  # the age only softens a verdict; storage trouble shows elsewhere
+            return None
+        finally:
+            self.fs.invalidate_cache(folder)  # the listing must not hide files written later
+        return max(0.0, time.time() - max(stamps)) if stamps else None
 
     def _read(self, name: str,
               map_location: str | torch.device) -> tuple[str | None, dict | None]:
@@ -221,11 +274,13 @@ class CheckpointStore:
                 return (f"{file} refused by torch.load(weights_only=True): {_essential(e)} (a "
                         "bucket's content is untrusted: only tensors and plain containers are "
                         "loaded)"), None
-        return None, loaded[PAYLOAD]
+        return None, loaded[manifest.payload]
 
     def _folders(self) -> list[str]:
-        # Another process may have written since this one last listed (a resumed job).
-        self.fs.invalidate_cache(self.root)
+        # Another process may have written since this one last listed (a resumed job), inside
+        # the folders too: s3fs answers reads from its listings (a listed folder without its
+        # manifest would keep the manifest "missing" after it was written).
+        self.fs.invalidate_cache()
         if not self._retry(lambda: self.fs.exists(self.root), f"look at {self.url}"):
             return []
         entries = self._retry(lambda: self.fs.ls(self.root, detail=False), f"list {self.url}")
@@ -256,20 +311,26 @@ class CheckpointStore:
         log.warning("checkpoint %s/%s was in the way of a new save at its step (%s); moved it "
                     "to %s/%s", self.url, name, problem, self.url, target)
 
-    def _remove_partial(self, name: str) -> None:
-        """Best effort: no truncated payload stays behind without a manifest. If this fails too,
-        retention or the next save at this step deals with the folder."""
+    def _remove_partial(self, name: str, payload_file: str) -> None:
+        """Best effort: remove this save's own payload, and the folder if that leaves it empty;
+        never anything else (the folder may hold another writer's checkpoint by now). If this
+        fails too, retention or the next save at this step deals with it."""
+        folder = f"{self.root}/{name}"
         try:
-            self.fs.rm(f"{self.root}/{name}", recursive=True)
+            self.fs.rm_file(f"{folder}/{payload_file}")
         except FileNotFoundError:
-            return
+            pass
         except Exception as e:
-            log.warning("could not remove %s/%s of the failed save: %s: %s", self.url, name,
-                        type(e).__name__, e)
+            log.warning("could not remove %s/%s/%s of the failed save: %s: %s", self.url, name,
+                        payload_file, type(e).__name__, e)
             return
         finally:
             self.fs.invalidate_cache(self.root)
-        log.warning("removed %s/%s of the failed save", self.url, name)
+        with contextlib.suppress(OSError):  # not empty (another writer's files), or no folders
+            if self.fs.isdir(folder) and not self.fs.ls(folder, detail=False):
+                self.fs.rmdir(folder)
+        self.fs.invalidate_cache(self.root)
+        log.warning("removed %s/%s/%s of the failed save", self.url, name, payload_file)
 
     def _apply_retention(self, keep: str) -> None:
         """Keep the newest `keep_last` sound checkpoints, every `keep_every_epochs`-th epoch end
@@ -283,8 +344,13 @@ class CheckpointStore:
         newest = sound[-1].step if sound else 0
         doomed = [info.name for info in sound[: -self.keep_last]
                   if info.name != keep and not self._epoch_kept(info)]
-        doomed += [info.name for info in infos
-                   if info.problem == NO_MANIFEST and info.step < newest]
+        unfinished = [info for info in infos if (info.problem == NO_MANIFEST or info.in_progress)
+                      and info.step < newest]
+        for info in unfinished:
+            log.warning("checkpoint retention: deleting %s/%s, a save that never finished (%s), "
+                        "older than the newest checkpoint %s", self.url, info.name, info.problem,
+                        folder_name(newest))
+        doomed += [info.name for info in unfinished]
         for name in doomed:
             self._retry(lambda n=name: self.fs.rm(f"{self.root}/{n}", recursive=True),
                         f"delete {name}")

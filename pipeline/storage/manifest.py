@@ -3,13 +3,19 @@
 `manifest.json` lists every payload of a checkpoint folder with its size and sha256:
 
     {"format": 1, "step": 468, "time": 1700000000.0,
-     "files": {"state.pt": {"size": 123, "sha256": "<64 lowercase hex>"}},
+     "files": {"state-3f2a9c0d81b7e645.pt": {"size": 123, "sha256": "<64 lowercase hex>"}},
      "meta": {"epoch": 1, "config": {...}}}
+
+Every save names its payload anew (`state-<upload id>.pt`; checkpoints written before that hold
+`state.pt`): a writer that was fenced while its upload was in flight can still land that upload
+late, and it then lands on a key of its own that no committed manifest names, never on the
+payload of the checkpoint another writer committed at the same step.
 
 A manifest comes from a bucket, so it is untrusted input like the payloads: `parse` accepts only
 exactly this shape (any other is a `ManifestError` naming what is wrong, never a KeyError later),
-the step must be the folder's own, and file names must be plain names inside the folder, so a
-manifest cannot point the reader at another checkpoint's or any other object.
+the step must be the folder's own, file names must be plain names inside the folder, so a
+manifest cannot point the reader at another checkpoint's or any other object, and the meta values
+this code reads (epoch, world_size, global_batch, ...) must have the types it writes.
 """
 
 from __future__ import annotations
@@ -22,10 +28,21 @@ from dataclasses import dataclass
 from typing import Any
 
 MANIFEST = "manifest.json"
-PAYLOAD = "state.pt"
+PAYLOAD = "state.pt"  # the payload's name in checkpoints written before upload ids
 FORMAT_VERSION = 1
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FOLDER = re.compile(r"step-(\d+)")
+_PAYLOAD_NAME = re.compile(r"state(-[0-9a-f]{16})?\.pt")
+# meta keys this code reads back, and the check of each value: a manifest from a bucket that
+# says `"global_batch": "32"` is broken, not a resume refused with "32 and this job's is 32".
+_META = {
+    "epoch": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "end_of_epoch": ("true or false", lambda v: isinstance(v, bool)),
+    "world_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "global_batch": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "config": ("an object", lambda v: isinstance(v, dict)),
+    "code_version": ("a string", lambda v: isinstance(v, str)),
+}
 
 
 class ManifestError(ValueError):
@@ -47,6 +64,19 @@ class Manifest:
     @property
     def size(self) -> int:
         return sum(entry.size for entry in self.files.values())
+
+    @property
+    def payload(self) -> str:
+        """The name of the state's file (`parse` checked that there is exactly one)."""
+        return next(name for name in self.files if _PAYLOAD_NAME.fullmatch(name))
+
+
+def payload_name(upload_id: str) -> str:
+    """The payload's name for one save: `upload_id` is 16 lowercase hex digits."""
+    name = f"state-{upload_id}.pt"
+    if not _PAYLOAD_NAME.fullmatch(name):
+        raise ValueError(f"an upload id is 16 lowercase hex digits, not {upload_id!r}")
+    return name
 
 
 def folder_name(step: int) -> str:
@@ -88,6 +118,10 @@ def parse(raw: bytes, step: int) -> Manifest:
     if not isinstance(data["meta"], dict):
         raise ManifestError(f"{MANIFEST}'s meta is a {type(data['meta']).__name__}, not an "
                             "object")
+    for key, (expected, valid) in _META.items():
+        if key in data["meta"] and not valid(data["meta"][key]):
+            raise ManifestError(f"{MANIFEST}'s meta.{key} is {_shown(data['meta'][key])}, not "
+                                f"{expected}")
     files = data["files"]
     if not isinstance(files, dict) or not files:
         raise ManifestError(f"{MANIFEST}'s files is not a non-empty object")
@@ -102,8 +136,11 @@ def parse(raw: bytes, step: int) -> Manifest:
             raise ManifestError(f"{MANIFEST}'s entry for {name} is not "
                                 "{size: bytes >= 0, sha256: 64 lowercase hex digits}")
         entries[name] = FileEntry(entry["size"], entry["sha256"])
-    if PAYLOAD not in entries:
-        raise ManifestError(f"{MANIFEST} does not list {PAYLOAD}")
+    payloads = [name for name in entries if _PAYLOAD_NAME.fullmatch(name)]
+    if len(payloads) != 1:
+        raise ManifestError(f"{MANIFEST} lists {len(payloads)} payloads, not one "
+                            "(state-<upload id>.pt)" if payloads else
+                            f"{MANIFEST} does not list a payload (state-<upload id>.pt)")
     return Manifest(step, entries, data["meta"])
 
 
@@ -116,6 +153,12 @@ def name_problem(name: str) -> str | None:
     if name.startswith("."):  # also '.' and '..'
         return "not a plain name inside the checkpoint folder (it starts with '.')"
     return None
+
+
+def _shown(value: object) -> str:
+    """A value as JSON wrote it, its type visible (a string keeps its quotes), cut short."""
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _is_int(value: object) -> bool:
