@@ -58,7 +58,7 @@ class TrainJob(Checkpointable):
         submitit = _submitit()
         log_to_stdout("pipeline", "launchers")  # not the root logger: submitit has its own
         from pipeline.config import load_config
-        from pipeline.train.preemption import EXIT_PREEMPTED
+        from pipeline.train.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
         from pipeline.train.trainer import train
 
         # MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK for torch.distributed's env://. All
@@ -73,6 +73,8 @@ class TrainJob(Checkpointable):
         # trainer replaces it while it trains, so keep it to hand over to once the save is done.
         requeue = signal.getsignal(getattr(signal, f"SIG{PREEMPT_SIGNAL}"))
         results = train(cfg)
+        if results.get("interrupted"):  # SIGINT: a person stopped it, not a scheduler
+            raise SystemExit(EXIT_INTERRUPTED)
         if not results.get("preempted"):
             return results
         if dist_env.rank == 0:

@@ -17,7 +17,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
+    previous_sigint = on_ctrl_c_interrupt_this_process_only()
     try:
         if args.verb == "prepare":
             return prepare(args)
@@ -167,7 +170,32 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C in any verb: one line and the shell's code, 130
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        if previous_sigint is not None:
+            signal.signal(signal.SIGINT, previous_sigint)
     return 1
+
+
+def on_ctrl_c_interrupt_this_process_only() -> signal.Handlers | None:
+    """Ctrl-C signals the whole foreground process group: raise KeyboardInterrupt in this
+    process only. Its forked workers (process pools, DataLoader workers) ignore it and are shut
+    down by this process as it unwinds, instead of each printing a KeyboardInterrupt traceback.
+    `train` replaces it (pipeline/train/preemption.py: Ctrl-C saves a checkpoint first). Returns
+    the handler it replaced; None where it installs none: not the main thread, or SIGINT is
+    ignored (a background job of a non-interactive shell: not for Ctrl-C)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
+        return None
+    pid = os.getpid()
+
+    def interrupt(signum: int, frame: object) -> None:
+        if os.getpid() == pid:
+            raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGINT, interrupt) or signal.SIG_DFL
 
 
 def prepare(args: argparse.Namespace) -> int:
@@ -185,20 +213,28 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from pipeline.train.preemption import EXIT_PREEMPTED, watch_preemption
+    from pipeline.train.preemption import (
+        EXIT_INTERRUPTED,
+        EXIT_PREEMPTED,
+        watch_preemption,
+    )
 
-    preemption = watch_preemption()  # first: a SIGUSR1/SIGTERM while starting up still exits 75
+    # first: a SIGUSR1/SIGTERM while starting up still exits 75, a Ctrl-C 130
+    preemption = watch_preemption()
     from pipeline.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # before the trainer and data set-up: fail fast
     if preemption.signal_name:
         logging.getLogger("pipeline.train").warning(
-            "preempted (%s) before the first step: nothing to save; exiting",
+            "%s (%s) before the first step: nothing to save; exiting", preemption.stopped_as,
             preemption.signal_name)
-        return EXIT_PREEMPTED
+        preemption.restore()  # as the trainer does when it returns
+        return preemption.exit_code
     from pipeline.train.trainer import train as run_training
 
     results = run_training(cfg)
+    if results.get("interrupted"):
+        return EXIT_INTERRUPTED
     return EXIT_PREEMPTED if results.get("preempted") else 0
 
 
@@ -338,12 +374,12 @@ def checkpoints(args: argparse.Namespace) -> int:
 
     store = CheckpointStore(args.url, endpoint_url=args.endpoint_url)
     rows, broken = [], []
-    for info in store.list():  # every step-* folder, broken ones too
+    for info in store.list():  # every step-* folder, broken ones and saves in progress too
         problem = info.problem if args.action == "list" or info.problem else store.verify(info)
         status = problem or ("manifest ok" if args.action == "list" else "valid")
         rows.append({"name": info.name, "step": info.step, "epoch": info.meta.get("epoch", ""),
                      "MB": info.size / 1e6, "status": status})
-        if problem:
+        if problem and not info.in_progress:  # a save being written is not broken (yet)
             broken.append(f"{info.name} ({problem})")
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -62,6 +62,11 @@ class DataConfig:
     channels_last: bool = False
     dali_device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: gpu when CUDA is available
     endpoint_url: str = ""  # for an s3:// data.root on an S3-compatible server; "" = AWS
+    # Resume even when the training images differ from those the checkpoint recorded (other
+    # counts or file names per class): the epoch goes on at its position in the new order.
+    # Without it such a resume is refused. The classes must match either way (labels are
+    # positions in the class list).
+    allow_sample_change: bool = False
 
     def __post_init__(self) -> None:
         c = _Check(self, "data.")
@@ -359,7 +364,9 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "train.global_batch": "how the global batch is set; the batch itself is checked separately",
     "data.batch_size": "images per forward pass; the global batch is checked separately",
     "train.allow_batch_change": "whether this resume may change the global batch",
-    "data.root": "the same data set moved (a local copy, a bucket)",
+    "data.root": "the same data set moved (a local copy, a bucket); the trainer checks that it "
+                 "is the same (its classes, images per class and file names)",
+    "data.allow_sample_change": "whether this resume may go on with other training images",
     "data.endpoint_url": "where the data's server is",
     "data.backend": "the loader implementation, with the same augmentations",
     "data.workers": "loader processes only",

@@ -27,6 +27,7 @@ from torch import nn
 from pipeline.anytime.budgeted import budgeted_curve
 from pipeline.anytime.metrics import ExitErrors
 from pipeline.config import Config, config_from_dict, with_overrides
+from pipeline.data.index import DataIdentity, class_difference
 from pipeline.errors import UserError
 from pipeline.storage.checkpoints import CheckpointStore
 from pipeline.train.progress import format_duration
@@ -43,6 +44,9 @@ class Member:
     num_classes: int
     source: str  # the checkpoint's URL, e.g. s3://bucket/run/checkpoints/step-00000468
     step: int
+    # The class folders it was trained on, from its meta (pipeline/data/index.py DataIdentity);
+    # None where it records none (an older version, synthetic data) or none that reads.
+    classes: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -95,7 +99,19 @@ def load_member(url: str, endpoint_url: str = "",
         raise UserError(f"checkpoint {store.url}/{info.name} does not fit the model of its own "
                         f"config ({cfg.model.name}, {cfg.model.kwargs}): {first}") from e
     model.eval()
-    return Member(model, cfg, num_classes, f"{store.url}/{info.name}", info.step)
+    source = f"{store.url}/{info.name}"
+    return Member(model, cfg, num_classes, source, info.step, _saved_classes(info.meta, source))
+
+
+def _saved_classes(meta: dict[str, Any], source: str) -> tuple[str, ...] | None:
+    if "dataset" not in meta:
+        return None
+    try:
+        return DataIdentity.from_meta(meta["dataset"]).classes
+    except ValueError as e:
+        log.warning("checkpoint %s records its data set in a form this code does not read "
+                    "(meta.dataset %s): only the number of classes is checked", source, e)
+        return None
 
 
 def _num_classes(model_state: dict[str, torch.Tensor]) -> int:
@@ -241,6 +257,14 @@ def evaluate_checkpoint(url: str, data_root: str, *, split: str = "val", endpoin
 
 
 def check_classes(member: Member, classes: list[str], where: str) -> None:
+    """Refuse data whose classes are not the member's: labels are positions in the sorted
+    class list, so other class folders would score every image against another label."""
+    change = class_difference(member.classes, classes, "the checkpoint", "the data") \
+        if member.classes is not None else None
+    if change:
+        raise UserError(f"{where} has other class folders than {member.source} was trained on "
+                        f"({change}); labels are positions in the sorted class list: evaluate "
+                        "on the data set it was trained on")
     if len(classes) != member.num_classes:
         raise UserError(f"{where} has {len(classes)} classes but {member.source} was trained "
                         f"on {member.num_classes}; evaluate on the data set it was trained on")

@@ -40,6 +40,7 @@ def test_defaults_without_file():
     (["train.epochs=three"], ["train.epochs", "int"]),
     (["train.amp=fp8"], ["train.amp", "bf16"]),
     (["data.crop_scale=[1,2,3]"], ["data.crop_scale", "2 items"]),
+    (["data.allow_sample_change=maybe"], ["data.allow_sample_change", "bool"]),
     (["train.epochs"], ["section.key=value"]),
 ])
 def test_bad_overrides_name_the_key_and_the_fix(override, words):
@@ -233,6 +234,8 @@ def test_resume_refuses_a_different_experiment(override, line):
     ("data.backend=dali", "data.backend: 'torch' -> 'dali'"),
     ("data.root=/mnt/copy", "data.root: 'data/fashion-mnist' -> '/mnt/copy'"),
     ("data.file_lists=lists", "data.file_lists: '' -> 'lists'"),
+    # the trainer checks the data itself against the checkpoint's (tests/test_data_identity.py)
+    ("data.allow_sample_change=true", "data.allow_sample_change: False -> True"),
     ("checkpoint.every_steps=100", "checkpoint.every_steps: 0 -> 100"),
     ("checkpoint.url=s3://b/p", "checkpoint.url: '' -> 's3://b/p'"),
     ("checkpoint.lease_ttl=30", "checkpoint.lease_ttl: 120.0 -> 30.0"),

@@ -41,9 +41,12 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, rank: int = 0,
                         f"each node (aws s3 sync {cfg.root} /local/data) and set data.root")
     index = index_split(cfg.root, split, cfg.endpoint_url)
     check_classes_match_train(cfg, index)
+    identity = index.identity()
     index = apply_file_lists(index, cfg.file_lists)  # leaves out what `data verify` found bad
-    return loader_class(cfg, index, train=train, rank=rank, world_size=world_size, seed=seed,
-                        accumulation=accumulation)
+    loader = loader_class(cfg, index, train=train, rank=rank, world_size=world_size, seed=seed,
+                          accumulation=accumulation)
+    loader.identity = identity
+    return loader
 
 
 def check_classes_match_train(cfg: DataConfig, index: SampleIndex) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.data.index import SampleIndex
+from pipeline.data.index import SampleIndex, few
 from pipeline.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # compared lower-case: .JPEG (ImageNet) matches
@@ -106,15 +106,9 @@ def compare_classes(a: list[str], b: list[str], a_dir: str | Path, b_dir: str | 
     a_name, b_name = (str(d).rstrip("/").rsplit("/", 1)[-1] for d in (a_dir, b_dir))
     raise UserError(
         f"{a_dir} and {b_dir} have different class folders (only in {a_name}: "
-        f"{_few(only_a)}; only in {b_name}: {_few(only_b)}); both splits need the same "
+        f"{few(only_a)}; only in {b_name}: {few(only_b)}); both splits need the same "
         "class folders, or labels would not match"
     )
-
-
-def _few(names: list[str], n: int = 5) -> str:
-    if not names:
-        return "none"
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _scan(path: Path) -> list[os.DirEntry]:

@@ -36,6 +36,7 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.data.badimages import BadImageCounter
+from pipeline.data.index import DataIdentity
 from pipeline.data.sampler import ResumableSampler
 from pipeline.errors import UserError
 
@@ -50,6 +51,10 @@ class Loader(ABC):
     """Batches of (images N x 3 x H x W, int64 labels) of one split for one rank, resumable."""
 
     reads_urls = False  # whether the back end reads a data root in object storage itself
+    # The split as listed in data.root, before `data verify`'s lists leave images out (so that a
+    # verify between two starts of a run is no other data set); set by build_loader, None for
+    # synthetic data. A checkpoint records the training split's (pipeline/train/trainer.py).
+    identity: DataIdentity | None = None
 
     def __init__(self, cfg: DataConfig, classes: list[str], num_samples: int, *, source: str,
                  train: bool, rank: int = 0, world_size: int = 1, seed: int = 0,

@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import struct
 import tempfile
 from pathlib import Path
@@ -164,7 +165,8 @@ def _write_dataset(
         procs = min(_cpus(), len(jobs))
         if total >= _POOL_MIN_IMAGES and procs > 1:
             # spawn, not fork: the caller may hold threads (torch) that fork would copy mid-lock.
-            with multiprocessing.get_context("spawn").Pool(procs) as pool:
+            # Workers ignore Ctrl-C: the parent stops them and says so in one line.
+            with multiprocessing.get_context("spawn").Pool(procs, _ignore_sigint) as pool:
                 pool.starmap(_write_jpegs, jobs)
         else:
             for job in jobs:
@@ -221,3 +223,7 @@ def _balanced_subset(labels: np.ndarray, limit: int) -> np.ndarray:
     rank[order] = np.arange(len(labels)) - starts
     take = np.lexsort((np.arange(len(labels)), rank))[:limit]
     return np.sort(take)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from pipeline.anytime.budgeted import budgeted_curve
+from pipeline.data.index import class_difference
 from pipeline.eann.artifact import write_artifact
 from pipeline.eann.schedule import (
     build_schedule,
@@ -140,6 +141,12 @@ def check_same_inputs(members: list[Member]) -> None:
         if m.num_classes != first.num_classes:
             raise UserError(f"members predict different classes: {first.num_classes} in "
                             f"{first.source}, {m.num_classes} in {m.source}")
+        change = class_difference(first.classes, m.classes, first.source, m.source) \
+            if first.classes is not None and m.classes is not None else None
+        if change:
+            raise UserError(f"members were trained on different class folders ({change}); an "
+                            "EANN's members must predict the same labels: train them on one "
+                            "data set")
 
 
 def member_record(member: Member, costs: list, result) -> dict[str, Any]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
+import socket
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -12,33 +16,96 @@ log = logging.getLogger("pipeline.train")
 
 
 class MetricsWriter:
-    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per record to metrics.jsonl and its numbers to TensorBoard
+    (tensorboard/events.out.tfevents.*, one file per start of the run).
+
+    Metrics never stop a run and never print a traceback: a record that cannot be written (a
+    full disk under out_dir, a lost mount) is dropped with one warning line naming the folder
+    and the error; every later record tries again, and one line says when writing works again
+    and how many records were dropped. A record goes into both files whole or not at all (a
+    failed append is cut back off), so neither holds half a record. The events are written here,
+    record by record, rather than by TensorBoard's SummaryWriter: its background thread dies on
+    the first error, with a traceback on stderr, and never writes again.
+    """
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.enabled = enabled
-        if not enabled:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
+        self.run_dir = run_dir
         self.path = run_dir / "metrics.jsonl"
-        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        # TensorBoard's own naming: it reads every events.out.tfevents.* file in the folder
+        self.events = run_dir / "tensorboard" / (
+            f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.0")
+        self.dropped = 0  # records not written since writing last failed
+        self.error = ""  # the error while writing fails
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"kind": kind, "step": step, "time": time.time(), **values}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        scalars = {}
         for key, value in values.items():
             if isinstance(value, (int, float)):
-                self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
+                scalars[f"{kind}/{key}"] = value
             elif isinstance(value, list) and value and isinstance(value[0], (int, float)):
-                for i, v in enumerate(value, start=1):
-                    self.tensorboard.add_scalar(f"{kind}/{key}/exit{i}", v, step)
+                scalars.update({f"{kind}/{key}/exit{i}": v for i, v in enumerate(value, 1)})
+        try:
+            append_whole([(self.path, (json.dumps(record) + "\n").encode(), b""),
+                          (self.events, tensorboard_event(record["time"], step, scalars),
+                           tensorboard_event(record["time"]))])  # the file's first: its version
+        except OSError as e:
+            self.dropped += 1
+            if not self.error:
+                self.error = f"{e.strerror or e}"
+                log.warning("cannot write metrics to %s (metrics.jsonl, tensorboard/): %s; "
+                            "training goes on (checkpoints are saved on their own); metrics "
+                            "are dropped until they can be written again", self.run_dir,
+                            self.error)
+            return
+        if self.error:
+            log.warning("metrics written to %s again; %d record(s) were dropped while it "
+                        "failed (%s)", self.run_dir, self.dropped, self.error)
+            self.dropped, self.error = 0, ""
 
     def close(self) -> None:
-        if self.enabled:
-            self.tensorboard.close()
+        if self.error:
+            log.warning("%d metrics record(s) not written to %s (%s)", self.dropped,
+                        self.run_dir, self.error)
+
+
+def tensorboard_event(wall_time: float, step: int | None = None,
+                      scalars: dict[str, float] | None = None) -> bytes:
+    """One TensorBoard event as a framed record: the scalars at `step`; without them the
+    file-version event that starts an events file."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    if scalars is None:
+        event = Event(wall_time=wall_time, file_version="brain.Event:2")
+    else:
+        event = Event(wall_time=wall_time, step=step, summary=Summary(value=[
+            Summary.Value(tag=tag, simple_value=float(v)) for tag, v in scalars.items()]))
+    buffer = io.BytesIO()
+    RecordWriter(buffer).write(event.SerializeToString())
+    return buffer.getvalue()
+
+
+def append_whole(parts: list[tuple[Path, bytes, bytes]]) -> None:
+    """Append each `(path, data, header)` (the header first into an empty file); on an OSError
+    cut every file written back to its size before, then raise it."""
+    done: list[tuple[Path, int]] = []
+    try:
+        for path, data, header in parts:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("ab") as f:  # the error may come from write() or from close()
+                size = f.tell()
+                done.append((path, size))
+                f.write(data if size else header + data)
+    except OSError:
+        for path, size in done:
+            with suppress(OSError):
+                os.truncate(path, size)
+        raise
 
 
 class Progress:

@@ -13,7 +13,7 @@ import logging
 import subprocess
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext, suppress
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
@@ -30,6 +30,7 @@ from pipeline.anytime.loss import AnytimeLoss
 from pipeline.anytime.metrics import ExitErrors
 from pipeline.config import Config, DataConfig, classify_resume_changes
 from pipeline.data import Loader, build_loader, position_from_step
+from pipeline.data.index import DataIdentity
 from pipeline.errors import TrainingDiverged, UserError
 from pipeline.models import exit_costs
 from pipeline.report import format_table, plot_anytime_curve
@@ -95,7 +96,8 @@ def train(cfg: Config,
         batch_text = f"{global_batch} ({per_pass} x {dist_info.world_size} processes" + \
             (f" x {passes} passes)" if passes > 1 else ")")
         resume_from = check_run_folder(cfg, store, global_batch, batch_text,
-                                       dist_info.world_size)  # (info, state) or None
+                                       dist_info.world_size,
+                                       train_loader.identity)  # (info, state) or None
         run_on_main(lambda: record_config(cfg, resume_from[0] if resume_from else None))
         num_classes = cfg.model.num_classes or len(train_loader.classes)
 
@@ -115,6 +117,7 @@ def train(cfg: Config,
 
         if resume_from is not None:
             info, state = resume_from
+            check_weights_fit(model, state["model"], f"{store.url}/{info.name}", num_classes)
             if "data" not in state:
                 state["data"] = data_position_from_step(info, state, train_loader.num_samples,
                                                         dist_info.world_size)
@@ -152,12 +155,14 @@ def train(cfg: Config,
             meta = {"epoch": run.epoch, "end_of_epoch": end_of_epoch, "config": cfg.to_dict(),
                     "world_size": dist_info.world_size, "global_batch": global_batch,
                     "code_version": code_version()}
+            if train_loader.identity is not None:  # the data it trains on (check_same_data)
+                meta["dataset"] = train_loader.identity.to_meta()
             checkpointer.save(run.step, run.state_dict(), meta, blocking=blocking)
 
         if preemption.requested(run.step, device, every=1):  # signalled while setting up
-            log.warning("preempted (%s) before the first step: nothing new to save; exiting",
-                        preemption.signal_name)
-            return {"name": cfg.name, "preempted": True, "step": run.step}
+            log.warning("%s (%s) before the first step: nothing new to save; exiting",
+                        preemption.stopped_as, preemption.signal_name)
+            return preemption.result(cfg.name, run.step)
         loss = torch.zeros(())  # the last step's loss, checked before each save
         val_errors = None
         while run.epoch < cfg.train.epochs:
@@ -181,11 +186,11 @@ def train(cfg: Config,
                     metrics.write("train", run.step, {**values, "images_per_s": progress.rate})
                 if preemption.requested(run.step, device):
                     save(end_of_epoch=False, blocking=True)
-                    log.warning("preempted (%s): checkpoint at step %d saved; exiting",
-                                preemption.signal_name, run.step)
+                    log.warning("%s (%s): checkpoint at step %d saved; exiting",
+                                preemption.stopped_as, preemption.signal_name, run.step)
                     if dist_info.world_size > 1:  # no rank exits before the checkpoint is
                         torch.distributed.barrier()  # written: a launcher may kill the rest
-                    return {"name": cfg.name, "preempted": True, "step": run.step}
+                    return preemption.result(cfg.name, run.step)
                 every = cfg.checkpoint.every_steps
                 if every and run.step % every == 0 and train_loader.steps_done < steps_per_epoch:
                     save(end_of_epoch=False)
@@ -207,7 +212,8 @@ def train(cfg: Config,
         checkpointer.wait()  # the last save is written, or the run fails here
         if val_errors is None:  # resumed a finished run: report it again
             val_errors = evaluate(model, val_loader, device, memory_format, autocast)
-        return report(cfg, model, val_errors, time.perf_counter() - started, dist_info)
+        return report(cfg, model, val_errors, time.perf_counter() - started, dist_info,
+                      run.step)
 
 
 def take_run_lease(cfg: Config, store: CheckpointStore) -> RunLease | None:
@@ -320,8 +326,10 @@ def evaluate(model: torch.nn.Module, loader: Loader, device: torch.device,
 
 
 def report(cfg: Config, model: torch.nn.Module, val_errors: dict, seconds: float,
-           dist_info: DistInfo) -> dict[str, Any]:
-    """Print the per-exit table, write results.json and the anytime-curve plot."""
+           dist_info: DistInfo, step: int) -> dict[str, Any]:
+    """Print the per-exit table, write results.json and the anytime-curve plot. Run after the
+    final checkpoint is saved: a run folder that cannot take them (a full disk) is one line
+    naming that checkpoint, which holds the training; no traceback."""
     costs = exit_costs(model, (3, cfg.data.image_size, cfg.data.image_size))
     rows = [{"exit": c.index, "position": c.position, "MMACs": c.macs / 1e6,
              "top1_err%": val_errors["top1"][i], "top5_err%": val_errors["top5"][i]}
@@ -330,24 +338,36 @@ def report(cfg: Config, model: torch.nn.Module, val_errors: dict, seconds: float
                "exits": [{**c.to_dict(), "top1_error": val_errors["top1"][i],
                           "top5_error": val_errors["top5"][i]} for i, c in enumerate(costs)]}
     if dist_info.is_main:
-        (cfg.run_dir / "results.json").write_text(json.dumps(results, indent=1))
-        plot = plot_anytime_curve([c.macs for c in costs],
-                                  {"top-1": val_errors["top1"], "top-5": val_errors["top5"]},
-                                  cfg.run_dir / "anytime_curve.png",
-                                  title=f"{cfg.name}: {cfg.model.name}, {cfg.loss.scheme}")
         print(f"\nper-exit validation error of {cfg.name} ({val_errors['samples']} images), "
               f"after {format_duration(seconds)}:")
         print(format_table(rows, ["exit", "position", "MMACs", "top1_err%", "top5_err%"]))
-        print(f"results: {cfg.run_dir / 'results.json'}  plot: {plot}  "
+        path = cfg.run_dir / "results.json"
+        try:
+            path.write_text(json.dumps(results, indent=1))
+            path = cfg.run_dir / "anytime_curve.png"
+            plot_anytime_curve([c.macs for c in costs],
+                               {"top-1": val_errors["top1"], "top-5": val_errors["top5"]},
+                               path, title=f"{cfg.name}: {cfg.model.name}, {cfg.loss.scheme}")
+        except OSError as e:
+            with suppress(OSError):
+                path.unlink(missing_ok=True)  # never a half-written file
+            raise UserError(f"training finished, but {path} could not be written: "
+                            f"{e.strerror or e}. The final checkpoint, step {step}, is saved "
+                            f"in {cfg.checkpoint_url}: once {cfg.run_dir} can be written (free "
+                            "space), run the same command with resume=auto to write the results "
+                            "from it without training again") from e
+        print(f"results: {cfg.run_dir / 'results.json'}  plot: {path}  "
               f"checkpoints: {cfg.checkpoint_url}")
     return results
 
 
 def check_run_folder(cfg: Config, store: CheckpointStore, global_batch: int, batch_text: str,
-                     world_size: int) -> tuple[CheckpointInfo, dict] | None:
+                     world_size: int,
+                     data: DataIdentity | None = None) -> tuple[CheckpointInfo, dict] | None:
     """The checkpoint to resume from and its state, or None. Refuses to mix two runs in one
-    folder, and a resume whose config or global batch does not fit the checkpoint (another
-    number of ranks is fine: the data position and the global batch carry over)."""
+    folder, and a resume whose config, global batch or data (`data`: the training split's
+    identity, None for synthetic data) does not fit the checkpoint (another number of ranks is
+    fine: the data position and the global batch carry over)."""
     previous = store.list() or (cfg.run_dir / "metrics.jsonl").exists()
     if cfg.resume == "never":
         if previous:
@@ -384,7 +404,61 @@ def check_run_folder(cfg: Config, store: CheckpointStore, global_batch: int, bat
         log.warning("resuming %s with a global batch of %d instead of %d "
                     "(train.allow_batch_change): the lr is scaled to it, the schedule goes on "
                     "by epochs", where, global_batch, saved_batch)
+    if data is not None:
+        check_same_data(cfg, info, data, where)
     return latest
+
+
+def check_same_data(cfg: Config, info: CheckpointInfo, data: DataIdentity, where: str) -> None:
+    """Refuse to resume on another data set than the checkpoint's (data.root may move, not
+    change): other classes always (labels are positions in the class list), other training
+    images unless data.allow_sample_change. Checkpoints of older versions record none."""
+    allow = cfg.data.allow_sample_change
+    if "dataset" not in info.meta:
+        log.warning("checkpoint %s records no data set (an older version wrote it): resuming "
+                    "without checking that data.root holds the data it was trained on", where)
+        return
+    try:
+        saved = DataIdentity.from_meta(info.meta["dataset"])
+    except ValueError as e:
+        unreadable = f"checkpoint {where} records its data set in a form this code does not " \
+                     f"read (meta.dataset {e})"
+        if not allow:
+            raise UserError(f"{unreadable}: set data.allow_sample_change=true to resume "
+                            "without checking its data, or start a new run with "
+                            "name=NEW_NAME") from e
+        log.warning("%s: resuming without checking its data (data.allow_sample_change)",
+                    unreadable)
+        return
+    change = data.class_change(saved)
+    if change:
+        raise UserError(f"cannot resume {where} on data.root={cfg.data.root}: its class folders "
+                        f"are not the checkpoint's ({change}); labels are positions in the "
+                        "sorted class list and would no longer mean what the model learned "
+                        "(data.allow_sample_change cannot allow this): point data.root at the "
+                        "data set the run was trained on, or start a new run with name=NEW_NAME")
+    change = data.sample_change(saved)
+    if change and not allow:
+        raise UserError(f"cannot resume {where} on data.root={cfg.data.root}: its training "
+                        f"images are not the checkpoint's ({change}); point data.root at the "
+                        "checkpoint's data, or set data.allow_sample_change=true to go on with "
+                        "these (the epoch goes on at its position in their new order)")
+    if change:
+        log.warning("resuming %s on other training images (data.allow_sample_change): %s; the "
+                    "epoch goes on at its position in their new order", where, change)
+
+
+def check_weights_fit(model: torch.nn.Module, saved: Any, where: str, num_classes: int) -> None:
+    """A checkpoint whose weights have other shapes than this run's model (other classes in a
+    data set that a checkpoint of an older version did not record) ends in one line, not in
+    load_state_dict's traceback."""
+    own = model.state_dict()
+    for key, value in saved.items() if isinstance(saved, dict) else ():
+        if key in own and isinstance(value, torch.Tensor) and value.shape != own[key].shape:
+            raise UserError(f"checkpoint {where} does not fit this run's model: {key} is "
+                            f"{list(value.shape)} there and {list(own[key].shape)} here, with "
+                            f"{num_classes} classes in data.root; resume on the data set it was "
+                            "trained on, or start a new run with name=NEW_NAME")
 
 
 def saved_world_size(info: CheckpointInfo, state: dict, world_size: int) -> int:
@@ -444,7 +518,11 @@ def make_run_dir(cfg: Config) -> None:
 
 def record_config(cfg: Config, resumed: CheckpointInfo | None) -> None:
     """The run folder keeps the config the run started with (config.yaml); each resume's config
-    is recorded beside it in resumes/, so the folder tells what every part of the run used."""
+    is recorded beside it in resumes/, so the folder tells what every part of the run used.
+
+    A new run whose folder cannot be written stops here, in one line, before any training. A
+    resume (a requeued job, say, onto a full disk) trains on with a warning: every checkpoint
+    it saves records its config."""
     path = cfg.run_dir / "config.yaml"
     if resumed is not None and path.exists():
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -453,6 +531,12 @@ def record_config(cfg: Config, resumed: CheckpointInfo | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     except OSError as e:
+        with suppress(OSError):
+            path.unlink(missing_ok=True)  # never a half-written file
+        if resumed is not None:
+            log.warning("cannot record this resume's config in %s: %s; training goes on (its "
+                        "checkpoints record the config)", path, e.strerror or e)
+            return
         raise UserError(f"cannot write the run folder {cfg.run_dir}: {e.strerror or e}; set "
                         "out_dir= to a writable folder") from e
 
