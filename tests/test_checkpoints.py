@@ -22,6 +22,7 @@ from pipeline.__main__ import main
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.evaluation import load_member
+from pipeline.storage.atomic import create_only
 from pipeline.storage.checkpoints import (
     MANIFEST,
     NO_MANIFEST,
@@ -347,6 +348,39 @@ def test_an_array_manifest_and_one_without_json_are_listed(tmp_path):
         (3, store.list()[2].problem), (4, NO_MANIFEST)]
     assert "is not JSON" in store.list()[2].problem
     assert store.load_latest_valid()[0].step == 1
+
+
+def test_create_only_never_replaces_an_object(where):
+    """The manifest's commit: S3's If-None-Match on the real server, a hard link locally."""
+    where.fs.makedirs(f"{where.root}/step-00000001", exist_ok=True)
+    path = f"{where.root}/step-00000001/{MANIFEST}"
+    create_only(where.fs, path, b"first")
+    with pytest.raises(FileExistsError):
+        create_only(where.fs, path, b"second")
+    where.fs.invalidate_cache()
+    assert where.fs.cat_file(path) == b"first"
+    assert where.fs.ls(f"{where.root}/step-00000001", detail=False) == [path]  # no temp left
+
+
+def test_a_save_whose_step_another_writer_committed_meanwhile_leaves_it_alone(where, caplog):
+    """Between this writer's last lease check and its commit, another commits the same step (a
+    fenced writer inside its window): that checkpoint stays as it is, this save fails, and only
+    its own payload is removed."""
+    store, other = where.store(keep_last=0), where.store(keep_last=0)
+    checks = []
+
+    def commit_the_other_one_second() -> None:
+        checks.append(1)
+        if len(checks) == 2:  # right before this save's commit
+            other.save(1, state(7.0))
+
+    with caplog.at_level(logging.WARNING), pytest.raises(
+            StorageError, match="step-00000001 was committed by another writer while this one "
+                                "saved it; left as it is"):
+        store.save(1, state(1.0), may_write=commit_the_other_one_second)
+    [info] = store.list()
+    assert store.load(info)["step"] == 7
+    assert sorted(where.tree("step-00000001")) == sorted([MANIFEST, info.payload])
 
 
 def test_a_save_in_progress_is_not_broken_until_it_is_old(tmp_path, capsys, caplog):
