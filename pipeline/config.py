@@ -233,7 +233,8 @@ class CheckpointConfig:
         c.integer("retries", 0, "4")
         c.number("retry_delay", "1.0", ge=0)
         c.integer("max_failed_saves", 1, "3")
-        c.number("lease_ttl", "120", gt=0)
+        c.number("lease_ttl", "120", gt=0, le=3600,
+                 note=" (a lease record is trusted for at most an hour)")
 
 
 @dataclass

@@ -5,6 +5,8 @@ that was taken over, release. Holders that die or pause are real processes (SIGK
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import signal
 import socket
@@ -19,6 +21,7 @@ import fsspec
 import pytest
 
 from pipeline.errors import UserError
+from pipeline.storage import lease as lease_module
 from pipeline.storage.lease import LeaseHeldError, LeaseStorageError, RunLease
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,12 +52,15 @@ class Holder:
     """A `python -c HOLDER` process holding the lease of `url`."""
 
     def __init__(self, url: str, endpoint: str, ttl: float, env: dict[str, str] | None = None,
-                 host: str = ""):
+                 host: str = "", clock_ahead: float = 0.0):
         # host: run on "another machine", a UTS namespace of its own with that hostname, where
         # this machine cannot tell whether the holder's pid is still alive
         other_host = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', host]
+        # clock_ahead: that machine's wall clock runs this many seconds ahead of ours
+        clock = (f"import time; _real = time.time; time.time = lambda: _real() + {clock_ahead}\n"
+                 if clock_ahead else "")
         self.proc = subprocess.Popen(
-            [*(other_host if host else []), sys.executable, "-c", HOLDER, url, endpoint,
+            [*(other_host if host else []), sys.executable, "-c", clock + HOLDER, url, endpoint,
              str(ttl)], cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -397,3 +403,222 @@ def test_a_foreign_lease_object_is_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match="is not a lease this version writes") as refused:
         RunLease(str(tmp_path / "run"), ttl=5).acquire()
     assert "\n" not in str(refused.value).strip()
+
+
+# -- records that clocks cannot judge (issue 22, item 3) ---------------------------------------
+
+FOREIGN = {"host": "other-node", "pid": 4242, "pid_namespace": "4026531836",
+           "boot_id": "another-machine", "slurm_job_id": "55", "slurm_restart_count": 0,
+           "ray_job_id": "", "started": "2024-05-01T00:00:00+00:00"}
+
+
+def write_lease(url: str, endpoint: str, *, renewed: object, ttl: object = 60.0,
+                **holder: object) -> bytes:
+    """Put a lease.json of a holder on another host as it is, NaN and all; its bytes."""
+    data = json.dumps({"version": 1, "token": "theirs", "renewed": renewed, "ttl": ttl,
+                       "holder": {**FOREIGN, **holder}}).encode()
+    fs, root = fsspec.core.url_to_fs(url, **({"endpoint_url": endpoint} if endpoint else {}))
+    if not endpoint:
+        os.makedirs(root, exist_ok=True)
+    fs.pipe_file(f"{root}/lease.json", data)
+    return data
+
+
+def one_line(text: str) -> str:
+    assert text and "\n" not in text.strip(), text
+    return text
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("renewed", math.nan, "renewed is NaN, not a finite number"),
+    ("renewed", math.inf, "renewed is Infinity, not a finite number"),
+    ("renewed", True, "renewed is true, not a finite number"),
+    ("ttl", -1, "ttl is -1, not a positive number"),
+    ("ttl", 0.0, "ttl is 0.0, not a positive number"),
+    ("slurm_restart_count", "0", 'holder.slurm_restart_count is "0", not a whole number'),
+    ("pid", 2**70, "holder.pid is 1180591620717411303424, not a process id"),
+])
+def test_a_record_the_rules_cannot_use_is_refused_in_one_line(tmp_path, monkeypatch, field,
+                                                              value, named):
+    """Every field the takeover rules compute with is checked: the same SLURM job requeued (its
+    rule compares restart counts) gets one line naming the field, never a traceback or a
+    takeover by arithmetic on nonsense; the file is left as it was."""
+    monkeypatch.setenv("SLURM_JOB_ID", "55")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    url = str(tmp_path / "run")
+    data = write_lease(url, "", **{"renewed": time.time(), field: value})
+    with pytest.raises(UserError) as refused:
+        RunLease(url, ttl=60).acquire()
+    assert type(refused.value) is UserError
+    message = one_line(str(refused.value))
+    assert f"{url}/lease.json is not a lease this version writes ({named}" in message
+    assert message.endswith("delete it if no job is running")
+    assert (tmp_path / "run" / "lease.json").read_bytes() == data
+
+
+def test_a_ttl_beyond_an_hour_counts_as_an_hour(tmp_path):
+    url = str(tmp_path / "run")
+    write_lease(url, "", renewed=time.time(), ttl=1e12)
+    with pytest.raises(LeaseHeldError) as refused:
+        RunLease(url, ttl=60).acquire()
+    message = one_line(str(refused.value))
+    assert "wait for its lease to expire in 3600 s" in message, message
+    assert "its ttl 1e+12 s counted as 3600 s" in message
+    write_lease(url, "", renewed=time.time() - 3601, ttl=1e12)  # an hour without a heartbeat
+    with RunLease(url, ttl=60) as lease:
+        assert stored(url, "")["token"] == lease._token
+    for ttl in (1e12, 3601, math.nan, math.inf, 0, -1):  # nor does this version write one
+        with pytest.raises(UserError, match=r"lease_ttl\) must be a number of seconds in "
+                                            r"\(0, 3600\]"):
+            RunLease(url, ttl=ttl)
+
+
+def test_times_that_are_no_dates_are_described_in_one_line():
+    for t in (1e12, 1e300, -1e300, math.nan, math.inf, -math.inf):
+        assert isinstance(lease_module._iso(t), str)
+    for renewed in (1e12, 1e300, -1e300, time.time() + 30, 0.0):
+        record = {"token": "t", "renewed": renewed, "ttl": 60.0, "holder": FOREIGN}
+        one_line(lease_module.describe(record))
+    ahead = lease_module.describe({"token": "t", "renewed": 1e12, "ttl": 60.0,
+                                   "holder": {**FOREIGN, "host": "evil\nhost"}})
+    assert "ahead of this host's clock" in one_line(ahead) and "expires" not in ahead
+
+
+@pytest.mark.parametrize("renewed", ["a day ahead", "1e12"])
+def test_a_lease_dated_ahead_that_nobody_renews_is_taken_over_after_one_ttl(location, caplog,
+                                                                            renewed):
+    """Another host's clock a day ahead (or a bogus 1e12) and a dead holder: clocks cannot
+    judge it, so it is watched for one ttl; unchanged, it is taken over, in a few lines."""
+    url, endpoint = location
+    write_lease(url, endpoint, ttl=1.0,
+                renewed=time.time() + 86400 if renewed == "a day ahead" else 1e12)
+    caplog.set_level(logging.WARNING, logger="pipeline.storage.lease")
+    with RunLease(url, ttl=1, endpoint_url=endpoint) as lease:
+        assert stored(url, endpoint)["token"] == lease._token
+        assert stored(url, endpoint)["holder"]["pid"] == os.getpid()
+    lines = [one_line(r.getMessage()) for r in caplog.records]
+    assert any("ahead of this host's clock: its expiry cannot be judged by clocks; watching it "
+               "for 1 s, taken over unless its holder renews it" in line for line in lines), lines
+    assert any("taking over from pid 4242 on host other-node" in line
+               and "its holder did not renew it in 1 s" in line for line in lines), lines
+
+
+def test_a_lease_dated_ahead_that_its_holder_renews_is_refused_in_one_line(location, holders):
+    """A live holder whose clock runs a day ahead renews its lease while the taker watches: it
+    is refused in one line naming the clock difference and the fix, and the holder keeps it."""
+    url, endpoint = location
+    holder = Holder(url, endpoint, ttl=1, host="other-node", clock_ahead=86400)
+    holders.append(holder)
+    with pytest.raises(LeaseHeldError) as refused:
+        RunLease(url, ttl=1, endpoint_url=endpoint).acquire()
+    message = one_line(str(refused.value))
+    assert f"held by pid {holder.pid} on host other-node" in message, message
+    assert "it renewed the lease while this process watched it, so its clock is about 864" in (
+        message)
+    assert "s ahead of this host's; fix that host's clock (NTP) or stop that job" in message
+    assert stored(url, endpoint)["holder"]["host"] == "other-node"
+    assert holder.command("check") == ["check ok", "released"]
+
+
+# -- waits on the local lock (issue 22, item 4) ------------------------------------------------
+
+# Takes the flock of a local lease's lock, says so, and stops itself while holding it: a holder
+# stopped (SIGSTOP, a frozen VM) inside its flock-guarded renewal.
+LOCKER = r"""
+import fcntl, os, signal, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+@pytest.fixture
+def stopped_lock_holder() -> Iterator[Callable[[Path], subprocess.Popen]]:
+    started: list[subprocess.Popen] = []
+
+    def start(root: Path) -> subprocess.Popen:
+        root.mkdir(exist_ok=True)
+        proc = subprocess.Popen([sys.executable, "-c", LOCKER, str(root / ".lease.lock")],
+                                stdout=subprocess.PIPE, text=True)
+        started.append(proc)
+        assert proc.stdout.readline() == "locked\n"
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()  # SIGKILL ends a stopped process too
+        proc.wait()
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def test_a_taker_blocked_by_a_stopped_lock_holder_gives_up_in_one_line(
+        tmp_path, stopped_lock_holder, caplog):
+    root = tmp_path / "run"
+    url = str(root)
+    write_lease(url, "", renewed=time.time() - 100, ttl=10.0)  # expired: to be taken over
+    before = (root / "lease.json").read_bytes()
+    proc = stopped_lock_holder(root)
+    caplog.set_level(logging.WARNING, logger="pipeline.storage.lease")
+    outcome: list[BaseException | None] = []
+
+    def take() -> None:
+        try:
+            RunLease(url, ttl=2).acquire()  # waits for the lock at most min(ttl/2, 30 s)
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    taker = threading.Thread(target=take, daemon=True)
+    taker.start()
+    taker.join(timeout=30)  # today's main waits as long as the holder stays stopped
+    assert not taker.is_alive(), "the taker still waits for the lock"
+    error = outcome[0]
+    assert isinstance(error, lease_module.LeaseLockTimeoutError), error
+    assert isinstance(error, LeaseHeldError)  # refused like a held lease; not retried
+    message = one_line(str(error))
+    assert message == (
+        f"run lease {url}/lease.json: its lock {url}/.lease.lock has been held by another "
+        f"process (pid {proc.pid}) for 1 s (a holder or taker stopped inside its renewal?); end "
+        "or resume (kill -CONT) that process, then start again")
+    lines = [one_line(r.getMessage()) for r in caplog.records]
+    assert "taking over from pid 4242 on host other-node" in lines[-2], lines
+    assert lines[-1] == (
+        f"run lease {url}/lease.json: waiting up to 1 s for its lock {url}/.lease.lock, held by "
+        f"another process (pid {proc.pid})"), lines
+    assert (root / "lease.json").read_bytes() == before
+
+
+def test_a_renewal_blocked_by_a_stopped_lock_holder_fails_and_is_retried(
+        tmp_path, stopped_lock_holder, caplog):
+    """The heartbeat's renewal does not hang on the lock either: it fails in a logged line, and
+    the next beat renews once the lock is free."""
+    url = str(tmp_path / "run")
+    caplog.set_level(logging.WARNING, logger="pipeline.storage.lease")
+    lease = RunLease(url, ttl=2)
+    lease.acquire()
+    try:
+        proc = stopped_lock_holder(tmp_path / "run")
+
+        def failed() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "renewal failed" in r.getMessage()]
+
+        try:
+            wait_until(lambda: bool(failed()), "failed renewal")
+            assert "renewal failed (LeaseLockTimeoutError: run lease " in failed()[0]
+            assert f"held by another process (pid {proc.pid}) for 1 s" in one_line(failed()[0])
+            renewed = stored(url, "")["renewed"]
+        finally:
+            proc.kill()  # the kernel drops its flock
+            proc.wait()
+        wait_until(lambda: stored(url, "")["renewed"] > renewed, "renewal after the lock freed")
+        lease.check()
+    finally:
+        lease.release()
+    assert stored(url, "") is None

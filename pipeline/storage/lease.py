@@ -44,7 +44,12 @@ What is atomic where
   exists, like O_EXCL; readers never see a half-written lease). Takeover, renewal and release are
   compare-and-swaps (read, compare with what we read or last wrote, then temp file + `os.replace`
   or unlink) inside an exclusive `flock` of `<root>/.lease.lock`, which the kernel drops when
-  its holder dies. They never leave the name absent, so fresh creators cannot slip in. The flock
+  its holder dies, but not while it is stopped (SIGSTOP, a frozen VM). Every wait for it (and
+  for the per-process thread lock before it) is bounded: it polls every 50 ms for at most
+  min(ttl/2, LOCK_WAIT_MAX = 30 s), logs one line after 1 s naming the lock and its holder's
+  pid (from /proc/locks), then raises LeaseLockTimeoutError, a LeaseHeldError (one line, not
+  retried). In the heartbeat that is a failed renewal: logged, tried again at the next beat.
+  They never leave the name absent, so fresh creators cannot slip in. The flock
   excludes processes on one host, and across hosts on NFSv4, GPFS and Lustre mounted with
   `flock` (not `localflock`). (Renaming the stale lease to a unique name and re-creating, the
   lock-free alternative, was tried: a taker that read the lease before another taker replaced it
@@ -53,6 +58,22 @@ What is atomic where
 
 Clock assumption: expiry compares wall clocks (time.time()) of different hosts, so the hosts'
 clocks must agree to within a small fraction of the ttl (NTP gives milliseconds; ttl is minutes).
+A clock behind by more than the ttl makes its live holder look expired: it is taken over, then
+fenced. A clock far ahead, and records no clock can judge, follow these rules:
+- Every field the rules use is checked when the record is read: `renewed` and `ttl` finite
+  numbers (not booleans), ttl > 0; the holder's pid a positive integer, its
+  slurm_restart_count a non-negative integer, its host, boot_id, pid_namespace, slurm_job_id,
+  ray_job_id and started strings. Anything else is not a lease this version writes: acquire
+  refuses it in one line naming the field (delete it if no job is running).
+- A ttl longer than MAX_TTL (3600 s) counts as MAX_TTL when its expiry is judged, and RunLease
+  accepts no longer one, so no record makes anyone wait more than an hour for its expiry.
+- A record dated ahead of this host's clock by more than its ttl (its host's clock far ahead,
+  or a bogus value such as 1e12) is judged by whether it changes, not by clocks: acquire
+  watches it, re-reading it about once a second, for one ttl (the longer of ours and its own,
+  at most MAX_TTL) and logs one line saying so. Unchanged: its holder is not renewing, and it
+  is taken over with a warning naming why. Renewed meanwhile: a live holder whose clock is
+  wrong; LeaseHeldError names the difference and the fix (that host's clock: NTP, or stop
+  that job). Gone or replaced by a record dated by a sane clock: judged again as usual.
 
 Fencing is as good as storage allows: the checkpoint store asks check() before it moves anything
 and again right before it commits a checkpoint's manifest, so the window is one GET to that PUT;
@@ -69,6 +90,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -89,11 +111,19 @@ log = logging.getLogger(__name__)
 LEASE = "lease.json"
 LOCK = ".lease.lock"  # beside it; flocked for the compare-and-swaps of a local lease
 FORMAT_VERSION = 1
+MAX_TTL = 3600.0  # s: the longest ttl RunLease accepts, and that a record's expiry is judged by
+LOCK_WAIT_MAX = 30.0  # s: the longest wait for the local lock (min(ttl/2, this))
+LOCK_POLL = 0.05  # s between tries of the local lock
 T = TypeVar("T")
 
 
 class LeaseHeldError(UserError):
     """Another live process holds the run's lease; the one-line message names it and the fix."""
+
+
+class LeaseLockTimeoutError(LeaseHeldError):
+    """The local lease's lock stayed held past its bound: a process holding it is stopped (or
+    hung) inside a compare-and-swap. One line naming the lock, its holder's pid and the fix."""
 
 
 class LeaseUnsupportedError(UserError):
@@ -121,10 +151,18 @@ def holder_identity(env: dict[str, str] | None = None) -> dict[str, Any]:
         "pid_namespace": _pid_namespace(),
         "boot_id": _boot_id(),
         "slurm_job_id": slurm_job,
-        "slurm_restart_count": int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+        "slurm_restart_count": _restart_count(env.get("SLURM_RESTART_COUNT", "")),
         "ray_job_id": env.get("RAY_JOB_ID", "") or _ray_job_id(),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _restart_count(text: str) -> int:
+    # SLURM sets a count; anything else counts as 0, which never takes over on its own.
+    try:
+        return max(0, int(text or 0))
+    except ValueError:
+        return 0
 
 
 def _ray_job_id() -> str:
@@ -167,7 +205,33 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _iso(t: float) -> str:
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
+    """A wall time as UTC ISO text; any number, also one that is no date (1e300, NaN)."""
+    try:
+        return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(
+            timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return f"{_seconds(t)} after 1970 (not a date)"
+
+
+def _seconds(s: float) -> str:
+    """A span as `86400 s`; `1e+12 s` where whole digits would fill a line."""
+    return f"{s:.0f} s" if abs(s) < 1e9 else f"{s:.3g} s"
+
+
+def _ttl(record: dict[str, Any]) -> float:
+    """The ttl the record's expiry is judged by: its own, at most MAX_TTL."""
+    return min(float(record["ttl"]), MAX_TTL)
+
+
+def _expires(record: dict[str, Any]) -> float:
+    return record["renewed"] + _ttl(record)
+
+
+def _ahead(record: dict[str, Any], now: float) -> float:
+    """How far the record's `renewed` lies ahead of `now`, when that is more than its ttl
+    (then its expiry cannot be judged by clocks, see the module docstring); else 0."""
+    ahead = record["renewed"] - now
+    return ahead if ahead > _ttl(record) else 0.0
 
 
 def describe(holder: dict[str, Any], now: float | None = None) -> str:
@@ -184,11 +248,18 @@ def describe(holder: dict[str, Any], now: float | None = None) -> str:
     if jobs:
         text += ", " + ", ".join(jobs)
     text += f", since {who.get('started')}"
+    text = text.replace("\r", "\\r").replace("\n", "\\n")  # the record is not ours to trust
     if record is not None:
         now = time.time() if now is None else now
-        expires = record["renewed"] + record["ttl"]
-        text += (f", last heartbeat {now - record['renewed']:.0f} s ago, expires at "
-                 f"{_iso(expires)} (in {max(0.0, expires - now):.0f} s)")
+        ahead = _ahead(record, now)
+        if ahead:  # no expiry to promise: see the module docstring
+            return text + f", last heartbeat dated {_seconds(ahead)} ahead of this host's clock"
+        age, expires = now - record["renewed"], _expires(record)
+        text += (f", last heartbeat {_seconds(age)} ago" if age >= 0 else
+                 f", last heartbeat dated {_seconds(-age)} ahead of this host's clock")
+        text += f", expires at {_iso(expires)} (in {_seconds(max(0.0, expires - now))})"
+        if record["ttl"] > MAX_TTL:
+            text += f" (its ttl {_seconds(record['ttl'])} counted as {_seconds(MAX_TTL)})"
     return text
 
 
@@ -214,25 +285,64 @@ class _Backend(Protocol):
 
 
 def _decode(data: bytes) -> dict[str, Any]:
-    """The lease record in `data`; ValueError unless it has the shape `_record` writes (the
-    location's content is not trusted to be ours)."""
-    record = json.loads(data)
-    if not isinstance(record, dict) or record.get("version") != FORMAT_VERSION:
+    """The lease record in `data`; ValueError naming the field unless every field the rules use
+    has the type and range `_record` writes (the location's content is not trusted to be ours)."""
+    try:
+        record = json.loads(data)
+    except RecursionError as e:
+        raise ValueError(f"not a lease record: nested too deeply: {data[:200]!r}") from e
+    version = record.get("version") if isinstance(record, dict) else None
+    if not _is_int(version) or version != FORMAT_VERSION:
         raise ValueError(f"not a version-{FORMAT_VERSION} lease: {data[:200]!r}")
-    number = (int, float)
-    if (not isinstance(record.get("token"), str) or not isinstance(record.get("holder"), dict)
-            or not isinstance(record.get("renewed"), number)
-            or not isinstance(record.get("ttl"), number)
-            or not isinstance(record["holder"].get("pid", 0), int)):
+    if not isinstance(record.get("token"), str) or not isinstance(record.get("holder"), dict):
         raise ValueError(f"not a lease record (token, holder, renewed, ttl): {data[:200]!r}")
+    for name in ("renewed", "ttl"):
+        if not _is_finite(record.get(name)):
+            raise ValueError(f"{name} is {_show(record.get(name))}, not a finite number of "
+                             "seconds")
+    if record["ttl"] <= 0:
+        raise ValueError(f"ttl is {_show(record['ttl'])}, not a positive number of seconds")
+    holder = record["holder"]
+    if "pid" in holder and not (_is_int(holder["pid"]) and 0 < holder["pid"] < 2**31):
+        raise ValueError(f"holder.pid is {_show(holder['pid'])}, not a process id")
+    count = holder.get("slurm_restart_count", 0)
+    if not (_is_int(count) and count >= 0):
+        raise ValueError(f"holder.slurm_restart_count is {_show(count)}, not a whole number "
+                         ">= 0")
+    for name in ("host", "boot_id", "pid_namespace", "slurm_job_id", "ray_job_id", "started"):
+        if not isinstance(holder.get(name, ""), str):
+            raise ValueError(f"holder.{name} is {_show(holder[name])}, not a string")
     return record
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
+def _show(value: Any) -> str:
+    """A field's value as the JSON shows it (NaN, Infinity, "0"), short."""
+    try:
+        text = json.dumps(value)
+    except (ValueError, TypeError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 class _LocalBackend:
-    def __init__(self, root: str):
+    def __init__(self, root: str, lock_timeout: float = LOCK_WAIT_MAX):
         self.root = root
         self.path = os.path.join(root, LEASE)
         self.where = self.path
+        self.lock_timeout = lock_timeout  # s: the longest wait for the lock, then an error
 
     def read(self) -> tuple[dict[str, Any], str] | None:
         try:
@@ -254,15 +364,29 @@ class _LocalBackend:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """Exclusive section for the compare-and-swaps. flock, not a lock *file*: the kernel
-        drops it when its holder dies, so nothing stale is left behind."""
-        with _thread_lock(self.root):  # where flock is emulated by per-process POSIX locks (NFS)
+        drops it when its holder dies, so nothing stale is left behind. A holder that is stopped
+        keeps it: every wait is bounded by `lock_timeout` (LeaseLockTimeoutError)."""
+        wait = _LockWait(self, os.path.join(self.root, LOCK))
+        # The thread lock first, where flock is emulated by per-process POSIX locks (NFS).
+        thread_lock = _thread_lock(self.root)
+        while not thread_lock.acquire(timeout=LOCK_POLL):
+            wait.tick("another thread of this process")
+        try:
             os.makedirs(self.root, exist_ok=True)
-            fd = os.open(os.path.join(self.root, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(wait.lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        wait.tick("another process", fd)
+                        time.sleep(LOCK_POLL)
                 yield
             finally:
                 os.close(fd)  # releases the flock
+        finally:
+            thread_lock.release()
 
     def create(self, data: bytes) -> str | None:
         # No lock needed: link fails when the name exists, and the swaps below never leave the
@@ -301,6 +425,48 @@ class _LocalBackend:
                 return False
             os.unlink(self.path)
         return True
+
+
+class _LockWait:
+    """One wait for the local lock: one line after a second, LeaseLockTimeoutError at the
+    bound, both naming the lock and who holds it."""
+
+    def __init__(self, backend: _LocalBackend, lock: str):
+        self.backend, self.lock = backend, lock
+        self.started = time.monotonic()
+        self.said = False
+
+    def tick(self, who: str, fd: int | None = None) -> None:
+        waited = time.monotonic() - self.started
+        timeout = self.backend.lock_timeout
+        if not self.said and waited >= min(1.0, timeout / 2):
+            self.said = True
+            log.warning("run lease %s: waiting up to %.0f s for its lock %s, held by %s%s",
+                        self.backend.path, timeout, self.lock, who, _lock_owner(fd))
+        if waited >= timeout:
+            raise LeaseLockTimeoutError(
+                f"run lease {self.backend.path}: its lock {self.lock} has been held by {who}"
+                f"{_lock_owner(fd)} for {waited:.0f} s (a holder or taker stopped inside its "
+                "renewal?); end or resume (kill -CONT) that process, then start again")
+
+
+def _lock_owner(fd: int | None) -> str:
+    """' (pid N)' for the process holding a flock on `fd`'s file as /proc/locks tells it;
+    '' where it does not (another OS, another host, a pid outside our namespace)."""
+    if fd is None:
+        return ""
+    try:
+        st = os.fstat(fd)
+        wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as f:
+            for line in f:  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2148099 0 EOF"
+                fields = line.split()
+                if (len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == wanted
+                        and fields[4] not in ("0", str(os.getpid()))):
+                    return f" (pid {fields[4]})"
+    except (OSError, ValueError):
+        pass
+    return ""
 
 
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
@@ -386,8 +552,9 @@ class RunLease:
 
     def __init__(self, url: str, *, ttl: float = 120.0, endpoint_url: str = "", fs: Any = None,
                  root: str | None = None):
-        if ttl <= 0:
-            raise UserError(f"lease ttl must be positive, got {ttl}")
+        if not (_is_finite(ttl) and 0 < ttl <= MAX_TTL):
+            raise UserError(f"lease ttl (checkpoint.lease_ttl) must be a number of seconds in "
+                            f"(0, {MAX_TTL:.0f}], got {ttl}")
         self.url = url.rstrip("/")
         self.ttl = float(ttl)
         if fs is None or root is None:
@@ -402,7 +569,7 @@ class RunLease:
         protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
         self._backend: _Backend
         if "file" in protocols or "local" in protocols:
-            self._backend = _LocalBackend(root)
+            self._backend = _LocalBackend(root, min(self.ttl / 2, LOCK_WAIT_MAX))
         elif "s3" in protocols:
             self._backend = _S3Backend(fs, root)
         else:
@@ -446,6 +613,11 @@ class RunLease:
                     version = old_version
                 else:
                     reason = self._takeover_reason(old, now)
+                    if reason is None and _ahead(old, now):
+                        reason = self._watch(old, old_version)
+                        if reason is None:
+                            continue  # released, or renewed by a sane clock: judge it again
+                        now = time.time()  # our lease starts now, not before the watch
                     if reason is None:
                         raise LeaseHeldError(self._held_message(old, now))
                     log.warning("run lease %s: taking over from %s: %s", self._backend.where,
@@ -536,9 +708,11 @@ class RunLease:
 
     def _takeover_reason(self, old: dict[str, Any], now: float) -> str | None:
         """Why the lease `old` may be taken over now, or None when its holder may be alive."""
-        expires = old["renewed"] + old["ttl"]
+        expires = _expires(old)
         if now > expires:
-            return f"it expired {now - expires:.1f} s ago"
+            counted = (f" (its ttl {_seconds(old['ttl'])} counted as {_seconds(MAX_TTL)})"
+                       if old["ttl"] > MAX_TTL else "")
+            return f"it expired {now - expires:.1f} s ago{counted}"
         theirs, mine = old["holder"], self._holder
         # A process of this machine (same boot, same pid namespace) that is gone cannot write
         # any more: a job that was SIGKILLed or crashed, then started again here, goes on at
@@ -547,7 +721,7 @@ class RunLease:
                 and theirs.get("host") == mine["host"]
                 and theirs.get("pid_namespace", "") == mine["pid_namespace"]
                 and theirs.get("pid") != mine["pid"]
-                and not _pid_alive(int(theirs.get("pid", 0)))):
+                and "pid" in theirs and not _pid_alive(theirs["pid"])):
             return f"its process {theirs.get('pid')} on this host has exited"
         # SLURM stops every task of a job before requeueing it: a higher restart count of the
         # same job means the old writer is gone. (The same restart count proves nothing: two
@@ -558,11 +732,38 @@ class RunLease:
                     f"{theirs.get('slurm_restart_count', 0)} -> {mine['slurm_restart_count']})")
         return None
 
+    def _watch(self, old: dict[str, Any], version: str) -> str | None:
+        """Judge a lease dated ahead of our clock by whether it changes (module docstring): the
+        takeover reason when it stayed unchanged for a ttl; LeaseHeldError when its holder
+        renewed it; None when it went away or now bears a time that clocks can judge."""
+        span = max(self.ttl, _ttl(old))
+        log.warning("run lease %s is held by %s: its expiry cannot be judged by clocks; "
+                    "watching it for %.0f s, taken over unless its holder renews it",
+                    self._backend.where, describe(old), span)
+        deadline = time.monotonic() + span
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(1.0, span / 8, left))
+            current = self._retry(self._backend.read, "read")
+            if current is not None and current[1] == version:
+                continue
+            if current is None or not _ahead(current[0], time.time()):
+                return None
+            raise LeaseHeldError(
+                f"run lease {self._backend.where} is held by {describe(current[0])}: it renewed "
+                f"the lease while this process watched it, so its clock is about "
+                f"{_seconds(current[0]['renewed'] - time.time())} ahead of this host's; fix "
+                "that host's clock (NTP) or stop that job, or use another name=/checkpoint.url")
+        return (f"it is dated {_seconds(old['renewed'] - time.time())} ahead of this host's "
+                f"clock and its holder did not renew it in {span:.0f} s")
+
     def _held_message(self, old: dict[str, Any], now: float) -> str:
-        expires_in = max(0.0, old["renewed"] + old["ttl"] - now)
+        if _ahead(old, now):  # its holder renewed it meanwhile, or a racing taker's clock
+            wait = "fix that host's clock (NTP)"
+        else:
+            wait = (f"wait for its lease to expire in "
+                    f"{_seconds(max(0.0, _expires(old) - now))}")
         return (f"run lease {self._backend.where} is held by {describe(old, now)}; stop that "
-                f"job, or wait for its lease to expire in {expires_in:.0f} s, or use another "
-                "name=/checkpoint.url")
+                f"job, or {wait}, or use another name=/checkpoint.url")
 
     def _fenced_message(self, current: tuple[dict[str, Any], str] | None) -> str:
         if current is None:
