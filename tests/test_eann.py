@@ -375,7 +375,7 @@ def test_bad_input_is_one_line(members, digits, make_image_folder, tmp_path, cap
         (["assemble", "--members", str(tmp_path / "nothing"), "--val", str(digits), "--out",
           str(tmp_path / "o")], "no valid checkpoint"),
         (["eval", "--checkpoint", str(members[0]), "--data", str(three_classes)],
-         "has 3 classes"),
+         "has other class folders than"),
         (["eval", "--checkpoint", str(members[0] / "step-00000099"), "--data", str(digits)],
          "no checkpoint"),
     ]

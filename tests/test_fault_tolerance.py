@@ -140,7 +140,8 @@ def test_checkpoints_cli_lists_and_verifies(tmp_path, s3_server, s3_bucket):
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)
-    fs.pipe_file(f"{url[5:]}/step-00000010/state.pt", b"garbage")
+    [payload] = [p for p in fs.ls(f"{url[5:]}/step-00000010", detail=False) if ".pt" in p]
+    fs.pipe_file(payload, b"garbage")
     verified = subprocess.run([*cli, "verify", url, "--endpoint-url", s3_server, "--json"],
                               capture_output=True, text=True)
     assert verified.returncode == 1

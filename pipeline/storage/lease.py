@@ -85,7 +85,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import fcntl
 import hashlib
 import json
@@ -104,6 +103,7 @@ import fsspec
 import fsspec.asyn
 
 from pipeline.errors import UserError
+from pipeline.storage.atomic import NO_HARD_LINKS, is_local, link_new, protocols, write_temp
 from pipeline.storage.retry import StorageError, retry_storage
 
 log = logging.getLogger(__name__)
@@ -354,12 +354,7 @@ class _LocalBackend:
 
     def _write_temp(self, data: bytes) -> str:
         os.makedirs(self.root, exist_ok=True)
-        tmp = os.path.join(self.root, f".{LEASE}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the link must never expose an empty file after a crash
-        return tmp
+        return write_temp(self.root, LEASE, data)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -391,19 +386,17 @@ class _LocalBackend:
     def create(self, data: bytes) -> str | None:
         # No lock needed: link fails when the name exists, and the swaps below never leave the
         # name absent (only a delete does, and then a fresh create is what should happen).
-        tmp = self._write_temp(data)
+        os.makedirs(self.root, exist_ok=True)
         try:
-            os.link(tmp, self.path)  # atomic; fails if the name exists: O_EXCL, whole file
+            link_new(self.path, data)  # atomic; fails if the name exists: O_EXCL, whole file
         except FileExistsError:
             return None
         except OSError as e:
-            if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            if e.errno in NO_HARD_LINKS:
                 raise LeaseUnsupportedError(  # FUSE-mounted buckets, some SMB shares
                     f"run lease at {self.path}: the file system has no hard links, which the "
                     "lease's atomic create needs") from e
             raise
-        finally:
-            os.unlink(tmp)
         return hashlib.md5(data).hexdigest()
 
     def take_over(self, data: bytes, version: str) -> str | None:
@@ -566,11 +559,10 @@ class RunLease:
                                 "install the [s3] extra: pip install 'anytime-pipeline[s3]')"
                                 ) from e
         root = root.rstrip("/")
-        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
         self._backend: _Backend
-        if "file" in protocols or "local" in protocols:
+        if is_local(fs):
             self._backend = _LocalBackend(root, min(self.ttl / 2, LOCK_WAIT_MAX))
-        elif "s3" in protocols:
+        elif "s3" in protocols(fs):
             self._backend = _S3Backend(fs, root)
         else:
             # Other stores need their own conditional writes (gcsfs: if_generation_match).
