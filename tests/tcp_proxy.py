@@ -7,7 +7,9 @@ client sends is read at once and forwarded to the server at that rate, so an upl
 wholly in flight: sent by the client, not yet at the server. SIGUSR1 stalls everything bound
 for the server (a link that stops moving) and prints `held`; SIGUSR2 lets it go on (`flowing`).
 
-With --report, each HTTP/1.1 exchange is printed as it passes, for a test to wait on:
+With --report, each connection and HTTP/1.1 exchange is printed as it passes, for a test to
+wait on or count:
+    connection <conn>                 a client connected
     request <conn> <request line>     its head came from the client
     received <conn> <request line>    its whole body too (by its Content-Length)
     answered <conn> <status line>     the server's answer began
@@ -126,7 +128,12 @@ async def main(listen: int, target: int, rate: float) -> None:
         nonlocal connections
         connections += 1
         conn = connections
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", target)
+        report("connection", conn)
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", target)
+        except OSError:  # nothing listens there: the client's connection is cut, as by a host
+            client_w.close()
+            return
         await asyncio.gather(upstream(client_r, server_w, rate, flowing, conn),
                              downstream(server_r, client_w, rate, conn))
 

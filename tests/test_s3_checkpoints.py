@@ -19,6 +19,7 @@ from pipeline.storage.checkpoints import (
     CheckpointStore,
     StorageError,
 )
+from pipeline.storage.local_s3 import free_port
 
 
 def state(value: float, numel: int = 9) -> dict:
@@ -136,6 +137,23 @@ def test_storage_down_for_good_raises_storage_error(s3_proxy, s3_bucket):
     with pytest.raises(StorageError, match=r"failed 3 times"):
         store.save(2, state(2.0))
     assert time.monotonic() - started >= 0.2 + 0.4  # it backed off between tries
+
+
+def test_the_stores_retries_are_the_only_ones(caplog):
+    """`checkpoint.retries` is the policy: the S3 client under it does not retry on its own (it
+    did: 50 connections and 40 s for one look at a folder on a server that was down)."""
+    from conftest import Proxy
+
+    down = Proxy(free_port(), report=True)  # in front of a port where nothing listens
+    down.start()
+    try:
+        store = store_at("s3://bucket-x/run", down.endpoint, retries=2)
+        with pytest.raises(StorageError, match=r"check step-00000001 .* failed 3 times"):
+            store.save(1, state(1.0))
+    finally:
+        down.stop()
+    connections = [line for line in down.lines if line.startswith("connection")]
+    assert len(connections) == 3 * 2, connections  # 3 tries, each one HEAD and one LIST
 
 
 def test_missing_s3_dependency_or_bad_url_is_a_clear_error():

@@ -91,12 +91,21 @@ class CheckpointStore:
         retry_delay: float = 1.0,
     ):
         self.url = url.rstrip("/")
-        options = {"endpoint_url": endpoint_url} if endpoint_url else {}
+        options: dict[str, Any] = {"endpoint_url": endpoint_url} if endpoint_url else {}
+        if fsspec.core.split_protocol(self.url)[0] in ("s3", "s3a"):
+            # Our retry policy is the only one (`retries`, `retry_delay`): botocore's and s3fs's
+            # own retries under it took ~5 s per call against a server that was down, so a save
+            # failed minutes after the configured policy gave up. A client of its own, so that
+            # the retries of other users of s3fs in this process stay theirs.
+            options.update(skip_instance_cache=True,
+                           config_kwargs={"retries": {"total_max_attempts": 1}})
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
         except (ImportError, ValueError) as e:
             raise UserError(f"checkpoint URL {self.url!r} cannot be opened: {e} (for s3:// "
                             "install the [s3] extra: pip install 'anytime-pipeline[s3]')") from e
+        if hasattr(self.fs, "retries"):
+            self.fs.retries = 1  # s3fs's own loop: one try
         self.keep_last = keep_last
         self.keep_every_epochs = keep_every_epochs
         self.retries = retries
