@@ -29,6 +29,7 @@ from pipeline.anytime.metrics import ExitErrors
 from pipeline.config import Config, config_from_dict, with_overrides
 from pipeline.data.index import DataIdentity, class_difference
 from pipeline.errors import UserError
+from pipeline.storage.atomic import write_atomically
 from pipeline.storage.checkpoints import CheckpointStore
 from pipeline.train.progress import format_duration
 
@@ -232,7 +233,7 @@ def evaluate_checkpoint(url: str, data_root: str, *, split: str = "val", endpoin
     if dist_info.is_main:
         out = Path(out_dir or f"runs/eval-{cfg.name}")
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps(report, indent=1))
+        write_atomically(out / "eval.json", json.dumps(report, indent=1).encode())
         plot_anytime_curve([c.macs for c in costs],
                            {"top-1": result.top1, "top-5": result.top5}, out / "eval_curve.png",
                            title=f"{cfg.name}: {cfg.model.name} on {split} "

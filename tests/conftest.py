@@ -123,7 +123,8 @@ class Proxy:
              str(self.target_port), str(self.rate), *(["--report"] if self.report else [])],
             stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline().strip() == "ready"
-        threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
+        self._reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
+        self._reader.start()
 
     def _read(self, stdout) -> None:
         for line in stdout:  # read always, so that the proxy never blocks on a full pipe
@@ -153,9 +154,11 @@ class Proxy:
         self.proc.send_signal(signal.SIGUSR2)
 
     def stop(self) -> None:
+        """Kill the proxy; every line it printed is in `lines` afterwards."""
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait()
+            self._reader.join(timeout=10)
             self.proc = None
 
 

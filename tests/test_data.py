@@ -80,10 +80,10 @@ def test_different_classes_are_named(make_image_folder: Callable[..., Path]) -> 
     root = make_image_folder(counts={"train": 1})
     make_image_folder(classes=("ant", "bee", "dog"), counts={"val": 1})
     train, val = index_split(root, "train"), index_split(root, "val")
-    with pytest.raises(UserError, match=r"only in train: cat; only in val: dog"):
+    with pytest.raises(UserError, match=r"only in train: 'cat'; only in val: 'dog'"):
         check_same_classes(train, val)
     # build_loader checks a val split against train on its own
-    with pytest.raises(UserError, match=r"only in train: cat; only in val: dog"):
+    with pytest.raises(UserError, match=r"only in train: 'cat'; only in val: 'dog'"):
         build_loader(small_cfg(root), "val", train=False)
 
 

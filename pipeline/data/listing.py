@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.data.index import SampleIndex, few
+from pipeline.data.index import SampleIndex, class_difference
 from pipeline.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # compared lower-case: .JPEG (ImageNet) matches
@@ -99,16 +99,11 @@ def check_same_classes(train: SampleIndex, val: SampleIndex) -> None:
 
 def compare_classes(a: list[str], b: list[str], a_dir: str | Path, b_dir: str | Path) -> None:
     """Refuse two splits with different class folders (folders or URLs)."""
-    if a == b:
-        return
-    only_a = sorted(set(a) - set(b))
-    only_b = sorted(set(b) - set(a))
     a_name, b_name = (str(d).rstrip("/").rsplit("/", 1)[-1] for d in (a_dir, b_dir))
-    raise UserError(
-        f"{a_dir} and {b_dir} have different class folders (only in {a_name}: "
-        f"{few(only_a)}; only in {b_name}: {few(only_b)}); both splits need the same "
-        "class folders, or labels would not match"
-    )
+    change = class_difference(a, b, a_name, b_name)
+    if change:
+        raise UserError(f"{a_dir} and {b_dir} have different class folders ({change}); both "
+                        "splits need the same class folders, or labels would not match")
 
 
 def _scan(path: Path) -> list[os.DirEntry]:

@@ -11,11 +11,13 @@
 - Elsewhere (gcsfs, ...) a plain write: the store has no create-only that fsspec exposes.
 
 The run lease (lease.py) creates its local record with `link_new` and replaces it with
-`write_temp` + `os.replace`.
+`write_temp` + `os.replace`; files of the run folder (config.yaml, results.json) are replaced
+with `write_atomically`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import uuid
@@ -33,15 +35,47 @@ def is_local(fs: Any) -> bool:
     return bool({"file", "local"} & set(protocols(fs)))
 
 
+def s3_code(error: BaseException) -> str:
+    """The S3 error code behind an s3fs exception ('' when there is none)."""
+    response = getattr(error.__cause__, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def lost_race(error: BaseException) -> bool:
+    """Whether an s3fs error is a conditional write that lost: 412 PreconditionFailed, or 409
+    ConditionalRequestConflict when AWS saw concurrent conditional writes. (s3fs itself names a
+    412 FileExistsError only when the server's error says which condition failed.)"""
+    return s3_code(error) in ("PreconditionFailed", "ConditionalRequestConflict")
+
+
 def write_temp(folder: str, name: str, data: bytes) -> str:
     """A new temporary file `.<name>.<random>.tmp` in `folder` holding `data`, on disk (fsync:
-    a link or rename of it must never expose an empty file after a crash); returns its path."""
+    a link or rename of it must never expose an empty file after a crash); returns its path.
+    Nothing is left behind when it fails (a full disk)."""
     tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return tmp
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Replace the local file `path` with `data`: readers see the old file or the new one,
+    never a part, and a failed write (a full disk) leaves the old one as it was."""
+    path = os.fspath(path)
+    tmp = write_temp(os.path.dirname(path) or ".", os.path.basename(path), data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def link_new(path: str, data: bytes) -> None:
@@ -64,9 +98,21 @@ def create_only(fs: Any, path: str, data: bytes) -> None:
         except OSError as e:
             if e.errno not in NO_HARD_LINKS:
                 raise
-            with open(path, "xb") as f:  # exclusive still; readers may see it being written
-                f.write(data)
+            try:
+                with open(path, "xb") as f:  # exclusive still; readers may see it being written
+                    f.write(data)
+            except FileExistsError:
+                raise
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)  # ours: the exclusive create succeeded
+                raise
     elif "s3" in protocols(fs):
-        fs.pipe_file(path, data, mode="create")
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except OSError as e:
+            if lost_race(e):
+                raise FileExistsError(f"{path} exists") from e
+            raise
     else:
         fs.pipe_file(path, data)

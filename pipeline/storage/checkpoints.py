@@ -41,7 +41,7 @@ import fsspec
 import torch
 
 from pipeline.errors import UserError
-from pipeline.storage.atomic import create_only
+from pipeline.storage.atomic import create_only, protocols
 from pipeline.storage.manifest import (
     MANIFEST,
     PAYLOAD,
@@ -104,7 +104,7 @@ class CheckpointStore:
         except (ImportError, ValueError) as e:
             raise UserError(f"checkpoint URL {self.url!r} cannot be opened: {e} (for s3:// "
                             "install the [s3] extra: pip install 'anytime-pipeline[s3]')") from e
-        if hasattr(self.fs, "retries"):
+        if "s3" in protocols(self.fs):
             self.fs.retries = 1  # s3fs's own loop: one try
         self.keep_last = keep_last
         self.keep_every_epochs = keep_every_epochs
@@ -132,24 +132,26 @@ class CheckpointStore:
         payload = buffer.getvalue()
         payload_file = payload_name(uuid.uuid4().hex[:16])
         manifest = build(step, {payload_file: payload}, meta or {})
-        if may_write is not None:
-            may_write()
+        allowed = may_write or (lambda: None)
+        allowed()
         self._move_aside(name)
         try:
             self._retry(lambda: self.fs.makedirs(folder, exist_ok=True), f"create {name}")
             self._retry(lambda: self.fs.pipe_file(f"{folder}/{payload_file}", payload),
                         f"upload {name}")
-            if may_write is not None:
-                may_write()  # a fenced writer stops here and removes only its own payload
-            # The manifest goes last: its presence is what makes the checkpoint exist.
-            self._retry(lambda: self._commit(folder, manifest, payload_file), f"commit {name}")
+            # The manifest goes last: its presence is what makes the checkpoint exist. Each try
+            # asks first: a writer fenced while it backed off stops, removing its own payload.
+            self._retry(lambda: allowed() or self._commit(folder, manifest, payload_file),
+                        f"commit {name}")
         except Exception:
-            self._remove_partial(name, payload_file)
+            self._remove_partial(name, payload_file, allowed)
             raise
         try:
+            allowed()  # retention deletes: never once another writer may own the run
             self._apply_retention(keep=name)
         except Exception as e:  # a failed clean-up must not fail a good save
-            log.warning("checkpoint retention in %s failed (will retry next save): %s", self.url, e)
+            log.warning("checkpoint retention in %s skipped (tried again at the next save): "
+                        "%s", self.url, e)
         return name
 
     def _commit(self, folder: str, manifest: bytes, payload_file: str) -> None:
@@ -159,15 +161,19 @@ class CheckpointStore:
         try:
             create_only(self.fs, f"{folder}/{MANIFEST}", manifest)
         except FileExistsError:
-            self.fs.invalidate_cache(folder)
-            name = folder.rsplit("/", 1)[-1]
-            try:
-                theirs = parse(self.fs.cat_file(f"{folder}/{MANIFEST}"), folder_step(name))
-            except ManifestError:
-                theirs = None
-            if theirs is None or payload_file not in theirs.files:
-                raise StorageError(f"checkpoint {self.url}/{name} was committed by another "
-                                   "writer while this one saved it; left as it is") from None
+            if not self._names(folder, payload_file):
+                raise StorageError(f"checkpoint {self.url}/{folder.rsplit('/', 1)[-1]} was "
+                                   "committed by another writer while this one saved it; left "
+                                   "as it is") from None
+
+    def _names(self, folder: str, payload_file: str) -> bool:
+        """Whether `folder` holds a sound manifest that names `payload_file`."""
+        self.fs.invalidate_cache(folder)
+        try:
+            raw = self.fs.cat_file(f"{folder}/{MANIFEST}")
+            return payload_file in parse(raw, folder_step(folder.rsplit("/", 1)[-1])).files
+        except (OSError, ManifestError):  # absent, unreadable or not ours: it names nothing
+            return False
 
     def list(self) -> list[CheckpointInfo]:
         """Every `step-*` folder, oldest first, broken ones with their `problem`; only manifests
@@ -214,7 +220,7 @@ class CheckpointStore:
         return state
 
     def _warn_skipped(self, name: str, problem: str) -> None:
-        log.warning("skipping broken checkpoint %s/%s: %s", self.url, name, problem)
+        log.warning("skipping checkpoint %s/%s: %s", self.url, name, problem)
 
     def _inspect(self, name: str) -> tuple[CheckpointInfo, Manifest | None]:
         """The folder `name` as far as its manifest tells; storage failures propagate (they say
@@ -247,8 +253,9 @@ class CheckpointStore:
         try:
             paths = [folder, *self.fs.find(folder)]
             stamps = []
-            for path in paths:
-                with contextlib.suppress(FileNotFoundError, NotImplementedError):
+            for path in paths:  # (an object store's folder has no time of its own)
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError,
+                                         NotImplementedError):
                     modified = self.fs.modified(path)
                     if modified.tzinfo is None:  # fsspec's local file system: naive UTC
                         modified = modified.replace(tzinfo=timezone.utc)
@@ -320,11 +327,18 @@ class CheckpointStore:
         log.warning("checkpoint %s/%s was in the way of a new save at its step (%s); moved it "
                     "to %s/%s", self.url, name, problem, self.url, target)
 
-    def _remove_partial(self, name: str, payload_file: str) -> None:
-        """Best effort: remove this save's own payload, and the folder if that leaves it empty;
-        never anything else (the folder may hold another writer's checkpoint by now). If this
-        fails too, retention or the next save at this step deals with it."""
+    def _remove_partial(self, name: str, payload_file: str,
+                        may_write: Callable[[], None]) -> None:
+        """Best effort: remove this save's own payload (unless a manifest names it after all:
+        a commit whose reply was lost), and the folder if that leaves it empty and this writer
+        still holds the run; never anything else (the folder may hold another writer's
+        checkpoint by now). If this fails too, retention or the next save at this step deals
+        with it."""
         folder = f"{self.root}/{name}"
+        if self._names(folder, payload_file):
+            log.warning("%s/%s was committed though its save reported an error; kept",
+                        self.url, name)
+            return
         try:
             self.fs.rm_file(f"{folder}/{payload_file}")
         except FileNotFoundError:
@@ -335,7 +349,9 @@ class CheckpointStore:
             return
         finally:
             self.fs.invalidate_cache(self.root)
-        with contextlib.suppress(OSError):  # not empty (another writer's files), or no folders
+        # An empty folder of a fenced writer may be the new holder's, just made for its save.
+        with contextlib.suppress(Exception):
+            may_write()
             if self.fs.isdir(folder) and not self.fs.ls(folder, detail=False):
                 self.fs.rmdir(folder)
         self.fs.invalidate_cache(self.root)
@@ -353,7 +369,8 @@ class CheckpointStore:
         newest = sound[-1].step if sound else 0
         doomed = [info.name for info in sound[: -self.keep_last]
                   if info.name != keep and not self._epoch_kept(info)]
-        unfinished = [info for info in infos if (info.problem == NO_MANIFEST or info.in_progress)
+        # Not a save in progress: its writer may be a run that holds the lease by now.
+        unfinished = [info for info in infos if info.problem == NO_MANIFEST
                       and info.step < newest]
         for info in unfinished:
             log.warning("checkpoint retention: deleting %s/%s, a save that never finished (%s), "

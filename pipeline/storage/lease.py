@@ -103,7 +103,15 @@ import fsspec
 import fsspec.asyn
 
 from pipeline.errors import UserError
-from pipeline.storage.atomic import NO_HARD_LINKS, is_local, link_new, protocols, write_temp
+from pipeline.storage.atomic import (
+    NO_HARD_LINKS,
+    is_local,
+    link_new,
+    lost_race,
+    protocols,
+    write_temp,
+)
+from pipeline.storage.manifest import is_int, shown
 from pipeline.storage.retry import StorageError, retry_storage
 
 log = logging.getLogger(__name__)
@@ -292,31 +300,27 @@ def _decode(data: bytes) -> dict[str, Any]:
     except RecursionError as e:
         raise ValueError(f"not a lease record: nested too deeply: {data[:200]!r}") from e
     version = record.get("version") if isinstance(record, dict) else None
-    if not _is_int(version) or version != FORMAT_VERSION:
+    if not is_int(version) or version != FORMAT_VERSION:
         raise ValueError(f"not a version-{FORMAT_VERSION} lease: {data[:200]!r}")
     if not isinstance(record.get("token"), str) or not isinstance(record.get("holder"), dict):
         raise ValueError(f"not a lease record (token, holder, renewed, ttl): {data[:200]!r}")
     for name in ("renewed", "ttl"):
         if not _is_finite(record.get(name)):
-            raise ValueError(f"{name} is {_show(record.get(name))}, not a finite number of "
+            raise ValueError(f"{name} is {shown(record.get(name))}, not a finite number of "
                              "seconds")
     if record["ttl"] <= 0:
-        raise ValueError(f"ttl is {_show(record['ttl'])}, not a positive number of seconds")
+        raise ValueError(f"ttl is {shown(record['ttl'])}, not a positive number of seconds")
     holder = record["holder"]
-    if "pid" in holder and not (_is_int(holder["pid"]) and 0 < holder["pid"] < 2**31):
-        raise ValueError(f"holder.pid is {_show(holder['pid'])}, not a process id")
+    if "pid" in holder and not (is_int(holder["pid"]) and 0 < holder["pid"] < 2**31):
+        raise ValueError(f"holder.pid is {shown(holder['pid'])}, not a process id")
     count = holder.get("slurm_restart_count", 0)
-    if not (_is_int(count) and count >= 0):
-        raise ValueError(f"holder.slurm_restart_count is {_show(count)}, not a whole number "
+    if not (is_int(count) and count >= 0):
+        raise ValueError(f"holder.slurm_restart_count is {shown(count)}, not a whole number "
                          ">= 0")
     for name in ("host", "boot_id", "pid_namespace", "slurm_job_id", "ray_job_id", "started"):
         if not isinstance(holder.get(name, ""), str):
-            raise ValueError(f"holder.{name} is {_show(holder[name])}, not a string")
+            raise ValueError(f"holder.{name} is {shown(holder[name])}, not a string")
     return record
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_finite(value: Any) -> bool:
@@ -326,15 +330,6 @@ def _is_finite(value: Any) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an int beyond any float
         return False
-
-
-def _show(value: Any) -> str:
-    """A field's value as the JSON shows it (NaN, Infinity, "0"), short."""
-    try:
-        text = json.dumps(value)
-    except (ValueError, TypeError):
-        text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class _LocalBackend:
@@ -471,17 +466,6 @@ def _thread_lock(root: str) -> threading.Lock:
         return _THREAD_LOCKS.setdefault(os.path.realpath(root), threading.Lock())
 
 
-def _s3_code(error: BaseException) -> str:
-    """The S3 error code behind an s3fs exception ('' when there is none)."""
-    cause = error.__cause__
-    response = getattr(cause, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))
-
-
-# A conditional write that lost: 412, or 409 when AWS saw concurrent conditional writes.
-_LOST_RACE = ("PreconditionFailed", "ConditionalRequestConflict")
-
-
 class _S3Backend:
     def __init__(self, fs: Any, root: str):
         self.fs = fs
@@ -515,7 +499,7 @@ class _S3Backend:
         except FileNotFoundError:  # If-Match on an object deleted meanwhile
             return None
         except OSError as e:
-            if _s3_code(e) in _LOST_RACE:
+            if lost_race(e):
                 return None
             raise
 
@@ -534,7 +518,7 @@ class _S3Backend:
         except FileNotFoundError:
             return False
         except OSError as e:
-            if _s3_code(e) in _LOST_RACE:
+            if lost_race(e):
                 return False
             raise
         return True

@@ -36,10 +36,10 @@ _PAYLOAD_NAME = re.compile(r"state(-[0-9a-f]{16})?\.pt")
 # meta keys this code reads back, and the check of each value: a manifest from a bucket that
 # says `"global_batch": "32"` is broken, not a resume refused with "32 and this job's is 32".
 _META = {
-    "epoch": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "epoch": ("an integer >= 0", lambda v: is_int(v) and v >= 0),
     "end_of_epoch": ("true or false", lambda v: isinstance(v, bool)),
-    "world_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
-    "global_batch": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "world_size": ("an integer >= 1", lambda v: is_int(v) and v >= 1),
+    "global_batch": ("an integer >= 1", lambda v: is_int(v) and v >= 1),
     "config": ("an object", lambda v: isinstance(v, dict)),
     "code_version": ("a string", lambda v: isinstance(v, str)),
 }
@@ -110,17 +110,17 @@ def parse(raw: bytes, step: int) -> Manifest:
     missing = [key for key in ("format", "step", "files", "meta") if key not in data]
     if missing:
         raise ManifestError(f"{MANIFEST} lacks {', '.join(missing)}")
-    if not _is_int(data["format"]) or data["format"] != FORMAT_VERSION:
+    if not is_int(data["format"]) or data["format"] != FORMAT_VERSION:
         raise ManifestError(f"{MANIFEST} has format {data['format']!r}, this code reads "
                             f"{FORMAT_VERSION}")
-    if not _is_int(data["step"]) or data["step"] != step:
+    if not is_int(data["step"]) or data["step"] != step:
         raise ManifestError(f"{MANIFEST} names step {data['step']!r}, its folder step {step}")
     if not isinstance(data["meta"], dict):
         raise ManifestError(f"{MANIFEST}'s meta is a {type(data['meta']).__name__}, not an "
                             "object")
     for key, (expected, valid) in _META.items():
         if key in data["meta"] and not valid(data["meta"][key]):
-            raise ManifestError(f"{MANIFEST}'s meta.{key} is {_shown(data['meta'][key])}, not "
+            raise ManifestError(f"{MANIFEST}'s meta.{key} is {shown(data['meta'][key])}, not "
                                 f"{expected}")
     files = data["files"]
     if not isinstance(files, dict) or not files:
@@ -131,7 +131,7 @@ def parse(raw: bytes, step: int) -> Manifest:
         if problem:
             raise ManifestError(f"{MANIFEST} lists {name!r}, {problem}")
         if (not isinstance(entry, dict) or set(entry) != {"size", "sha256"}
-                or not _is_int(entry["size"]) or entry["size"] < 0
+                or not is_int(entry["size"]) or entry["size"] < 0
                 or not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"])):
             raise ManifestError(f"{MANIFEST}'s entry for {name} is not "
                                 "{size: bytes >= 0, sha256: 64 lowercase hex digits}")
@@ -155,11 +155,15 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-def _shown(value: object) -> str:
-    """A value as JSON wrote it, its type visible (a string keeps its quotes), cut short."""
-    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+def shown(value: object) -> str:
+    """A value from an untrusted JSON record as the record shows it (NaN, Infinity, "0": a
+    string keeps its quotes), cut short, for a one-line message."""
+    try:
+        text = json.dumps(value)
+    except (ValueError, TypeError):
+        text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no number

@@ -36,7 +36,7 @@ log = logging.getLogger("pipeline.train")
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later", what a requeue wrapper looks for
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: a person stopped it; not requeued
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)  # SIGUSR1 handled: all are
 DDP_CHECK_EVERY = 10
 
 

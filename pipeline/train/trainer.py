@@ -34,6 +34,7 @@ from pipeline.data.index import DataIdentity
 from pipeline.errors import TrainingDiverged, UserError
 from pipeline.models import exit_costs
 from pipeline.report import format_table, plot_anytime_curve
+from pipeline.storage.atomic import write_atomically
 from pipeline.storage.checkpoints import CheckpointInfo, CheckpointStore
 from pipeline.storage.lease import LeaseUnsupportedError, RunLease
 from pipeline.train.checkpointing import Checkpointer
@@ -343,14 +344,15 @@ def report(cfg: Config, model: torch.nn.Module, val_errors: dict, seconds: float
         print(format_table(rows, ["exit", "position", "MMACs", "top1_err%", "top5_err%"]))
         path = cfg.run_dir / "results.json"
         try:
-            path.write_text(json.dumps(results, indent=1))
+            write_atomically(path, json.dumps(results, indent=1).encode())  # or the old one
             path = cfg.run_dir / "anytime_curve.png"
             plot_anytime_curve([c.macs for c in costs],
                                {"top-1": val_errors["top1"], "top-5": val_errors["top5"]},
                                path, title=f"{cfg.name}: {cfg.model.name}, {cfg.loss.scheme}")
         except OSError as e:
-            with suppress(OSError):
-                path.unlink(missing_ok=True)  # never a half-written file
+            if path.suffix == ".png":
+                with suppress(OSError):
+                    path.unlink(missing_ok=True)  # never a half-drawn plot
             raise UserError(f"training finished, but {path} could not be written: "
                             f"{e.strerror or e}. The final checkpoint, step {step}, is saved "
                             f"in {cfg.checkpoint_url}: once {cfg.run_dir} can be written (free "
@@ -529,10 +531,8 @@ def record_config(cfg: Config, resumed: CheckpointInfo | None) -> None:
         path = cfg.run_dir / "resumes" / f"{stamp}-{resumed.name}.yaml"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_atomically(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     except OSError as e:
-        with suppress(OSError):
-            path.unlink(missing_ok=True)  # never a half-written file
         if resumed is not None:
             log.warning("cannot record this resume's config in %s: %s; training goes on (its "
                         "checkpoints record the config)", path, e.strerror or e)
