@@ -28,6 +28,8 @@ Protocol
   being the one this process last wrote, also past our expiry after an outage. When it is not
   (someone took over after we expired), the lease is LOST. While storage cannot be reached
   past our expiry, check() refuses each write (LeaseStorageError) until a renewal succeeds.
+  A renewal is one try (the checkpoint store's S3 client does not retry underneath): one that
+  fails is logged and tried again at the next beat, three more before the lease expires.
 - check(): raises LeaseLostError when the heartbeat found the lease lost, and re-reads the object
   (one GET) so that a writer never writes after another holder's takeover became visible.
 - release(): stops the heartbeat and deletes the object only if it is still ours.
