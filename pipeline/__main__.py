@@ -171,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C in any verb: one line and the shell's code, 130
+        from pipeline.train.preemption import EXIT_INTERRUPTED  # no torch: a light import
+
         print("interrupted (Ctrl-C)", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return EXIT_INTERRUPTED
     finally:
         if previous_sigint is not None:
             signal.signal(signal.SIGINT, previous_sigint)
@@ -213,11 +215,7 @@ def prepare(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from pipeline.train.preemption import (
-        EXIT_INTERRUPTED,
-        EXIT_PREEMPTED,
-        watch_preemption,
-    )
+    from pipeline.train.preemption import watch_preemption
 
     # first: a SIGUSR1/SIGTERM while starting up still exits 75, a Ctrl-C 130
     preemption = watch_preemption()
@@ -233,9 +231,7 @@ def train(args: argparse.Namespace) -> int:
     from pipeline.train.trainer import train as run_training
 
     results = run_training(cfg)
-    if results.get("interrupted"):
-        return EXIT_INTERRUPTED
-    return EXIT_PREEMPTED if results.get("preempted") else 0
+    return preemption.exit_code if results.get("signal") else 0
 
 
 def describe(args: argparse.Namespace) -> int:

@@ -64,7 +64,7 @@ def load_member(url: str, endpoint_url: str = "",
                 map_location: str | torch.device = "cpu") -> Member:
     """The model of the checkpoint at `url`: a checkpoint folder (`.../step-00000468`), a
     checkpoints folder (its newest valid checkpoint) or a run folder holding `checkpoints/`."""
-    from pipeline.train.runtime import create_anytime_model
+    from pipeline.train.runtime import create_anytime_model, weights_mismatch
 
     url = url.rstrip("/")
     name = url.rsplit("/", 1)[-1]
@@ -93,12 +93,11 @@ def load_member(url: str, endpoint_url: str = "",
     cfg = config_from_dict(info.meta["config"])
     num_classes = cfg.model.num_classes or _num_classes(state["model"])
     model = create_anytime_model(cfg, num_classes)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
+    mismatch = weights_mismatch(model, state["model"])
+    if mismatch:
         raise UserError(f"checkpoint {store.url}/{info.name} does not fit the model of its own "
-                        f"config ({cfg.model.name}, {cfg.model.kwargs}): {first}") from e
+                        f"config ({cfg.model.name}, {cfg.model.kwargs}): {mismatch}")
+    model.load_state_dict(state["model"])
     model.eval()
     source = f"{store.url}/{info.name}"
     return Member(model, cfg, num_classes, source, info.step, _saved_classes(info.meta, source))
@@ -230,18 +229,23 @@ def evaluate_checkpoint(url: str, data_root: str, *, split: str = "val", endpoin
         curve = budgeted_curve(result.confidence, result.correct, [c.macs for c in costs],
                                points=budgeted)
         report["budgeted"] = [r.to_dict() for r in curve]
+    unwritten = ""  # why the files could not be written; the results are printed anyway
     if dist_info.is_main:
         out = Path(out_dir or f"runs/eval-{cfg.name}")
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomically(out / "eval.json", json.dumps(report, indent=1).encode())
-        plot_anytime_curve([c.macs for c in costs],
-                           {"top-1": result.top1, "top-5": result.top5}, out / "eval_curve.png",
-                           title=f"{cfg.name}: {cfg.model.name} on {split} "
-                                 f"({result.samples} images)")
-        if budgeted:
-            plot_budgeted(report["budgeted"], [(c.macs, result.top1[i])
-                                               for i, c in enumerate(costs)],
-                          out / "budgeted.png", f"{cfg.name}: budgeted batch evaluation")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_atomically(out / "eval.json", json.dumps(report, indent=1).encode())
+            plot_anytime_curve([c.macs for c in costs],
+                               {"top-1": result.top1, "top-5": result.top5},
+                               out / "eval_curve.png", title=f"{cfg.name}: {cfg.model.name} on "
+                                                             f"{split} ({result.samples} images)")
+            if budgeted:
+                plot_budgeted(report["budgeted"], [(c.macs, result.top1[i])
+                                                   for i, c in enumerate(costs)],
+                              out / "budgeted.png", f"{cfg.name}: budgeted batch evaluation")
+        except OSError as e:  # a full disk, a read-only place
+            unwritten = (f"the evaluation above could not be written to {out}: "
+                         f"{e.strerror or e}; give --out a writable folder")
         if print_json:
             print(json.dumps(report, indent=1))
         else:
@@ -252,8 +256,11 @@ def evaluate_checkpoint(url: str, data_root: str, *, split: str = "val", endpoin
             print(format_table(rows, list(rows[0])))
             if budgeted:
                 print_budgeted(report["budgeted"])
-            print(f"results: {out / 'eval.json'}  plot: {out / 'eval_curve.png'}")
+            if not unwritten:
+                print(f"results: {out / 'eval.json'}  plot: {out / 'eval_curve.png'}")
     close_distributed()
+    if unwritten:
+        raise UserError(unwritten)
     return report
 
 

@@ -37,6 +37,18 @@ def largest_parameter_difference(a: dict, b: dict) -> float:
     return max((a["model"][k] - b["model"][k]).abs().max().item() for k in keys)
 
 
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 120.0,
+               proc: subprocess.Popen | None = None) -> None:
+    """Poll `condition` (every 20 ms) until it holds; fail naming `what` after `timeout`, or at
+    once when `proc`, the process that should bring it about, has exited."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"no {what}: the process exited with {proc.returncode}")
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(0.02)
+
+
 def payload_path(fs, folder: str) -> str:
     """The path of the one payload object (`state-<upload id>.pt`) in a checkpoint folder."""
     fs.invalidate_cache()

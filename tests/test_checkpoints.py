@@ -477,3 +477,18 @@ def test_eval_falls_back_from_a_broken_newest_and_names_a_broken_one(tmp_path, c
     with pytest.raises(UserError, match="step-00000002 is broken: manifest.json lacks step") as e:
         load_member(str(run / "checkpoints" / "step-00000002"))
     assert "\n" not in str(e.value)
+
+
+def test_a_checkpoint_that_does_not_fit_its_own_config_is_one_line_naming_the_weight(tmp_path):
+    cfg = load_config("configs/demo_fmnist_resnet_ann.yaml",
+                      ["model.name=resnet_ann_cifar", "model.kwargs={depth: 8, width: 8}"])
+    wider = load_config("configs/demo_fmnist_resnet_ann.yaml",
+                        ["model.name=resnet_ann_cifar", "model.kwargs={depth: 8, width: 16}"])
+    store = CheckpointStore(str(tmp_path / "checkpoints"))
+    store.save(1, {"model": create_anytime_model(wider, 10).state_dict()},
+               meta={"config": cfg.to_dict()})
+    with pytest.raises(UserError, match=r"does not fit the model of its own config "
+                                        r"\(resnet_ann_cifar, .*\): \S+ is \[16, .*\] there "
+                                        r"and \[8, .*\] here") as e:
+        load_member(str(tmp_path / "checkpoints"))
+    assert "\n" not in str(e.value)

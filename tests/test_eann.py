@@ -378,6 +378,10 @@ def test_bad_input_is_one_line(members, digits, make_image_folder, tmp_path, cap
          "has other class folders than"),
         (["eval", "--checkpoint", str(members[0] / "step-00000099"), "--data", str(digits)],
          "no checkpoint"),
+        # evaluated and printed, but its files cannot be written there
+        (["eval", "--checkpoint", str(members[0]), "--data", str(digits), "--out",
+          "/proc/no-such-place", "data.workers=0"],
+         "the evaluation above could not be written to /proc/no-such-place"),
     ]
     for argv, words in cases:
         assert main(argv) == 2

@@ -12,12 +12,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import unavailable
+from conftest import unavailable, wait_until
 from test_run_integrity import finish, tiny, wait_for_checkpoint
 
 from pipeline.storage.checkpoints import CheckpointStore
@@ -39,20 +38,19 @@ def ctrl_c(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGINT)
 
 
-def wait_for(check: Callable[[], bool], proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if check():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{what} did not happen; exit code {proc.poll()}")
-
-
 def handles(pid: int, sig: signal.Signals) -> bool:
     """The process has a handler of its own on `sig` (its SigCgt mask in /proc)."""
     status = Path(f"/proc/{pid}/status").read_text()
     caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
     return bool(int(caught.split()[1], 16) & (1 << (sig - 1)))
+
+
+def start_handling_signals(overrides: list[str], out: Path) -> subprocess.Popen:
+    """`start`, returned once the CLI's first line has installed the signal handlers (SIGINT's
+    goes in first; importing torch and the set-up are still ahead)."""
+    proc = start(overrides, out)
+    wait_until(lambda: handles(proc.pid, signal.SIGUSR1), "signal handlers", proc=proc)
+    return proc
 
 
 def end(proc: subprocess.Popen, out: Path) -> tuple[int, str, str]:
@@ -94,9 +92,7 @@ def test_ctrl_c_saves_at_the_step_exits_130_in_one_line_and_resume_continues(ima
 @pytest.mark.slow
 def test_ctrl_c_while_starting_up_exits_130_in_one_line(image_folder, tmp_path):
     log = tmp_path / "out.txt"
-    proc = start(tiny(image_folder, tmp_path / "runs"), log)
-    # the CLI's first line installed the handlers; importing torch and the set-up are ahead
-    wait_for(lambda: handles(proc.pid, signal.SIGUSR1), proc, "installing the handlers")
+    proc = start_handling_signals(tiny(image_folder, tmp_path / "runs"), log)
     ctrl_c(proc)
     code, out, err = end(proc, log)
     assert code == 130, out + err
@@ -109,10 +105,10 @@ def test_ctrl_c_while_starting_up_exits_130_in_one_line(image_folder, tmp_path):
 @pytest.mark.slow
 def test_a_second_ctrl_c_quits_at_once_in_one_line(image_folder, tmp_path):
     log = tmp_path / "out.txt"
-    proc = start(tiny(image_folder, tmp_path / "runs"), log)
-    wait_for(lambda: handles(proc.pid, signal.SIGUSR1), proc, "installing the handlers")
+    proc = start_handling_signals(tiny(image_folder, tmp_path / "runs"), log)
     ctrl_c(proc)
-    wait_for(lambda: "SIGINT received" in log.read_text(), proc, "the first Ctrl-C's line")
+    wait_until(lambda: "SIGINT received" in log.read_text(), "the first Ctrl-C's line",
+               proc=proc)
     ctrl_c(proc)  # still setting up: it would only stop at the first step
     code, out, err = end(proc, log)
     assert code == 130, out + err

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from conftest import wait_until
 
 from pipeline.errors import UserError
 from pipeline.storage import lease as lease_module
@@ -552,13 +553,6 @@ def stopped_lock_holder() -> Iterator[Callable[[Path], subprocess.Popen]]:
         proc.wait()
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
-        time.sleep(0.05)
-
-
 def test_a_taker_blocked_by_a_stopped_lock_holder_gives_up_in_one_line(
         tmp_path, stopped_lock_holder, caplog):
     root = tmp_path / "run"
@@ -612,7 +606,7 @@ def test_a_renewal_blocked_by_a_stopped_lock_holder_fails_and_is_retried(
             return [r.getMessage() for r in caplog.records if "renewal failed" in r.getMessage()]
 
         try:
-            wait_until(lambda: bool(failed()), "failed renewal")
+            wait_until(lambda: bool(failed()), "failed renewal", timeout=20)
             assert "renewal failed (LeaseLockTimeoutError: run lease " in failed()[0]
             assert re.search(rf"held by another process \(pid {proc.pid}\) for \d+ s",
                              one_line(failed()[0]))
@@ -620,7 +614,8 @@ def test_a_renewal_blocked_by_a_stopped_lock_holder_fails_and_is_retried(
         finally:
             proc.kill()  # the kernel drops its flock
             proc.wait()
-        wait_until(lambda: stored(url, "")["renewed"] > renewed, "renewal after the lock freed")
+        wait_until(lambda: stored(url, "")["renewed"] > renewed, "renewal after the lock freed",
+                   timeout=20)
         lease.check()
     finally:
         lease.release()

@@ -93,10 +93,8 @@ def create_only(fs: Any, path: str, data: bytes) -> None:
     if is_local(fs):
         try:
             link_new(path, data)
-        except FileExistsError:
-            raise
         except OSError as e:
-            if e.errno not in NO_HARD_LINKS:
+            if isinstance(e, FileExistsError) or e.errno not in NO_HARD_LINKS:
                 raise
             try:
                 with open(path, "xb") as f:  # exclusive still; readers may see it being written

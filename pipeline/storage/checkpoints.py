@@ -31,7 +31,6 @@ import io
 import logging
 import re
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -130,19 +129,23 @@ class CheckpointStore:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         payload = buffer.getvalue()
-        payload_file = payload_name(uuid.uuid4().hex[:16])
+        payload_file = payload_name()
         manifest = build(step, {payload_file: payload}, meta or {})
         allowed = may_write or (lambda: None)
+
+        def commit() -> None:
+            # Each try asks first: a writer fenced while it backed off stops here.
+            allowed()
+            self._commit(folder, manifest, payload_file)
+
         allowed()
         self._move_aside(name)
         try:
             self._retry(lambda: self.fs.makedirs(folder, exist_ok=True), f"create {name}")
             self._retry(lambda: self.fs.pipe_file(f"{folder}/{payload_file}", payload),
                         f"upload {name}")
-            # The manifest goes last: its presence is what makes the checkpoint exist. Each try
-            # asks first: a writer fenced while it backed off stops, removing its own payload.
-            self._retry(lambda: allowed() or self._commit(folder, manifest, payload_file),
-                        f"commit {name}")
+            # The manifest goes last: its presence is what makes the checkpoint exist.
+            self._retry(commit, f"commit {name}")
         except Exception:
             self._remove_partial(name, payload_file, allowed)
             raise
@@ -256,10 +259,7 @@ class CheckpointStore:
             for path in paths:  # (an object store's folder has no time of its own)
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError,
                                          NotImplementedError):
-                    modified = self.fs.modified(path)
-                    if modified.tzinfo is None:  # fsspec's local file system: naive UTC
-                        modified = modified.replace(tzinfo=timezone.utc)
-                    stamps.append(modified.timestamp())
+                    stamps.append(self.fs.modified(path).timestamp())  # aware: local and s3fs
         except Exception:  # the age only softens a verdict; storage trouble shows elsewhere
             return None
         finally:

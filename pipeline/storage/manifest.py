@@ -24,6 +24,7 @@ import hashlib
 import json
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,12 +72,9 @@ class Manifest:
         return next(name for name in self.files if _PAYLOAD_NAME.fullmatch(name))
 
 
-def payload_name(upload_id: str) -> str:
-    """The payload's name for one save: `upload_id` is 16 lowercase hex digits."""
-    name = f"state-{upload_id}.pt"
-    if not _PAYLOAD_NAME.fullmatch(name):
-        raise ValueError(f"an upload id is 16 lowercase hex digits, not {upload_id!r}")
-    return name
+def payload_name() -> str:
+    """A new payload name, one per save: `state-<16 random hex digits>.pt`."""
+    return f"state-{uuid.uuid4().hex[:16]}.pt"
 
 
 def folder_name(step: int) -> str:

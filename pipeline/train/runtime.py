@@ -12,6 +12,7 @@ import difflib
 import logging
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import timm
 import torch
@@ -85,3 +86,21 @@ def create_anytime_model(cfg: Config, num_classes: int) -> torch.nn.Module:
         return timm.create_model(cfg.model.name, num_classes=num_classes, **cfg.model.kwargs)
     except (TypeError, ValueError) as e:  # bad kwargs, or values the model rejects
         raise UserError(f"model.kwargs {cfg.model.kwargs} do not fit {cfg.model.name}: {e}") from e
+
+
+def weights_mismatch(model: torch.nn.Module, saved: Any) -> str | None:
+    """How a checkpoint's model state does not fit `model` (its first difference), or None.
+    Asked before `load_state_dict`, whose error is a many-line traceback that begins with no
+    more than the model's class name."""
+    if not isinstance(saved, dict):
+        return f"its model state is a {type(saved).__name__}, not a state dict"
+    own = model.state_dict()
+    for key, value in saved.items():
+        if key not in own:
+            return f"it holds {key}, which this model has not"
+        if isinstance(value, torch.Tensor) and value.shape != own[key].shape:
+            return f"{key} is {list(value.shape)} there and {list(own[key].shape)} here"
+    missing = [key for key in own if key not in saved]
+    if missing:
+        return f"it lacks {missing[0]}" + (f" and {len(missing) - 1} more" if missing[1:] else "")
+    return None

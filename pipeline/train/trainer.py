@@ -47,7 +47,7 @@ from pipeline.train.distributed import (
 )
 from pipeline.train.preemption import watch_preemption
 from pipeline.train.progress import MetricsWriter, Progress, format_duration
-from pipeline.train.runtime import create_anytime_model, start_job
+from pipeline.train.runtime import create_anytime_model, start_job, weights_mismatch
 from pipeline.train.state import RunState, seed_everything
 
 log = logging.getLogger("pipeline.train")
@@ -118,7 +118,12 @@ def train(cfg: Config,
 
         if resume_from is not None:
             info, state = resume_from
-            check_weights_fit(model, state["model"], f"{store.url}/{info.name}", num_classes)
+            mismatch = weights_mismatch(model, state["model"])
+            if mismatch:  # other classes, from a checkpoint that did not record its data
+                raise UserError(f"checkpoint {store.url}/{info.name} does not fit this run's "
+                                f"model ({mismatch}), with {num_classes} classes in data.root; "
+                                "resume on the data set it was trained on, or start a new run "
+                                "with name=NEW_NAME")
             if "data" not in state:
                 state["data"] = data_position_from_step(info, state, train_loader.num_samples,
                                                         dist_info.world_size)
@@ -151,13 +156,15 @@ def train(cfg: Config,
                                     max_failed_saves=cfg.checkpoint.max_failed_saves)
         teardown.callback(checkpointer.close)
 
+        # What every checkpoint of this start says of the run (the data: check_same_data)
+        run_meta = {"config": cfg.to_dict(), "world_size": dist_info.world_size,
+                    "global_batch": global_batch, "code_version": code_version()}
+        if train_loader.identity is not None:
+            run_meta["dataset"] = train_loader.identity.to_meta()
+
         def save(end_of_epoch: bool, blocking: bool = False) -> None:
             stop_if_diverged(loss, model, run.step, device)  # never a non-finite checkpoint
-            meta = {"epoch": run.epoch, "end_of_epoch": end_of_epoch, "config": cfg.to_dict(),
-                    "world_size": dist_info.world_size, "global_batch": global_batch,
-                    "code_version": code_version()}
-            if train_loader.identity is not None:  # the data it trains on (check_same_data)
-                meta["dataset"] = train_loader.identity.to_meta()
+            meta = {"epoch": run.epoch, "end_of_epoch": end_of_epoch, **run_meta}
             checkpointer.save(run.step, run.state_dict(), meta, blocking=blocking)
 
         if preemption.requested(run.step, device, every=1):  # signalled while setting up
@@ -448,19 +455,6 @@ def check_same_data(cfg: Config, info: CheckpointInfo, data: DataIdentity, where
     if change:
         log.warning("resuming %s on other training images (data.allow_sample_change): %s; the "
                     "epoch goes on at its position in their new order", where, change)
-
-
-def check_weights_fit(model: torch.nn.Module, saved: Any, where: str, num_classes: int) -> None:
-    """A checkpoint whose weights have other shapes than this run's model (other classes in a
-    data set that a checkpoint of an older version did not record) ends in one line, not in
-    load_state_dict's traceback."""
-    own = model.state_dict()
-    for key, value in saved.items() if isinstance(saved, dict) else ():
-        if key in own and isinstance(value, torch.Tensor) and value.shape != own[key].shape:
-            raise UserError(f"checkpoint {where} does not fit this run's model: {key} is "
-                            f"{list(value.shape)} there and {list(own[key].shape)} here, with "
-                            f"{num_classes} classes in data.root; resume on the data set it was "
-                            "trained on, or start a new run with name=NEW_NAME")
 
 
 def saved_world_size(info: CheckpointInfo, state: dict, world_size: int) -> int:
