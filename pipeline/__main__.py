@@ -1,6 +1,7 @@
 """`python -m pipeline <verb>` (also installed as `anytime-pipeline`).
 
     prepare fashion-mnist --out data/fashion-mnist     real JPEGs in the ImageNet folder layout
+    prepare shards data/imagenet --out s3://bucket/imagenet-shards   tar shards + shards.json
     train --config configs/demo_fmnist_resnet_ann.yaml train.epochs=3 loss.scheme=sieve
     describe --model resnet_ann_cifar20 --scheme sieve [--json]
     checkpoints list|verify s3://bucket/runs/demo/checkpoints [--endpoint-url URL]
@@ -53,10 +54,22 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    p = verbs.add_parser("prepare", help="convert a small real data set to the ImageNet layout")
-    p.add_argument("dataset", choices=["fashion-mnist", "digits"])
-    p.add_argument("--out", required=True, type=Path, help="folder to create")
+    p = verbs.add_parser("prepare", help="convert a small real data set to the ImageNet layout, "
+                                         "or an ImageNet-layout folder to tar shards")
+    p.add_argument("dataset", choices=["fashion-mnist", "digits", "shards"],
+                   help="shards: SRC (an ImageNet-layout folder, a path or s3://...) -> tar "
+                        "shards + shards.json at --out (a path or s3://...)")
+    p.add_argument("src", nargs="?", help="shards: the ImageNet-layout folder to convert")
+    p.add_argument("--out", required=True, help="folder (or, for shards, URL) to create")
     p.add_argument("--limit", type=int, default=None, help="at most this many images per split")
+    p.add_argument("--images-per-shard", type=positive(int), default=1000)
+    p.add_argument("--order", choices=["shuffled", "sorted"], default="shuffled",
+                   help="shards: images mixed over the shards (seeded by --seed) or in class "
+                        "order")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=at_least(0), default=0,
+                   help="shards: processes (default: all cores)")
+    p.add_argument("--endpoint-url", default="", help="S3-compatible server for s3:// URLs")
 
     p = verbs.add_parser(
         "train", help="train (or resume, with resume=auto) a run",
@@ -201,15 +214,27 @@ def on_ctrl_c_interrupt_this_process_only() -> signal.Handlers | None:
 
 
 def prepare(args: argparse.Namespace) -> int:
+    if args.dataset == "shards":
+        from pipeline.data.shard_writer import prepare_shards
+
+        if not args.src:
+            raise UserError("prepare shards needs SRC: python -m pipeline prepare shards "
+                            "data/imagenet --out s3://bucket/imagenet-shards")
+        summary = prepare_shards(args.src, args.out, images_per_shard=args.images_per_shard,
+                                 order=args.order, seed=args.seed, workers=args.workers,
+                                 endpoint_url=args.endpoint_url)
+        print(json.dumps(summary))
+        return 0
     from pipeline.data.prepare import prepare_digits, prepare_fashion_mnist
 
+    out = Path(args.out)
     try:
         if args.dataset == "fashion-mnist":
-            summary = prepare_fashion_mnist(args.out, limit=args.limit)
+            summary = prepare_fashion_mnist(out, limit=args.limit)
         else:
-            summary = prepare_digits(args.out)
+            summary = prepare_digits(out)
     except PermissionError as e:
-        raise UserError(f"cannot write {args.out}: {e.strerror}; choose a writable --out") from e
+        raise UserError(f"cannot write {out}: {e.strerror}; choose a writable --out") from e
     print(json.dumps(summary, default=str))
     return 0
 

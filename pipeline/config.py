@@ -30,7 +30,9 @@ from pipeline.errors import UserError
 
 @dataclass
 class DataConfig:
-    root: str = "data/fashion-mnist"  # ImageNet layout: root/{train,val}/<class>/<image>.JPEG
+    # ImageNet layout: root/{train,val}/<class>/<image>.JPEG; or the shards.json of tar shards
+    # (`python -m pipeline prepare shards`), a path or a URL (s3://bucket/imagenet/shards.json)
+    root: str = "data/fashion-mnist"
     # torch: PIL + DataLoader; dali: NVIDIA DALI (GPU decode when a GPU is visible, else CPU
     # operators); synthetic: random tensors on the device, for throughput measurements.
     backend: Literal["torch", "dali", "synthetic"] = "torch"
@@ -67,6 +69,17 @@ class DataConfig:
     # Without it such a resume is refused. The classes must match either way (labels are
     # positions in the class list).
     allow_sample_change: bool = False
+    # Tar shards (data.root = .../shards.json), docs/data.md: consecutive samples of a shard read
+    # together, with one request in object storage (a block); blocks shuffled together in a
+    # window (the shuffle's reach: window x block samples per stream); blocks fetched ahead of
+    # use, and in parallel; the node-local cache of blocks (shared by a node's processes;
+    # "" = $TMPDIR or /tmp) and its size for the whole node.
+    shard_block: int = 128
+    shuffle_window: int = 16
+    prefetch: int = 16
+    fetch_threads: int = 8
+    cache_dir: str = ""
+    cache_gb: float = 16.0
 
     def __post_init__(self) -> None:
         c = _Check(self, "data.")
@@ -85,6 +98,11 @@ class DataConfig:
         c.integer("workers", 0, "4", " (0 = load in the main process)")
         c.number("max_bad_fraction", "0.01", ge=0, le=1)
         c.url("endpoint_url", "http://localhost:9000")
+        c.integer("shard_block", 1, "128")
+        c.integer("shuffle_window", 1, "16")
+        c.integer("prefetch", 0, "16")
+        c.integer("fetch_threads", 1, "8")
+        c.number("cache_gb", "16", gt=0)
 
 
 @dataclass

@@ -27,15 +27,18 @@ log = logging.getLogger(__name__)
 MIN_SEEN_FOR_BAD_CHECK = 100
 
 
-def decode_error(path: str | Path) -> str | None:
-    """None when `path` (a local path or a URL) decodes completely as an image, else the error as
-    one line."""
+def decode_error(image: str | Path | bytes) -> str | None:
+    """None when `image` (a local path, a URL, or the file's bytes) decodes completely as an
+    image, else the error as one line."""
+    import io
+
     import fsspec  # opens URLs as well as paths
 
     try:
         # load() forces the full decode: a truncated file fails here, not just in its header
         # (PIL's LOAD_TRUNCATED_IMAGES stays off). PIL raises many exception types.
-        with fsspec.open(str(path), "rb") as f, Image.open(f) as im:
+        with (io.BytesIO(image) if isinstance(image, bytes) else fsspec.open(str(image), "rb")
+              ) as f, Image.open(f) as im:
             im.load()
     except UnidentifiedImageError:  # its message names the file object, not the file
         return "UnidentifiedImageError: not an image format PIL can read"

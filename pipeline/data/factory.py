@@ -1,5 +1,5 @@
-"""`build_loader`: the one way to get a loader, for any back end and any data root (local folder
-or object storage)."""
+"""`build_loader`: the one way to get a loader, for any back end and any data root (an image
+folder on local disk or in object storage, or the manifest of tar shards anywhere)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pipeline.data.badimages import apply_file_lists
 from pipeline.data.index import SampleIndex
 from pipeline.data.listing import compare_classes, index_split, is_remote, list_split_classes
 from pipeline.data.loader import Loader
+from pipeline.data.shards import is_manifest, load_shard_index
 from pipeline.errors import UserError
 
 # data.backend -> the module and class of its Loader, imported when used (torchvision's and
@@ -35,10 +36,18 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, rank: int = 0,
     if cfg.backend == "synthetic" and (is_remote(cfg.root) or not Path(cfg.root).is_dir()):
         return loader_class(cfg, split, train=train, rank=rank, world_size=world_size, seed=seed,
                             accumulation=accumulation)
+    if is_manifest(cfg.root):  # every back end reads shards, local or in object storage
+        shards = load_shard_index(cfg.root, split, cfg.endpoint_url)
+        loader = loader_class(cfg, shards, train=train, rank=rank, world_size=world_size,
+                              seed=seed, accumulation=accumulation)
+        loader.identity = shards.identity()
+        return loader
     if is_remote(cfg.root) and not loader_class.reads_urls:
         raise UserError(f"data.root={cfg.root} is in object storage, which only "
-                        f"data.backend=dali reads; use it, or copy the data to local disk on "
-                        f"each node (aws s3 sync {cfg.root} /local/data) and set data.root")
+                        f"data.backend=dali reads, one request per image; convert it to tar "
+                        f"shards, which both back ends read from there (`python -m pipeline "
+                        f"prepare shards {cfg.root} --out {cfg.root.rstrip('/')}-shards`, then "
+                        f"data.root={cfg.root.rstrip('/')}-shards/shards.json)")
     index = index_split(cfg.root, split, cfg.endpoint_url)
     check_classes_match_train(cfg, index)
     identity = index.identity()

@@ -26,6 +26,7 @@ image on exactly one rank) and a smaller last batch, so every image is counted e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -37,7 +38,7 @@ import torch
 from pipeline.config import DataConfig
 from pipeline.data.badimages import BadImageCounter
 from pipeline.data.index import DataIdentity
-from pipeline.data.sampler import ResumableSampler
+from pipeline.data.sampler import Blocks, ResumableSampler
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class Loader(ABC):
 
     def __init__(self, cfg: DataConfig, classes: list[str], num_samples: int, *, source: str,
                  train: bool, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 accumulation: int = 1):
+                 accumulation: int = 1, blocks: Blocks | None = None):
         self.classes = classes
         self.num_samples = num_samples
         self.batch_size = cfg.batch_size
@@ -69,7 +70,7 @@ class Loader(ABC):
         self.accumulation = accumulation
         self.sampler = ResumableSampler(num_samples, shuffle=train, seed=seed, rank=rank,
                                         world_size=world_size, batch_size=cfg.batch_size * train,
-                                        accumulation=accumulation)
+                                        accumulation=accumulation, blocks=blocks)
         if len(self) == 0:
             need = (f"one global batch ({cfg.batch_size} per forward pass x {world_size} "
                     f"process(es) x {accumulation} pass(es) = {self.global_batch})" if train else
@@ -120,7 +121,10 @@ class Loader(ABC):
         self.consumed = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed, "num_samples": self.num_samples}
+        state = {"epoch": self.epoch, "consumed": self.consumed, "num_samples": self.num_samples}
+        if self.sampler.blocks is not None:  # the run's streams: its order (sampler.py)
+            state["streams"] = self.sampler.blocks.streams
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         consumed = state["consumed"]
@@ -131,6 +135,17 @@ class Loader(ABC):
                         "are seen twice in it, others not at all)", state["num_samples"],
                         self.num_samples, state["epoch"])
             consumed = min(consumed, self.num_samples)
+        blocks = self.sampler.blocks
+        if blocks is not None and "streams" not in state:
+            log.warning("the checkpoint's position is in the order of an image folder; epoch %d "
+                        "goes on at the same position of the shards' order (some images are "
+                        "seen twice in it, others not at all)", state["epoch"])
+        elif blocks is not None and state["streams"] != blocks.streams:
+            if not isinstance(state["streams"], int) or state["streams"] < 1:
+                raise UserError(f"the checkpoint's data position has streams="
+                                f"{state['streams']!r}, not a count; it is damaged")
+            # The run's order keeps the streams it started with, whatever the ranks now.
+            self.sampler.blocks = dataclasses.replace(blocks, streams=state["streams"])
         self.epoch = state["epoch"]
         self.consumed = consumed
 

@@ -1,5 +1,6 @@
 """The `torch` back end: PIL decode + torchvision transforms + a torch DataLoader (its workers
-decode). Runs anywhere; reads local files only (stage a bucket to local disk first).
+decode). Runs anywhere; reads image folders on local disk, and tar shards on local disk or in
+object storage (pipeline/data/shard_reader.py).
 
 Crops and flips are drawn from each sample's own seed (run seed, epoch, sample), so a resumed
 run repeats the exact augmentation of an uninterrupted one, whatever the worker count. An image
@@ -9,6 +10,7 @@ that fails to decode is dropped from its batch (which is then smaller) and count
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -22,7 +24,10 @@ from pipeline.config import DataConfig
 from pipeline.data.index import SampleIndex
 from pipeline.data.loader import Loader, RawBatch
 from pipeline.data.sampler import mix_seed
+from pipeline.data.shard_reader import BadSample, ShardReader, shard_blocks, start_prefetch
+from pipeline.data.shards import ShardIndex
 from pipeline.errors import UserError
+from pipeline.storage.retry import StorageError
 
 
 def build_transform(cfg: DataConfig, train: bool) -> Callable[[Image.Image, int], torch.Tensor]:
@@ -102,6 +107,13 @@ class BadImage(NamedTuple):
     error: str
 
 
+class Unreadable(NamedTuple):
+    """What the dataset returns when the storage failed past its retries: the loader raises it
+    in the main process, as one line (a worker's exception would come with its traceback)."""
+
+    error: str
+
+
 class FolderDataset(Dataset):
     """(sample index, sample seed) -> (uint8 CHW image, label, index), or a BadImage."""
 
@@ -129,14 +141,48 @@ class FolderDataset(Dataset):
         return self.transform(image, sample_seed), self.index.label(i), i
 
 
+class ShardDataset(Dataset):
+    """(sample index, sample seed) -> (uint8 CHW image, label, index), a BadImage, or
+    Unreadable: the images of tar shards."""
+
+    def __init__(self, reader: ShardReader,
+                 transform: Callable[[Image.Image, int], torch.Tensor]):
+        self.reader = reader
+        self.labels = reader.index.labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int] | BadImage \
+            | Unreadable:
+        i, sample_seed = item
+        try:
+            data = self.reader.read(i)
+        except BadSample as e:
+            return BadImage(self.reader.name(i), str(e))
+        except StorageError as e:
+            return Unreadable(str(e))
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()  # as FolderDataset: the whole decode, here
+        except Exception as e:
+            return BadImage(self.reader.name(i), f"{type(e).__name__}: {e}")
+        return self.transform(image, sample_seed), int(self.labels[i]), i
+
+
 class CollateSkipBad:
     """Stacks the good samples of a batch into normalised float32 images; passes the bad ones on."""
 
     def __init__(self, normalize: Callable[[torch.Tensor], torch.Tensor]):
         self.normalize = normalize
 
-    def __call__(self, samples: list[tuple[torch.Tensor, int, int] | BadImage]) -> RawBatch:
-        good = [s for s in samples if not isinstance(s, BadImage)]
+    def __call__(self, samples: list[tuple[torch.Tensor, int, int] | BadImage | Unreadable]
+                 ) -> RawBatch:
+        failed = next((s for s in samples if isinstance(s, Unreadable)), None)
+        if failed is not None:
+            raise StorageError(failed.error)
+        good = [s for s in samples if not isinstance(s, (BadImage, Unreadable))]
         bad = [tuple(s) for s in samples if isinstance(s, BadImage)]
         if not good:
             empty = torch.empty(0, dtype=torch.int64)
@@ -161,18 +207,26 @@ class SeededOrder:
 
 
 class PilLoader(Loader):
-    """Batches (float32 NCHW images, int64 labels) of local image files, decoded by PIL in the
-    DataLoader's workers."""
+    """Batches (float32 NCHW images, int64 labels) of local image files or of tar shards,
+    decoded by PIL in the DataLoader's workers."""
 
-    def __init__(self, cfg: DataConfig, index: SampleIndex, *, train: bool, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, accumulation: int = 1):
+    def __init__(self, cfg: DataConfig, index: SampleIndex | ShardIndex, *, train: bool,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, accumulation: int = 1):
         if cfg.dtype != "float32" or cfg.channels_last:
             raise UserError("data.dtype and data.channels_last apply to data.backend=dali or "
                             "synthetic; leave them at float32 / false for data.backend=torch")
+        shards = isinstance(index, ShardIndex)
         super().__init__(cfg, index.classes, len(index), source=str(index.split_dir),
                          train=train, rank=rank, world_size=world_size, seed=seed,
-                         accumulation=accumulation)
-        self.dataset = FolderDataset(index, build_transform(cfg, train))
+                         accumulation=accumulation,
+                         blocks=shard_blocks(cfg, index, train=train, world_size=world_size)
+                         if shards else None)
+        self.cfg = cfg
+        self.reader = ShardReader(index, self.sampler.blocks.bounds, cache_dir=cfg.cache_dir
+                                  ) if shards else None
+        transform = build_transform(cfg, train)
+        self.dataset = ShardDataset(self.reader, transform) if self.reader else \
+            FolderDataset(index, transform)
         self._order = SeededOrder()
         # DataLoader draws its workers' base seed from this generator rather than the global RNG,
         # so iterating leaves the trainer's RNG stream alone.
@@ -190,4 +244,18 @@ class PilLoader(Loader):
 
     def _load(self, indices: np.ndarray) -> Iterator[RawBatch]:
         self._order.indices, self._order.seed, self._order.epoch = indices, self.seed, self.epoch
-        yield from self._loader
+        batches = iter(self._loader)  # forks the workers (first epoch) before any thread starts
+        # what the workers may have read ahead of the batches handed out
+        in_flight = self.batch_size * (2 * self.cfg.workers + 1)
+        prefetcher = start_prefetch(self.cfg, self.reader, indices, in_flight) \
+            if self.reader else None
+        try:
+            handed_out = 0
+            for batch in batches:
+                yield batch
+                handed_out += self.batch_size
+                if prefetcher:
+                    prefetcher.advance(handed_out)
+        finally:
+            if prefetcher:
+                prefetcher.close()

@@ -22,11 +22,22 @@ exactly once, ranks differ by at most one sample.
                                batch_size=b, accumulation=a)   # batch_size=0: evaluation
     sampler.set_epoch(epoch, consumed)  # consumed = 0 at the start of an epoch
     for i in sampler: ...               # this rank's share of the rest, in loading order
+
+Shard data (pipeline/data/shards.py) is read a block at a time: a run of consecutive samples of
+one shard, fetched with one request. Its epoch order (`Blocks`) keeps each rank's reads to few
+blocks at once and each node's to its own blocks: the blocks are dealt to C streams, each stream
+shuffles its samples within windows of a few blocks, and the global order takes the streams in
+turn (position p from stream p mod C). Rank r takes the positions p = r mod W, so with W
+dividing C (C = the number of ranks the run started with) a rank reads only its own streams'
+blocks. C stays the run's for good: the order, and so an exact resume, never depends on the
+current number of ranks; on another number of ranks a rank may read other streams' blocks too,
+which costs bytes, not exactness.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,15 +55,48 @@ def mix_seed(*parts: int) -> int:
     return h
 
 
+@dataclass(frozen=True)
+class Blocks:
+    """The order of a data set read in blocks: `bounds` holds the first sample of each block,
+    then the number of samples; `streams` (C) and `window` (blocks shuffled together) as in the
+    module's notes."""
+
+    bounds: np.ndarray
+    streams: int
+    window: int
+
+    def order(self, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+        """Epoch `epoch`'s global order: every sample once. Without shuffling, blocks in order
+        dealt to the streams (evaluation: stream r is rank r's share)."""
+        rng = np.random.Generator(np.random.PCG64(mix_seed(seed, epoch)))
+        count = len(self.bounds) - 1
+        blocks = rng.permutation(count) if shuffle else np.arange(count)
+        streams = []
+        for s in range(self.streams):
+            mine = blocks[s :: self.streams]
+            parts = []
+            for w in range(0, len(mine), self.window):
+                window = np.concatenate([np.arange(self.bounds[b], self.bounds[b + 1])
+                                         for b in mine[w : w + self.window]])
+                parts.append(rng.permutation(window) if shuffle else window)
+            streams.append(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
+        lengths = [len(x) for x in streams]
+        turn = np.concatenate([np.arange(n) for n in lengths])  # position within its stream
+        stream = np.repeat(np.arange(self.streams), lengths)
+        return np.concatenate(streams)[np.lexsort((stream, turn))]
+
+
 class ResumableSampler:
     """This rank's share of the rest of an epoch's global order, in the order it is loaded.
 
     `batch_size` > 0 (training): whole global batches of batch_size x world_size x accumulation,
     every rank the same number of samples. `batch_size` = 0 (evaluation): every sample once.
+    `blocks`: the order of a data set read in blocks (shards), else a permutation of samples.
     """
 
     def __init__(self, num_samples: int, *, shuffle: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, batch_size: int = 0, accumulation: int = 1):
+                 world_size: int = 1, batch_size: int = 0, accumulation: int = 1,
+                 blocks: Blocks | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if accumulation < 1 or (accumulation > 1 and not batch_size):
@@ -64,6 +108,7 @@ class ResumableSampler:
         self.world_size = world_size
         self.batch_size = batch_size
         self.accumulation = accumulation
+        self.blocks = blocks
         self.epoch = 0
         self.consumed = 0  # positions of the epoch's global order handed out, on all ranks
 
@@ -80,6 +125,8 @@ class ResumableSampler:
 
     def order(self) -> np.ndarray:
         """The epoch's global order: every sample index once."""
+        if self.blocks is not None:
+            return self.blocks.order(self.seed, self.epoch, self.shuffle)
         if not self.shuffle:
             return np.arange(self.num_samples)
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))

@@ -17,6 +17,7 @@ import torch
 from pipeline.config import DataConfig
 from pipeline.data.index import SampleIndex
 from pipeline.data.loader import Loader, RawBatch
+from pipeline.data.shards import ShardIndex
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,11 @@ IMAGENET_CLASSES = 1000
 
 
 class SyntheticLoader(Loader):
-    def __init__(self, cfg: DataConfig, index: SampleIndex | str, *, train: bool, rank: int = 0,
+    def __init__(self, cfg: DataConfig, index: SampleIndex | ShardIndex | str, *, train: bool,
+                 rank: int = 0,
                  world_size: int = 1, seed: int = 0, accumulation: int = 1):
         """`index`: the split's index, or the split's name where there is no data."""
-        if isinstance(index, SampleIndex):
+        if not isinstance(index, str):  # a SampleIndex or a ShardIndex
             classes, num_samples, source = index.classes, len(index), str(index.split_dir)
         else:
             classes = [f"class_{i:04d}" for i in range(IMAGENET_CLASSES)]

@@ -1,0 +1,325 @@
+"""Tar shards (pipeline/data/shards.py, shard_writer.py, shard_reader.py): the converter, both
+back ends reading them from disk and from the real S3 server, the order's exactness across a
+resize, its shuffle, and bad data inside shards."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import Proxy
+
+from pipeline.config import DataConfig
+from pipeline.data import build_loader
+from pipeline.data.sampler import Blocks, ResumableSampler
+from pipeline.data.shard_writer import prepare_shards
+from pipeline.data.shards import load_shard_index
+from pipeline.errors import UserError
+
+REPO = Path(__file__).parent.parent
+
+
+def shard_cfg(root: str, tmp_path: Path, **kw) -> DataConfig:
+    base = dict(root=root, image_size=32, augment="small", batch_size=4, workers=0,
+                shard_block=2, shuffle_window=3, cache_dir=str(tmp_path / "cache"))
+    return DataConfig(**{**base, **kw})
+
+
+def epoch_ids(loader) -> list[int]:
+    return [i for *_, ids in loader.batches_with_indices() for i in ids.tolist()]
+
+
+@pytest.fixture
+def shards(tmp_path: Path, image_folder: Path) -> Path:
+    """image_folder (3 classes x 12 train, 4 val) as shards of 5 images: 8 train, 3 val."""
+    prepare_shards(image_folder, tmp_path / "shards", images_per_shard=5, workers=1)
+    return tmp_path / "shards"
+
+
+# --- the converter -----------------------------------------------------------------------------
+
+
+def test_conversion_writes_webdataset_shards_index_and_manifest(shards: Path,
+                                                                image_folder: Path) -> None:
+    manifest = json.loads((shards / "shards.json").read_text())
+    assert manifest["classes"] == ["ant", "bee", "cat"]
+    train = manifest["splits"]["train"]
+    assert [s["samples"] for s in train["shards"]] == [5] * 7 + [1]
+    index = load_shard_index(str(shards / "shards.json"), "train")
+    seen = set()
+    for s, entry in enumerate(train["shards"]):
+        data = (shards / entry["name"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"]
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            members = tar.getmembers()
+            names = [m.name for m in members]
+            # WebDataset naming: <class>/<stem>.jpg then <class>/<stem>.cls, the label in text
+            assert all(a.endswith(".jpg") and b == a[:-4] + ".cls"
+                       for a, b in zip(names[::2], names[1::2]))
+            for k, (image, cls) in enumerate(zip(members[::2], members[1::2])):
+                i = index.starts[s] + k
+                jpeg = tar.extractfile(image).read()
+                # the table points at the image's bytes, with its label and crc32
+                assert data[index.offsets[i]:index.offsets[i] + index.sizes[i]] == jpeg
+                assert int(tar.extractfile(cls).read()) == index.labels[i]
+                source = image_folder / "train" / (image.name[:-4] + ".JPEG")
+                assert jpeg == source.read_bytes()
+                assert ["ant", "bee", "cat"][index.labels[i]] == image.name.split("/")[0]
+                seen.add(image.name)
+        # DALI's index: "v1.2 <samples>", then per sample `jpg <offset> <size> cls <...>`
+        lines = (shards / entry["name"].replace(".tar", ".idx")).read_text().splitlines()
+        assert lines[0] == f"v1.2 {entry['samples']}"
+        first = lines[1].split()
+        assert first[0] == "jpg" and int(first[1]) == index.offsets[index.starts[s]]
+    assert len(seen) == 36  # every image once
+    assert manifest["splits"]["val"]["identity"]["images_per_class"] == [4, 4, 4]
+
+
+def test_conversion_is_deterministic_and_class_order_is_an_option(
+        tmp_path: Path, image_folder: Path, shards: Path) -> None:
+    prepare_shards(image_folder, tmp_path / "again", images_per_shard=5, workers=2)
+    for path in shards.rglob("*"):
+        if path.is_file():
+            assert (tmp_path / "again" / path.relative_to(shards)).read_bytes() == \
+                path.read_bytes(), path
+    prepare_shards(image_folder, tmp_path / "sorted", images_per_shard=5, order="sorted",
+                   workers=1)
+    labels = load_shard_index(str(tmp_path / "sorted" / "shards.json"), "train").labels
+    shuffled = load_shard_index(str(shards / "shards.json"), "train").labels
+    assert list(labels) == sorted(labels) and list(shuffled) != sorted(shuffled)
+
+
+def test_undecodable_images_are_left_out_and_listed(tmp_path: Path, image_folder: Path) -> None:
+    (image_folder / "train" / "bee" / "bee_003.JPEG").write_bytes(b"\xff\xd8 not a jpeg")
+    summary = prepare_shards(image_folder, tmp_path / "out", images_per_shard=5, workers=1)
+    assert summary["splits"]["train"] == {"samples": 35, "shards": 8, "left_out": 1}
+    manifest = json.loads((tmp_path / "out" / "shards.json").read_text())
+    [bad] = manifest["splits"]["train"]["left_out"]
+    assert bad["file"] == "bee/bee_003.JPEG" and bad["error"]
+    index = load_shard_index(str(tmp_path / "out" / "shards.json"), "train")
+    assert len(index) == 35 and index.left_out == 1
+
+
+def test_conversion_to_s3_resumes_after_a_kill_writing_nothing_twice(
+        tmp_path: Path, image_folder: Path, shards: Path, s3_server: str, s3_bucket: str) -> None:
+    proxy = Proxy(int(s3_server.rsplit(":", 1)[1]), report=True)
+    proxy.start()
+    out = f"{s3_bucket}/imagenet-shards"
+    command = [sys.executable, "-m", "pipeline", "prepare", "shards", str(image_folder), "--out",
+               out, "--images-per-shard", "5", "--workers", "1", "--endpoint-url",
+               proxy.endpoint]
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+    try:
+        first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+        # killed for real once three shards are whole: their done records (written last) stored
+        after = 0
+        for _ in range(3):
+            put = proxy.wait_for(r"received (\d+) PUT \S*/train/done/", after=after)
+            after = proxy.lines.index(put.string) + 1
+            proxy.wait_for(rf"answered {put.group(1)} HTTP\S* 2", after=after)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        killed_at = len(proxy.lines)
+        second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert "train: 3 of 8 shards are done already" in second.stdout + second.stderr
+    finally:
+        proxy.stop()
+    puts = [line.split()[3] for line in proxy.lines if line.startswith("request")
+            and line.split()[2] == "PUT" and line.split()[3].endswith(".tar")]
+    assert len(puts) == len(set(puts)) == 11  # 8 train + 3 val shards, each uploaded once
+    assert not [p for p in puts[:3] if any(p in line for line in proxy.lines[killed_at:])]
+    # the same bytes as the conversion to local disk
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    remote = json.loads(fs.cat_file(f"{out}/shards.json"))
+    assert remote == json.loads((shards / "shards.json").read_text())
+
+
+# --- reading shards ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_torch_back_end_reads_every_sample_once_with_its_label(
+        tmp_path: Path, shards: Path, where: str, s3_server: str, s3_bucket: str) -> None:
+    root = str(shards / "shards.json")
+    proxy = None
+    if where == "s3":
+        import s3fs
+
+        s3fs.S3FileSystem(endpoint_url=s3_server).put(str(shards), f"{s3_bucket}/shards",
+                                                      recursive=True)
+        proxy = Proxy(int(s3_server.rsplit(":", 1)[1]), report=True)
+        proxy.start()
+        root = f"{s3_bucket}/shards/shards.json"
+    try:
+        cfg = shard_cfg(root, tmp_path, endpoint_url=proxy.endpoint if proxy else "")
+        loader = build_loader(cfg, "train", train=True, seed=1)
+        index = loader.reader.index
+        loader.set_epoch(0)
+        batches = list(loader.batches_with_indices())
+        ids = [i for *_, b in batches for i in b.tolist()]
+        assert len(ids) == len(set(ids)) == 36  # 9 whole batches of 4
+        labels = [lab for _, b, _ in batches for lab in b.tolist()]
+        assert labels == [index.labels[i] for i in ids]
+        images = batches[0][0]
+        assert images.shape == (4, 3, 32, 32) and images.std() > 0
+        val = build_loader(cfg, "val", train=False, rank=1, world_size=2)
+        assert len(epoch_ids(val)) == 6  # rank 1's half of the 12
+        reads = len(proxy.lines) if proxy else 0
+        # the blocks stay in the node-local cache: another loader's epoch reads none again
+        again = build_loader(cfg, "train", train=True, seed=2)
+        again.set_epoch(0)
+        assert sorted(epoch_ids(again)) == list(range(36))
+        assert again.reader.fetched_bytes == 0
+    finally:
+        if proxy:
+            proxy.stop()
+    if proxy:
+        gets = [line.split()[3] for line in proxy.lines[:reads] if line.startswith("request")
+                and " GET " in line and ".tar" in line]
+        assert not [line for line in proxy.lines[reads:] if " GET " in line and ".tar" in line]
+        # one ranged GET per block of <= 2 samples of a shard, never one per image: train's 22
+        # blocks once each; val's rank 1 reads its 3 blocks (of 7) and one more for its share
+        # of the uneven tail
+        train = [g for g in gets if "/train/" in g]
+        assert len(train) == len(index.blocks(2)) - 1 == 22
+        assert len(gets) - len(train) <= 4
+        assert loader.reader.fetched_bytes > 0
+
+
+def test_resume_2_then_1_then_3_ranks_yields_every_remaining_sample_once(
+        tmp_path: Path, shards: Path) -> None:
+    def loaders(world: int, batch: int, state: dict | None) -> list:
+        out = []
+        for rank in range(world):
+            loader = build_loader(shard_cfg(str(shards / "shards.json"), tmp_path,
+                                            batch_size=batch), "train", train=True, rank=rank,
+                                  world_size=world, seed=5)
+            loader.set_epoch(2)
+            if state:
+                loader.load_state_dict(state)
+            out.append(loader)
+        return out
+
+    seen: list[int] = []
+
+    def run(group: list, steps: int | None) -> dict:
+        iters = [g.batches_with_indices() for g in group]
+        for _ in range(steps if steps is not None else group[0].batches_left):
+            for it in iters:
+                _, labels, ids = next(it)
+                seen.extend(ids.tolist())
+        states = [g.state_dict() for g in group]
+        assert all(s == states[0] for s in states)
+        return states[0]
+
+    state = run(loaders(2, 2, None), 3)  # 12 samples on 2 ranks, the run's 2 streams
+    assert state == {"epoch": 2, "consumed": 12, "num_samples": 36, "streams": 2}
+    state = run(loaders(1, 3, state), 2)  # 6 more on 1 rank
+    assert state["consumed"] == 18 and state["streams"] == 2
+    run(loaders(3, 2, state), None)  # the 18 left on 3 ranks: 3 steps of 6
+    assert len(seen) == len(set(seen)) == 36
+    # the order is the run's, whatever the ranks: one rank reading the whole epoch agrees
+    [one] = loaders(1, 2, None)
+    one.sampler.blocks = Blocks(one.sampler.blocks.bounds, 2, one.sampler.blocks.window)
+    uninterrupted = epoch_ids(one)
+    assert sorted(uninterrupted) == sorted(seen)
+    assert uninterrupted[:12] == sorted(seen[:12], key=uninterrupted.index)
+
+
+def test_a_rank_reads_its_own_streams_blocks() -> None:
+    # ImageNet-like: blocks of 128, a run started on 4 ranks (4 streams)
+    bounds = np.array([*range(0, 100_000, 128), 100_000])
+    order = Blocks(bounds, streams=4, window=16).order(seed=1, epoch=0, shuffle=True)
+    assert np.array_equal(np.sort(order), np.arange(100_000))
+    block_of = np.searchsorted(bounds, order, side="right") - 1
+    for ranks in (4, 2):  # as started, and resumed on 2 (each holding 2 of the streams)
+        reader = np.arange(len(order)) % ranks
+        foreign = 0  # samples a rank reads from a block that another rank reads most of
+        for block in range(len(bounds) - 1):
+            counts = np.bincount(reader[block_of == block], minlength=ranks)
+            foreign += counts.sum() - counts.max()
+        # only the uneven tail of the streams (less than a block each) is read by another rank
+        assert foreign < 4 * 128, (ranks, foreign)
+
+
+def chi_square_per_batch(labels: np.ndarray, classes: int, batch: int) -> float:
+    """The mean over batches of the chi-square of a batch's label histogram against uniform."""
+    expected = batch / classes
+    scores = [((np.bincount(b, minlength=classes) - expected) ** 2 / expected).sum()
+              for b in labels[: len(labels) // batch * batch].reshape(-1, batch)]
+    return float(np.mean(scores))
+
+
+def test_shuffle_mixes_batches_like_a_full_permutation_and_states_its_reach() -> None:
+    # 100 classes x 128 images in blocks of 32; the folder loader's full permutation is the
+    # yardstick: for a uniform mix the mean chi-square is about classes - 1
+    classes, per_class, block, batch = 100, 128, 32, 64
+    in_class_order = np.repeat(np.arange(classes), per_class)
+    bounds = np.arange(0, len(in_class_order) + 1, block)
+    folder = ResumableSampler(len(in_class_order), shuffle=True, seed=0).order()
+    full = chi_square_per_batch(in_class_order[np.asarray(folder)], classes, batch)
+    assert abs(full - (classes - 1)) < 10
+
+    def score(labels: np.ndarray, window: int, streams: int) -> float:
+        order = Blocks(bounds, streams, window).order(seed=0, epoch=0, shuffle=True)
+        return chi_square_per_batch(labels[order], classes, batch) / full
+
+    # shards as the converter writes them by default (images permuted once): as mixed as the
+    # full permutation, whatever the window
+    converted = in_class_order[np.random.default_rng(0).permutation(len(in_class_order))]
+    assert all(score(converted, w, s) < 1.1 for w, s in ((1, 1), (16, 1), (16, 4)))
+    # shards in class order (--order sorted): a batch mixes the window x streams blocks it is
+    # drawn from, so it looks uniform only where those are many more than the classes
+    assert score(in_class_order, 1, 1) > 20
+    assert score(in_class_order, 16, 1) > 3
+    assert score(in_class_order, 64, 4) < 1.25
+
+
+# --- bad data ----------------------------------------------------------------------------------
+
+
+def test_bad_shards_are_refused_or_counted_in_one_line(tmp_path: Path, shards: Path) -> None:
+    root = str(shards / "shards.json")
+    cfg = shard_cfg(root, tmp_path, max_bad_fraction=0.2)
+    manifest = json.loads((shards / "shards.json").read_text())
+    shard = shards / manifest["splits"]["train"]["shards"][1]["name"]
+    data = shard.read_bytes()
+    # a byte of an image changed in place (same size): its sample is bad, named and skipped
+    index = load_shard_index(root, "train")
+    i = int(index.starts[1])
+    offset = int(index.offsets[i]) + 100
+    shard.write_bytes(data[:offset] + bytes([data[offset] ^ 0xFF]) + data[offset + 1:])
+    loader = build_loader(cfg, "train", train=True)
+    loader.set_epoch(0)
+    ids = epoch_ids(loader)
+    assert i not in ids and len(ids) == len(set(ids)) == 35  # 9 batches of 4, one short
+    [bad] = loader.bad_files
+    assert bad.startswith(f"{shard}#{index.classes[index.labels[i]]}/") and bad.endswith(".jpg")
+    # truncated: refused before the first batch
+    shard.write_bytes(data[:-1024])
+    with pytest.raises(UserError, match=r"1 shard\(s\) .* not the size the manifest says.*"
+                                        r"shard-000001.tar"):
+        build_loader(cfg, "train", train=True)
+    shard.unlink()
+    with pytest.raises(UserError, match=r"names 1 shard\(s\) that are missing: "
+                                        r"train/shard-000001.tar"):
+        build_loader(cfg, "train", train=True)
+    (shards / "shards.json").write_text('{"format": "anytime-pipeline-shards/1", "classes": []}')
+    with pytest.raises(UserError, match="not a valid shard manifest .*classes"):
+        build_loader(cfg, "train", train=True)
+    with pytest.raises(UserError, match="no shard manifest at .*prepare shards"):
+        build_loader(shard_cfg(str(tmp_path / "nowhere" / "shards.json"), tmp_path), "train",
+                     train=True)
