@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = verbs.add_parser("data", help="check a data set: list the images that decode")
     p.add_argument("action", choices=["verify"])
-    p.add_argument("root", help="ImageNet-layout root holding train/ and val/ (or s3://...)")
+    p.add_argument("root", help="ImageNet-layout root holding train/ and val/ (or s3://...), or "
+                                "the shards.json of tar shards")
     p.add_argument("--splits", nargs="+", default=None, help="default: train and val, if there")
     p.add_argument("--out", type=Path, default=None,
                    help="folder for the lists (default: the root; then set data.file_lists)")
@@ -364,7 +365,11 @@ def bench_loader(args: argparse.Namespace) -> int:
 
 def data(args: argparse.Namespace) -> int:
     from pipeline.data.listing import is_remote
+    from pipeline.data.shards import is_manifest
     from pipeline.data.verify import verify_split
+
+    if is_manifest(args.root):
+        return verify_shard_splits(args)
 
     splits = args.splits or [s for s in ("train", "val")
                              if is_remote(args.root) or (Path(args.root) / s).is_dir()]
@@ -387,6 +392,27 @@ def data(args: argparse.Namespace) -> int:
     if args.out:
         print(f"the loaders read these lists with data.file_lists={args.out}")
     return 1 if bad else 0  # like `checkpoints verify`: a script can tell that something failed
+
+
+def verify_shard_splits(args: argparse.Namespace) -> int:
+    from pipeline.data.shards import shard_splits
+    from pipeline.data.verify import verify_shards
+
+    problems = 0
+    for split in args.splits or shard_splits(args.root, args.endpoint_url):
+        index, found = verify_shards(args.root, split, workers=args.workers,
+                                     endpoint_url=args.endpoint_url)
+        print(f"{split}: {len(index.shards)} shards, {len(index)} samples: "
+              f"{len(found) or 'no'} problem(s)")
+        for line in found[:50]:
+            print(f"  {line}")
+        if len(found) > 50:
+            print(f"  ... and {len(found) - 50} more")
+        problems += len(found)
+    if problems:
+        print("convert the source again into the same --out (`python -m pipeline prepare "
+              "shards`) after deleting the shards named above")
+    return 1 if problems else 0
 
 
 def checkpoints(args: argparse.Namespace) -> int:

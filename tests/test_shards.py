@@ -150,9 +150,13 @@ def test_conversion_to_s3_resumes_after_a_kill_writing_nothing_twice(
 # --- reading shards ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["torch", "dali"])
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_torch_back_end_reads_every_sample_once_with_its_label(
-        tmp_path: Path, shards: Path, where: str, s3_server: str, s3_bucket: str) -> None:
+def test_back_ends_read_every_sample_once_with_its_label(
+        tmp_path: Path, shards: Path, where: str, backend: str, s3_server: str,
+        s3_bucket: str) -> None:
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="needs nvidia-dali-cuda130 (make install)")
     root = str(shards / "shards.json")
     proxy = None
     if where == "s3":
@@ -164,7 +168,8 @@ def test_torch_back_end_reads_every_sample_once_with_its_label(
         proxy.start()
         root = f"{s3_bucket}/shards/shards.json"
     try:
-        cfg = shard_cfg(root, tmp_path, endpoint_url=proxy.endpoint if proxy else "")
+        cfg = shard_cfg(root, tmp_path, endpoint_url=proxy.endpoint if proxy else "",
+                        backend=backend)
         loader = build_loader(cfg, "train", train=True, seed=1)
         index = loader.reader.index
         loader.set_epoch(0)
@@ -199,14 +204,18 @@ def test_torch_back_end_reads_every_sample_once_with_its_label(
         assert loader.reader.fetched_bytes > 0
 
 
+@pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_resume_2_then_1_then_3_ranks_yields_every_remaining_sample_once(
-        tmp_path: Path, shards: Path) -> None:
+        tmp_path: Path, shards: Path, backend: str) -> None:
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="needs nvidia-dali-cuda130 (make install)")
+
     def loaders(world: int, batch: int, state: dict | None) -> list:
         out = []
         for rank in range(world):
             loader = build_loader(shard_cfg(str(shards / "shards.json"), tmp_path,
-                                            batch_size=batch), "train", train=True, rank=rank,
-                                  world_size=world, seed=5)
+                                            batch_size=batch, backend=backend), "train",
+                                  train=True, rank=rank, world_size=world, seed=5)
             loader.set_epoch(2)
             if state:
                 loader.load_state_dict(state)
@@ -291,9 +300,13 @@ def test_shuffle_mixes_batches_like_a_full_permutation_and_states_its_reach() ->
 # --- bad data ----------------------------------------------------------------------------------
 
 
-def test_bad_shards_are_refused_or_counted_in_one_line(tmp_path: Path, shards: Path) -> None:
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_bad_shards_are_refused_or_counted_in_one_line(tmp_path: Path, shards: Path,
+                                                       backend: str) -> None:
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="needs nvidia-dali-cuda130 (make install)")
     root = str(shards / "shards.json")
-    cfg = shard_cfg(root, tmp_path, max_bad_fraction=0.2)
+    cfg = shard_cfg(root, tmp_path, max_bad_fraction=0.2, backend=backend)
     manifest = json.loads((shards / "shards.json").read_text())
     shard = shards / manifest["splits"]["train"]["shards"][1]["name"]
     data = shard.read_bytes()
@@ -323,3 +336,50 @@ def test_bad_shards_are_refused_or_counted_in_one_line(tmp_path: Path, shards: P
     with pytest.raises(UserError, match="no shard manifest at .*prepare shards"):
         build_loader(shard_cfg(str(tmp_path / "nowhere" / "shards.json"), tmp_path), "train",
                      train=True)
+
+
+def test_data_verify_names_each_problem_inside_shards(tmp_path: Path, shards: Path,
+                                                      capsys) -> None:
+    from pipeline.__main__ import main
+
+    root = str(shards / "shards.json")
+    assert main(["data", "verify", root, "--workers", "1"]) == 0
+    assert "train: 8 shards, 36 samples: no problem(s)" in capsys.readouterr().out
+    index = load_shard_index(root, "train")
+    path = [shards / s.name for s in index.shards]
+    # shard 0: a byte of its first image changed
+    data = bytearray(path[0].read_bytes())
+    data[int(index.offsets[0]) + 50] ^= 0xFF
+    path[0].write_bytes(bytes(data))
+    # shard 1: its second sample's .cls renamed (a sample without its label)
+    data = bytearray(path[1].read_bytes())
+    i = int(index.starts[1]) + 1
+    header = (int(index.offsets[i]) + int(index.sizes[i]) + 511) // 512 * 512
+    name = bytes(data[header:header + 100]).split(b"\0")[0]
+    assert name.endswith(b".cls")
+    data[header + len(name) - 3:header + len(name)] = b"txt"
+    data[header + 148:header + 156] = b"        "
+    data[header + 148:header + 156] = b"%06o\0 " % sum(data[header:header + 512])
+    path[1].write_bytes(bytes(data))
+    # shard 2 cut short in its last image; shard 3 gone
+    path[2].write_bytes(path[2].read_bytes()[: int(index.offsets[index.starts[3] - 1]) + 20])
+    path[3].unlink()
+    assert main(["data", "verify", root, "--splits", "train", "--workers", "2"]) == 1
+    out = capsys.readouterr().out
+    lines = [line.strip() for line in out.splitlines()]
+    assert lines[:8] == [
+        "train: 8 shards, 36 samples: 7 problem(s)",
+        f"{path[0]}: its sha256 is not the manifest's: it changed after conversion",
+        f"{path[0]}#{index.classes[index.labels[0]]}/{first_stem(path[0])}.jpg: its bytes "
+        "differ from those converted (crc32)",
+        f"{path[1]}: its sha256 is not the manifest's: it changed after conversion",
+        f"{path[1]}#{name.decode()[:-4]}: no .cls file",
+        f"{path[2]}: {path[2].stat().st_size} bytes, the manifest says {index.shards[2].bytes}: "
+        "it is truncated or was replaced",
+        f"{path[2]}: not a whole tar file (ReadError: unexpected end of data)",
+        f"{path[3]}: missing"], out
+
+
+def first_stem(shard: Path) -> str:
+    with tarfile.open(shard) as tar:
+        return tar.getmembers()[0].name.split("/", 1)[1][:-4]

@@ -15,6 +15,13 @@ DALI 2.4.0's file reader opens `s3://` files itself (AWS SDK; credentials from t
 chain: AWS_* variables, ~/.aws, instance roles; an S3-compatible server from
 `data.endpoint_url`, exported as AWS_ENDPOINT_URL).
 
+Tar shards (pipeline/data/shards.py) come in through `fn.external_source` instead: the
+pipeline's source hands it this rank's encoded images batch by batch, read by the project's
+ShardReader (in place on a file system; from blocks prefetched into the node-local cache for
+object storage), so the order stays the sampler's. DALI's own `fn.readers.webdataset` reads the
+same files, but orders samples with its shuffle buffer over shards assigned to ranks, which no
+resume on another number of ranks can reproduce (docs/data.md).
+
 The reader's labels are sample indices (mapped to class labels here), so each batch knows its
 files: that names bad images and lets tests compare sample sequences.
 
@@ -43,6 +50,8 @@ from pipeline.data.badimages import decode_error
 from pipeline.data.index import SampleIndex
 from pipeline.data.loader import Loader, RawBatch
 from pipeline.data.sampler import mix_seed
+from pipeline.data.shard_reader import BadSample, ShardReader, shard_blocks, start_prefetch
+from pipeline.data.shards import ShardIndex
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -76,10 +85,12 @@ def use_gpu(cfg: DataConfig) -> bool:
     return cfg.dali_device != "cpu" and torch.cuda.is_available()
 
 
-def build_pipeline(cfg: DataConfig, files: list[str], labels: list[int], *, train: bool,
-                   gpu: bool, seed: int, device_id: int | None, threads: int):
-    """One DALI pipeline over `files` in this order: decode (+ random-resized crop), flip,
-    normalise. Outputs (images N x C x H x W or N x H x W x C, labels N x 1 int32)."""
+def build_pipeline(cfg: DataConfig, files: list[str] | Iterator, labels: list[int], *,
+                   train: bool, gpu: bool, seed: int, device_id: int | None, threads: int):
+    """One DALI pipeline over `files` in this order, or over the batches of encoded images
+    that `files` yields as (images, labels) when it is an iterator: decode (+ random-resized
+    crop), flip, normalise. Outputs (images N x C x H x W or N x H x W x C, labels N x 1
+    int32); `labels` are sample indices."""
     fn, pipeline_def, types = import_dali()
     size = cfg.image_size
     decode_device = "mixed" if gpu else "cpu"
@@ -90,8 +101,12 @@ def build_pipeline(cfg: DataConfig, files: list[str], labels: list[int], *, trai
 
     @pipeline_def
     def pipeline():
-        jpegs, sample_ids = fn.readers.file(files=files, labels=labels, random_shuffle=False,
-                                            pad_last_batch=True, name="reader")
+        if isinstance(files, list):
+            jpegs, sample_ids = fn.readers.file(files=files, labels=labels,
+                                                random_shuffle=False, pad_last_batch=True)
+        else:  # the last batch may be smaller: an external source's batches need not be full
+            jpegs, sample_ids = fn.external_source(source=files, num_outputs=2, batch=True,
+                                                   dtype=[types.UINT8, types.INT32])
         crop = None
         if cfg.augment == "imagenet" and train:
             # Decode and crop fused: only the crop window is decoded (ROI decode).
@@ -123,13 +138,18 @@ class DaliLoader(Loader):
 
     reads_urls = True
 
-    def __init__(self, cfg: DataConfig, index: SampleIndex, *, train: bool, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, accumulation: int = 1):
+    def __init__(self, cfg: DataConfig, index: SampleIndex | ShardIndex, *, train: bool,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, accumulation: int = 1):
         import_dali()
+        shards = isinstance(index, ShardIndex)
         super().__init__(cfg, index.classes, len(index), source=str(index.split_dir),
                          train=train, rank=rank, world_size=world_size, seed=seed,
-                         accumulation=accumulation)
-        if index.is_remote and cfg.endpoint_url:
+                         accumulation=accumulation,
+                         blocks=shard_blocks(cfg, index, train=train, world_size=world_size)
+                         if shards else None)
+        self.reader = ShardReader(index, self.sampler.blocks.bounds, cache_dir=cfg.cache_dir
+                                  ) if shards else None
+        if not shards and index.is_remote and cfg.endpoint_url:
             # DALI's AWS SDK reads its endpoint from the environment only.
             os.environ["AWS_ENDPOINT_URL"] = cfg.endpoint_url
         self.cfg = cfg
@@ -145,62 +165,113 @@ class DaliLoader(Loader):
         batches = math.ceil(len(order) / bs)
         first = self.consumed // (bs * self.world_size)  # the epoch's batch number of order[0]
         done = 0  # batches of `order` handed out
-        while done < batches:
-            pipe = self._pipeline(order[done * bs :])
-            try:
-                while done < batches:
-                    try:
-                        images, sample_ids = pipe.run()
-                    except RuntimeError as e:  # a decode failure; DALI does not say which file
-                        suspects = order[done * bs : (done + 1 + _PREFETCH) * bs]
-                        self._find_bad(suspects, first + done, e)
-                        break  # rebuild from this batch with the bad files replaced
-                    n = min(bs, len(order) - done * bs)  # the last val batch is trimmed
-                    ids = torch.from_numpy(np.array(sample_ids.as_tensor()))
-                    ids = ids.reshape(-1)[:n].to(torch.int64)
-                    images = self._to_torch(images)[:n]
-                    keep = ids >= 0  # stand-ins for bad images are dropped
-                    positions = (~keep).nonzero().reshape(-1).tolist()
-                    bad = [(str(self.index.path(i)), self.excluded[i])
-                           for i in (order[done * bs + p] for p in positions)]
-                    done += 1
-                    if not keep.all():
-                        images, ids = images[keep.to(images.device)], ids[keep]
-                    yield images, self._class_of[ids], ids, bad
-            finally:
-                del pipe  # frees its threads and buffers before the next one is built
+        # what DALI may have read ahead of the batches handed out: its queue and the one running
+        prefetcher = start_prefetch(self.cfg, self.reader, indices, bs * (_PREFETCH + 2)) \
+            if self.reader else None
+        try:
+            while done < batches:
+                pipe = self._pipeline(order[done * bs :])
+                try:
+                    while done < batches:
+                        try:
+                            images, sample_ids = pipe.run()
+                        except RuntimeError as e:  # a decode failure; DALI does not say which file
+                            suspects = order[done * bs : (done + 1 + _PREFETCH) * bs]
+                            self._find_bad(suspects, first + done, e)
+                            break  # rebuild from this batch with the bad files replaced
+                        n = min(bs, len(order) - done * bs)  # the last val batch is trimmed
+                        ids = torch.from_numpy(np.array(sample_ids.as_tensor()))
+                        ids = ids.reshape(-1)[:n].to(torch.int64)
+                        images = self._to_torch(images)[:n]
+                        keep = ids >= 0  # stand-ins for bad images are dropped
+                        positions = (~keep).nonzero().reshape(-1).tolist()
+                        bad = [(self._name(i), self.excluded[i])
+                               for i in (order[done * bs + p] for p in positions)]
+                        done += 1
+                        if not keep.all():
+                            images, ids = images[keep.to(images.device)], ids[keep]
+                        yield images, self._class_of[ids], ids, bad
+                        if prefetcher:
+                            prefetcher.advance(done * bs)
+                finally:
+                    del pipe  # frees its threads and buffers before the next one is built
+        finally:
+            if prefetcher:
+                prefetcher.close()
 
     def _pipeline(self, order: list[int]):
+        seed = mix_seed(self.seed, self.epoch, self.rank, self.consumed)
+        if self.reader:
+            return build_pipeline(self.cfg, self._shard_batches(order), [], train=self.train,
+                                  gpu=self.gpu, seed=seed, device_id=self.device_id,
+                                  threads=self.threads)
         files, labels = [], []
-        stand_in = next((i for i in order if i not in self.excluded), None)
-        if stand_in is None:
-            raise UserError(f"no image of {self.index.split_dir} left in this epoch decodes; "
-                            "run `python -m pipeline data verify` on the data root")
+        stand_in = self._stand_in(order)
         for i in order:
             good = i not in self.excluded
             files.append(str(self.index.path(i if good else stand_in)))
             labels.append(i if good else -1)
-        seed = mix_seed(self.seed, self.epoch, self.rank, self.consumed)
         return build_pipeline(self.cfg, files, labels, train=self.train, gpu=self.gpu, seed=seed,
                               device_id=self.device_id, threads=self.threads)
+
+    def _stand_in(self, order: list[int]) -> int:
+        stand_in = next((i for i in order if i not in self.excluded), None)
+        if stand_in is None:
+            raise UserError(f"no image of {self.index.split_dir} left in this epoch decodes; "
+                            "run `python -m pipeline data verify` on the data root")
+        return stand_in
+
+    def _shard_batches(self, order: list[int]) -> Iterator[tuple[list, list]]:
+        """The encoded images of `order` batch by batch, read from the shards; a sample whose
+        bytes changed since conversion (or that was found not to decode) is replaced by a
+        stand-in that is dropped from its batch."""
+        stand_in: np.ndarray | None = None
+        for start in range(0, len(order), self.batch_size):
+            jpegs, ids = [], []
+            for i in order[start : start + self.batch_size]:
+                data = None
+                if i not in self.excluded:
+                    try:
+                        data = np.frombuffer(self.reader.read(i), dtype=np.uint8)
+                    except BadSample as e:
+                        self.excluded[i] = str(e)
+                if data is None:
+                    if stand_in is None:
+                        stand_in = np.frombuffer(self.reader.read(self._stand_in(order)),
+                                                 dtype=np.uint8)
+                    data, i = stand_in, -1
+                jpegs.append(data)
+                ids.append(np.array([i], dtype=np.int32))
+            yield jpegs, ids
+
+    def _name(self, i: int) -> str:
+        return self.reader.name(i) if self.reader else str(self.index.path(i))
+
+    def _decode_error(self, i: int) -> str | None:
+        if not self.reader:
+            return decode_error(self.index.path(i))
+        try:
+            return decode_error(self.reader.read(i))
+        except BadSample as e:
+            return str(e)
 
     def _find_bad(self, suspects: list[int], batch: int, error: RuntimeError) -> None:
         """Find the files of the failed batch (or the ones decoded ahead of it) that do not
         decode, and exclude them from now on."""
-        errors = {i: decode_error(self.index.path(i)) for i in suspects if i not in self.excluded}
+        errors = {i: self._decode_error(i) for i in suspects if i not in self.excluded}
         found = {i: e for i, e in errors.items() if e is not None}
         if not found:
             first = str(error).strip().splitlines()
             raise UserError(
                 f"DALI failed on batch {batch} of epoch {self.epoch} in "
                 f"{self.index.split_dir}, but PIL decodes all of its files "
-                f"({self.index.path(suspects[0])} ...): {' '.join(first[-3:])[:300]}; run "
+                f"({self._name(suspects[0])} ...): {' '.join(first[-3:])[:300]}; run "
                 "`python -m pipeline data verify` on the data root, or use data.backend=torch"
             ) from error
         self.excluded.update(found)
         log.warning("DALI could not decode %d image(s) of batch %d, epoch %d: %s; continuing "
                     "without them", len(found), batch, self.epoch,
-                    ", ".join(str(self.index.path(i)) for i in found))
+                    ", ".join(self._name(i) for i in found))
     def _to_torch(self, images) -> torch.Tensor:
         if self.gpu:
             from nvidia.dali.plugin.pytorch import feed_ndarray

@@ -169,6 +169,12 @@ def load_shard_index(url: str, split: str, endpoint_url: str = "",
     return index
 
 
+def shard_splits(url: str, endpoint_url: str = "") -> list[str]:
+    """The splits that the manifest at `url` holds."""
+    fs, path = open_url(url, endpoint_url, "data.root")
+    return list(_read_json(fs, path, url)["splits"])
+
+
 def check_shard_files(fs: Any, base: str, index: ShardIndex) -> None:
     """Refuse shards that are missing or whose size differs from the manifest's (a truncated or
     replaced file): one listing of the split's folder."""

@@ -1,10 +1,15 @@
 """`python -m pipeline data verify`: find the images that do not decode before a run meets them.
 
     python -m pipeline data verify /data/imagenet        # every split, all cores
+    python -m pipeline data verify s3://bucket/imagenet-shards/shards.json
 
-writes, per split, `<split>.txt` (the images that decode, one `<class>/<file> <label>` line each:
-DALI's file_list format) and `<split>.bad.txt` (`<class>/<file>\\t<error>` lines) into the data
-root or `--out`. The loaders then leave out the images listed as bad (pipeline/data/badimages.py).
+For an image folder it writes, per split, `<split>.txt` (the images that decode, one
+`<class>/<file> <label>` line each: DALI's file_list format) and `<split>.bad.txt`
+(`<class>/<file>\\t<error>` lines) into the data root or `--out`. The loaders then leave out the
+images listed as bad (pipeline/data/badimages.py).
+For tar shards it reads every shard whole and names each problem in one line: a shard missing,
+truncated or changed (sha256), a member that is not where the sample table says, a sample
+without its `.cls` or with another label, a JPEG that does not decode.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from pathlib import Path
 
 from pipeline.data.badimages import decode_error, list_paths
 from pipeline.data.listing import index_split, is_remote
+from pipeline.data.shards import ShardIndex, load_shard_index
 from pipeline.errors import UserError
+from pipeline.storage.urls import open_url
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +97,78 @@ def _write_atomic(path: Path, text: str) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path} ({e.strerror}); pass a writable --out") from e
+
+
+def verify_shards(url: str, split: str, workers: int | None = None,
+                  endpoint_url: str = "") -> tuple[ShardIndex, list[str]]:
+    """Read every shard of `split` of the manifest at `url` whole; returns its index and one
+    line per problem found (none: every sample is what the manifest says, and decodes)."""
+    index = load_shard_index(url, split, endpoint_url, check_files=False)
+    jobs = [(index, s) for s in range(len(index.shards))]
+    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs)))
+    problems: list[str] = []
+    started = last_log = time.perf_counter()
+    # spawn, not fork: s3fs's event loop thread must not be copied mid-lock
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for done, found in enumerate(pool.imap(_check_shard, jobs), 1):
+            problems += found
+            now = time.perf_counter()
+            if now - last_log > 10 or done == len(jobs):
+                log.info("verify %s: %d/%d shards, %.0f images/s", index.split_dir, done,
+                         len(jobs), index.starts[done] / (now - started))
+                last_log = now
+    return index, problems
+
+
+def _check_shard(job: tuple[ShardIndex, int]) -> list[str]:
+    import hashlib
+    import io
+    import tarfile
+    import zlib
+
+    index, s = job
+    shard, url = index.shards[s], index.shard_url(s)
+    fs = open_url(url, index.endpoint_url, "data.root")[0]
+    try:
+        data = fs.cat_file(url)
+    except FileNotFoundError:
+        return [f"{url}: missing"]
+    except Exception as e:
+        return [f"{url}: cannot be read ({type(e).__name__}: {e})"]
+    problems = []
+    if len(data) != shard.bytes:
+        problems.append(f"{url}: {len(data)} bytes, the manifest says {shard.bytes}: it is "
+                        "truncated or was replaced")
+    elif hashlib.sha256(data).hexdigest() != shard.sha256:
+        problems.append(f"{url}: its sha256 is not the manifest's: it changed after conversion")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            members = tar.getmembers()
+    except (tarfile.TarError, EOFError) as e:
+        return [*problems, f"{url}: not a whole tar file ({type(e).__name__}: {e})"]
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    for m in members:
+        stem, _, ext = m.name.rpartition(".")
+        samples.setdefault(stem, {})[ext] = m
+    first, end = int(index.starts[s]), int(index.starts[s + 1])
+    if len(samples) != end - first:
+        problems.append(f"{url}: {len(samples)} samples, the manifest says {end - first}")
+    for i, (stem, files) in zip(range(first, end), samples.items()):
+        image, cls = files.get("jpg"), files.get("cls")
+        name = f"{url}#{stem}"
+        if image is None or cls is None:
+            problems.append(f"{name}: no .{'jpg' if image is None else 'cls'} file")
+            continue
+        if (image.offset_data, image.size) != (int(index.offsets[i]), int(index.sizes[i])):
+            problems.append(f"{name}.jpg: not at the bytes the sample table says")
+            continue
+        jpeg = data[image.offset_data : image.offset_data + image.size]
+        label = data[cls.offset_data : cls.offset_data + cls.size].decode("ascii", "replace")
+        if zlib.crc32(jpeg) != int(index.crcs[i]):
+            problems.append(f"{name}.jpg: its bytes differ from those converted (crc32)")
+        elif label.strip() != str(int(index.labels[i])):
+            problems.append(f"{name}.cls: label {label!r}, the sample table says "
+                            f"{int(index.labels[i])}")
+        elif error := decode_error(jpeg):
+            problems.append(f"{name}.jpg: does not decode ({error})")
+    return problems
