@@ -174,6 +174,39 @@ def test_requeue_onto_one_node_when_the_other_is_drained(cluster, s3, local_data
     assert_ends_like(s3, "shrink", one_node_reference, "two nodes, then node1 alone")
 
 
+def test_two_nodes_read_mostly_their_own_shards_from_s3(cluster, s3, local_data, network,
+                                                       tmp_path):
+    """One epoch from tar shards in S3 on two nodes: each node fetches its blocks into its own
+    cache (/mnt/cache, its local disk) and reads at most ~60% of the epoch's bytes."""
+    from pipeline.data.shard_writer import prepare_shards
+    from pipeline.data.shards import load_shard_index
+
+    cluster.wait_idle()
+    node1, node2 = network.hosts
+    shards = f"{s3['bucket']}/shards"
+    prepare_shards(node1.local / "data", shards, images_per_shard=32, workers=1,
+                   endpoint_url=s3["endpoint"])
+    name = "shards"
+    job_id = cluster.sbatch(
+        ["--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/{name}-%j.out",
+         "slurm/train.sh", DEMO, *overrides(s3, f"{shards}/shards.json", name),
+         f"data.endpoint_url={s3['endpoint']}", "data.cache_dir=/mnt/cache", "data.shard_block=8",
+         "train.epochs=1"], cwd=REPO, env={"PYTHON": sys.executable})
+    info = cluster.wait(job_id, "COMPLETED", timeout=400)
+    text = (tmp_path / f"{name}-{job_id}.out").read_text()
+    assert info["NodeList"] == "node[1-2]", text[-3000:]
+    assert final_state(s3, name)["step"] == TRAIN_IMAGES // BATCH
+    # an epoch's bytes: its shards' (tiny JPEGs here: the tar headers are half of them)
+    epoch = sum(s.bytes for s in load_shard_index(f"{shards}/shards.json", "train",
+                                                  s3["endpoint"]).shards)
+    read = [sum(f.stat().st_size for f in (host.local / "cache").glob("*-train/*")
+                if f.is_file() and ".lock" not in f.name and ".tmp" not in f.name)
+            for host in network.hosts]
+    print(f"bytes read per node: {read} of an epoch's {epoch} "
+          f"({', '.join(f'{r / epoch:.0%}' for r in read)})")
+    assert all(0.3 * epoch < r < 0.6 * epoch for r in read), (read, epoch)
+
+
 # --- Ray: the head on node1, a worker node on node2 ----------------------------------------------
 
 
