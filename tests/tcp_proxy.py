@@ -1,8 +1,11 @@
 """A TCP forwarder the tests kill, throttle and stall, to make storage absent or slow for real.
 
     python tests/tcp_proxy.py LISTEN_PORT TARGET_PORT [BYTES_PER_SECOND] [--report]
+                              [--delay SECONDS]
 
-BYTES_PER_SECOND throttles each connection in each direction (0: as fast as it goes). What a
+--delay holds what a client sends for SECONDS before it goes on to the server (each request
+waits that long, as for a distant store; requests in flight at once overlap). BYTES_PER_SECOND
+throttles each connection in each direction (0: as fast as it goes). What a
 client sends is read at once and forwarded to the server at that rate, so an upload can be
 wholly in flight: sent by the client, not yet at the server. SIGUSR1 stalls everything bound
 for the server (a link that stops moving) and prints `held`; SIGUSR2 lets it go on (`flowing`).
@@ -20,6 +23,7 @@ import signal
 import sys
 
 REPORT = "--report" in sys.argv
+DELAY = float(sys.argv[sys.argv.index("--delay") + 1]) if "--delay" in sys.argv else 0.0
 
 
 def report(*words: object) -> None:
@@ -64,19 +68,25 @@ class Requests:
 async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float,
                    flowing: asyncio.Event, conn: int) -> None:
     """Client -> server: read as fast as the client sends, forward at `rate` unless held."""
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
     requests = Requests(conn)
+    loop = asyncio.get_running_loop()
 
     async def read() -> None:
         while data := await reader.read(1 << 16):
             requests.feed(data)
-            queue.put_nowait(data)
-        queue.put_nowait(b"")
+            queue.put_nowait((loop.time() + DELAY, data))
+        queue.put_nowait((0.0, b""))
 
     reading = asyncio.ensure_future(read())
     step = max(1024, int(rate / 20)) if rate else 1 << 16
     try:
-        while data := await queue.get():
+        while True:
+            due, data = await queue.get()
+            if not data:
+                break
+            if DELAY:
+                await asyncio.sleep(max(0.0, due - loop.time()))
             for i in range(0, len(data), step):
                 await flowing.wait()
                 writer.write(data[i:i + step])
@@ -144,5 +154,6 @@ async def main(listen: int, target: int, rate: float) -> None:
 
 
 if __name__ == "__main__":
-    numbers = [arg for arg in sys.argv[1:] if not arg.startswith("--")]
+    numbers = [arg for i, arg in enumerate(sys.argv[1:], 1)
+               if not arg.startswith("--") and sys.argv[i - 1] != "--delay"]
     asyncio.run(main(int(numbers[0]), int(numbers[1]), float(numbers[2]) if numbers[2:] else 0))

@@ -75,11 +75,12 @@ def test_conversion_writes_webdataset_shards_index_and_manifest(shards: Path,
                 assert jpeg == source.read_bytes()
                 assert ["ant", "bee", "cat"][index.labels[i]] == image.name.split("/")[0]
                 seen.add(image.name)
-        # DALI's index: "v1.2 <samples>", then per sample `jpg <offset> <size> cls <...>`
+        # DALI's index: "v1.2 <samples>", then per sample `jpg <offset> <size> <name> cls ...`
         lines = (shards / entry["name"].replace(".tar", ".idx")).read_text().splitlines()
         assert lines[0] == f"v1.2 {entry['samples']}"
         first = lines[1].split()
         assert first[0] == "jpg" and int(first[1]) == index.offsets[index.starts[s]]
+        assert first[2:5] == [str(index.sizes[index.starts[s]]), names[0], "cls"]
     assert len(seen) == 36  # every image once
     assert manifest["splits"]["val"]["identity"]["images_per_class"] == [4, 4, 4]
 
@@ -96,6 +97,29 @@ def test_conversion_is_deterministic_and_class_order_is_an_option(
     labels = load_shard_index(str(tmp_path / "sorted" / "shards.json"), "train").labels
     shuffled = load_shard_index(str(shards / "shards.json"), "train").labels
     assert list(labels) == sorted(labels) and list(shuffled) != sorted(shuffled)
+
+
+def test_dalis_own_webdataset_reader_reads_the_shards_and_their_index(
+        shards: Path, image_folder: Path) -> None:
+    dali = pytest.importorskip("nvidia.dali", reason="needs nvidia-dali-cuda130 (make install)")
+    tars = sorted(str(p) for p in (shards / "train").glob("*.tar"))
+
+    @dali.pipeline_def(batch_size=6, num_threads=1, device_id=None)
+    def pipeline():
+        return tuple(dali.fn.readers.webdataset(
+            paths=tars, index_paths=[t[:-4] + ".idx" for t in tars], ext=["jpg", "cls"],
+            missing_component_behavior="error"))
+
+    pipe = pipeline()
+    pipe.build()
+    read = []
+    for _ in range(6):
+        jpegs, labels = pipe.run()
+        read += [(jpegs.at(k).tobytes(), int(labels.at(k).tobytes())) for k in range(6)]
+    classes = ["ant", "bee", "cat"]
+    source = [(p.read_bytes(), classes.index(p.parent.name))
+              for p in (image_folder / "train").rglob("*.JPEG")]
+    assert sorted(read) == sorted(source)
 
 
 def test_undecodable_images_are_left_out_and_listed(tmp_path: Path, image_folder: Path) -> None:

@@ -206,7 +206,7 @@ def _members(shard: bytes) -> list[tarfile.TarInfo]:
 
 def _dali_index(members: list[tarfile.TarInfo]) -> bytes:
     """DALI's webdataset index (its wds2idx format v1.2): one line per sample, `<ext> <offset>
-    <size>` for each of its files."""
+    <size> <member name>` for each of its files."""
     lines, sample, key = [], [], None
     for m in members:
         stem, ext = m.name.rsplit(".", 1)
@@ -214,7 +214,7 @@ def _dali_index(members: list[tarfile.TarInfo]) -> bytes:
             lines.append(" ".join(sample))
             sample = []
         key = stem
-        sample += [ext, str(m.offset_data), str(m.size)]
+        sample += [ext, str(m.offset_data), str(m.size), m.name]
     if sample:
         lines.append(" ".join(sample))
     return f"v1.2 {len(lines)}\n{chr(10).join(lines)}\n".encode()
