@@ -9,9 +9,12 @@ on these machines).
    - one object per image, DALI (the only back end that reads such a folder from S3),
    - shards, DALI (fn.external_source fed by the ShardReader),
    - shards, torch (PIL + DataLoader workers),
+   - and, for the choice of library, DALI's own fn.readers.webdataset on the same s3:// shards
+     (its order: a shuffle buffer),
    printing images/s, GET requests per 1,000 images, bytes fetched per image, and the ratio of
    each shard reader to the per-object one.
-3. A 1,281,167-sample manifest (ImageNet's train split: one real shard of 1,000 tiny images
+3. Shuffle quality at ImageNet's proportions: a batch's label histogram against uniform.
+4. A 1,281,167-sample manifest (ImageNet's train split: one real shard of 1,000 tiny images
    hard-linked 1,282 times, on local disk): seconds from start to the first batch, and the
    memory the index and the epoch's order take in the process (RSS growth).
 
@@ -47,6 +50,7 @@ from bench_loader import natural_image  # noqa: E402
 from pipeline.config import DataConfig  # noqa: E402
 from pipeline.data import build_loader  # noqa: E402
 from pipeline.data.bench import bench_loader  # noqa: E402
+from pipeline.data.sampler import Blocks, ResumableSampler  # noqa: E402
 from pipeline.data.shard_writer import prepare_shards  # noqa: E402
 from pipeline.data.shards import FORMAT, load_shard_index  # noqa: E402
 from pipeline.storage.local_s3 import local_s3_server  # noqa: E402
@@ -102,6 +106,72 @@ def measure(name: str, cfg: DataConfig, proxy: DelayingProxy, batches: int) -> d
     result.update(name=name, gets_per_1000=1000 * (proxy.gets - gets) / images)
     print(f"{name:28s} {result['images_per_s']:8.0f} images/s  "
           f"{result['gets_per_1000']:7.1f} GETs per 1,000 images", flush=True)
+    return result
+
+
+def dali_webdataset(name: str, fs, shards: str, proxy: DelayingProxy, threads: int,
+                    batch: int) -> dict:
+    """DALI's own fn.readers.webdataset over the same shards (s3:// paths and their index
+    files, read by DALI's AWS SDK), decode and resize as ours: one epoch, its own order."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+    tars = sorted(f"s3://{p}" for p in fs.ls(f"{shards}/train") if p.endswith(".tar"))
+
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=None, prefetch_queue_depth=2)
+    def pipeline():
+        jpegs, labels = fn.readers.webdataset(
+            paths=tars, index_paths=[t[:-4] + ".idx" for t in tars], ext=["jpg", "cls"],
+            random_shuffle=True, initial_fill=1024, name="reader")
+        images = fn.resize(fn.decoders.image(jpegs, device="cpu", output_type=types.RGB),
+                           resize_x=64, resize_y=64)
+        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW"), labels
+
+    gets = proxy.gets
+    try:
+        pipe = pipeline()
+        pipe.build()
+        batches = pipe.epoch_size("reader") // batch
+        pipe.run()
+        started = time.perf_counter()
+        for _ in range(batches - 1):
+            pipe.run()
+        seconds = time.perf_counter() - started
+    except Exception as e:  # recorded: what DALI's reader does with these URLs
+        print(f"{name:28s} failed: {str(e).strip().splitlines()[-1][:200]}", flush=True)
+        return {"name": name, "error": str(e)[:2000]}
+    rate = (batches - 1) * batch / seconds
+    per_1000 = 1000 * (proxy.gets - gets) / (batches * batch)
+    print(f"{name:28s} {rate:8.0f} images/s  {per_1000:7.1f} GETs per 1,000 images", flush=True)
+    return {"name": name, "images_per_s": rate, "gets_per_1000": per_1000}
+
+
+def shuffle_quality(batch: int = 256, classes: int = 1000, per_class: int = 1280,
+                    block: int = 128) -> dict:
+    """The mean chi-square of a global batch's label histogram against uniform (about
+    classes - 1 for a uniform mix), at ImageNet's proportions, for the folder loader's full
+    permutation and for shards read in blocks of 128 with data.shuffle_window blocks mixed per
+    stream (a stream per rank of the run's first world size)."""
+    def score(labels: np.ndarray) -> float:
+        rows = labels[: len(labels) // batch * batch].reshape(-1, batch)[:2000]
+        counts = np.stack([np.bincount(r, minlength=classes) for r in rows])
+        expected = batch / classes
+        return float(((counts - expected) ** 2 / expected).sum(1).mean())
+
+    in_class_order = np.repeat(np.arange(classes), per_class)
+    converted = in_class_order[np.random.default_rng(0).permutation(len(in_class_order))]
+    bounds = np.arange(0, len(in_class_order) + 1, block)
+    folder = np.asarray(ResumableSampler(len(in_class_order), shuffle=True, seed=0).order())
+    result = {"folder, full permutation": score(in_class_order[folder])}
+    for window, streams in ((16, 1), (16, 8), (64, 8)):
+        order = Blocks(bounds, streams, window).order(seed=0, epoch=0, shuffle=True)
+        where = f"window {window}, {streams} stream(s)"
+        result[f"shards as converted, {where}"] = score(converted[order])
+        result[f"shards in class order, {where}"] = score(in_class_order[order])
+    print(f"shuffle: mean chi-square of a batch of {batch}'s labels ({classes} classes; "
+          f"uniform: ~{classes - 1}):")
+    for name, value in result.items():
+        print(f"  {name:48s} {value:8.0f}  ({value / result['folder, full permutation']:.1f}x)")
     return result
 
 
@@ -197,6 +267,7 @@ def main() -> None:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     results: dict = {"images": args.images, "delay_s": args.delay, "threads": args.threads}
 
+    results["shuffle_chi_square"] = shuffle_quality()
     results["manifest_1281167"] = first_batch(imagenet_sized_manifest(work / "big"))
     folder = write_folder(work / f"folder-{args.images}", args.images)
     import s3fs
@@ -227,10 +298,14 @@ def main() -> None:
                 cfg = DataConfig(root=root, backend=backend, cache_dir=cache, **common)
                 rows.append(measure(name, cfg, proxy, args.batches if "object" in name
                                     else epoch))
+            rows.append(dali_webdataset("shards, DALI's webdataset", fs, f"{bucket}/shards",
+                                        proxy, args.threads, args.batch_size))
         finally:
             proxy.stop()
     base = rows[0]["images_per_s"]
     for row in rows[1:]:
+        if "error" in row:
+            continue
         row["ratio_to_per_object"] = row["images_per_s"] / base
         print(f"{row['name']}: {row['ratio_to_per_object']:.1f}x the per-object rate "
               f"(goal >= 5x)")

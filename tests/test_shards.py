@@ -272,6 +272,19 @@ def test_resume_2_then_1_then_3_ranks_yields_every_remaining_sample_once(
     assert uninterrupted[:12] == sorted(seen[:12], key=uninterrupted.index)
 
 
+def test_a_run_moves_between_a_folder_and_its_shards(tmp_path: Path, shards: Path,
+                                                     image_folder: Path, caplog) -> None:
+    on_shards = build_loader(shard_cfg(str(shards / "shards.json"), tmp_path), "train",
+                             train=True)
+    on_folder = build_loader(shard_cfg(str(image_folder), tmp_path), "train", train=True)
+    assert on_shards.identity == on_folder.identity  # the resume check sees one data set
+    on_folder.set_epoch(1)
+    next(iter(on_folder))
+    on_shards.load_state_dict(on_folder.state_dict())
+    assert "position is in the order of an image folder; epoch 1 goes on" in caplog.text
+    assert len(epoch_ids(on_shards)) == 32  # the rest of the epoch: 8 of its 9 batches
+
+
 def test_a_rank_reads_its_own_streams_blocks() -> None:
     # ImageNet-like: blocks of 128, a run started on 4 ranks (4 streams)
     bounds = np.array([*range(0, 100_000, 128), 100_000])

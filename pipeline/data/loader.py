@@ -136,10 +136,13 @@ class Loader(ABC):
                         self.num_samples, state["epoch"])
             consumed = min(consumed, self.num_samples)
         blocks = self.sampler.blocks
-        if blocks is not None and "streams" not in state:
-            log.warning("the checkpoint's position is in the order of an image folder; epoch %d "
-                        "goes on at the same position of the shards' order (some images are "
-                        "seen twice in it, others not at all)", state["epoch"])
+        from_shards = "streams" in state
+        if from_shards != (blocks is not None):  # moved between a folder and its shards
+            was, now = ("shards", "an image folder") if from_shards else \
+                ("an image folder", "shards")
+            log.warning("the checkpoint's position is in the order of %s; epoch %d goes on at "
+                        "the same position of the order of %s (some images are seen twice in "
+                        "it, others not at all)", was, state["epoch"], now)
         elif blocks is not None and state["streams"] != blocks.streams:
             if not isinstance(state["streams"], int) or state["streams"] < 1:
                 raise UserError(f"the checkpoint's data position has streams="
