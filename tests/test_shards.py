@@ -228,6 +228,35 @@ def test_back_ends_read_every_sample_once_with_its_label(
         assert loader.reader.fetched_bytes > 0
 
 
+def test_the_cache_stays_within_its_budget(tmp_path: Path, shards: Path, s3_server: str,
+                                           s3_bucket: str) -> None:
+    import s3fs
+
+    s3fs.S3FileSystem(endpoint_url=s3_server).put(str(shards), f"{s3_bucket}/shards",
+                                                  recursive=True)
+    # room for ~3 blocks of 2 samples (~5 KB each): the rank deletes the blocks it is done with
+    cfg = shard_cfg(f"{s3_bucket}/shards/shards.json", tmp_path, endpoint_url=s3_server,
+                    cache_gb=15e-6, prefetch=2)
+    loader = build_loader(cfg, "train", train=True)
+    cache = Path(loader.reader.cache_dir)
+    loader.set_epoch(0)
+    held = []
+    ids = []
+    for *_, batch in loader.batches_with_indices():
+        ids += batch.tolist()
+        held.append(sum(f.stat().st_size for f in cache.iterdir() if f.suffix != ".lock"))
+    assert sorted(ids) == list(range(36))
+    blocks = len(loader.reader.bounds) - 1
+    assert loader.reader.fetched_bytes > 0 and len(held) == 9
+    # never more than the budget plus the blocks in use and fetched ahead
+    largest_block = max(int(loader.reader.index.byte_range(a, b - 1)[1]
+                            - loader.reader.index.byte_range(a, b - 1)[0])
+                        for a, b in zip(loader.reader.bounds[:-1], loader.reader.bounds[1:]))
+    in_use = 8  # the windows (3 blocks) in use and next, and the 2 fetched ahead
+    assert max(held) <= 15_000 + in_use * largest_block
+    assert held[-1] < blocks * largest_block / 2  # most of the epoch's blocks are gone
+
+
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_resume_2_then_1_then_3_ranks_yields_every_remaining_sample_once(
         tmp_path: Path, shards: Path, backend: str) -> None:
