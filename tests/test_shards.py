@@ -122,6 +122,17 @@ def test_dalis_own_webdataset_reader_reads_the_shards_and_their_index(
     assert sorted(read) == sorted(source)
 
 
+def test_a_deleted_shard_is_written_again_by_the_same_command(image_folder: Path,
+                                                              shards: Path) -> None:
+    # what `data verify` and the loader advise for a truncated or changed shard
+    bad, good = shards / "train" / "shard-000003.tar", shards / "train" / "shard-000004.tar"
+    before, untouched = bad.read_bytes(), good.stat().st_mtime_ns
+    bad.unlink()
+    prepare_shards(image_folder, shards, images_per_shard=5, workers=1)
+    assert bad.read_bytes() == before and good.stat().st_mtime_ns == untouched
+    load_shard_index(str(shards / "shards.json"), "train")  # whole again
+
+
 def test_undecodable_images_are_left_out_and_listed(tmp_path: Path, image_folder: Path) -> None:
     (image_folder / "train" / "bee" / "bee_003.JPEG").write_bytes(b"\xff\xd8 not a jpeg")
     summary = prepare_shards(image_folder, tmp_path / "out", images_per_shard=5, workers=1)
@@ -192,8 +203,9 @@ def test_back_ends_read_every_sample_once_with_its_label(
         proxy.start()
         root = f"{s3_bucket}/shards/shards.json"
     try:
+        # torch from S3 with DataLoader workers: the reader in forked workers, the prefetcher here
         cfg = shard_cfg(root, tmp_path, endpoint_url=proxy.endpoint if proxy else "",
-                        backend=backend)
+                        backend=backend, workers=2 if proxy and backend == "torch" else 0)
         loader = build_loader(cfg, "train", train=True, seed=1)
         index = loader.reader.index
         loader.set_epoch(0)
@@ -288,17 +300,19 @@ def test_resume_2_then_1_then_3_ranks_yields_every_remaining_sample_once(
         return states[0]
 
     state = run(loaders(2, 2, None), 3)  # 12 samples on 2 ranks, the run's 2 streams
-    assert state == {"epoch": 2, "consumed": 12, "num_samples": 36, "streams": 2}
+    assert state == {"epoch": 2, "consumed": 12, "num_samples": 36, "streams": 2, "blocks": 22,
+                     "window": 3}
     state = run(loaders(1, 3, state), 2)  # 6 more on 1 rank
     assert state["consumed"] == 18 and state["streams"] == 2
     run(loaders(3, 2, state), None)  # the 18 left on 3 ranks: 3 steps of 6
     assert len(seen) == len(set(seen)) == 36
-    # the order is the run's, whatever the ranks: one rank reading the whole epoch agrees
+    # the order is the run's, whatever the ranks: each part of the resumed epoch is the same
+    # part of the order one rank reads uninterrupted with the run's 2 streams
     [one] = loaders(1, 2, None)
     one.sampler.blocks = Blocks(one.sampler.blocks.bounds, 2, one.sampler.blocks.window)
     uninterrupted = epoch_ids(one)
-    assert sorted(uninterrupted) == sorted(seen)
-    assert uninterrupted[:12] == sorted(seen[:12], key=uninterrupted.index)
+    for part in (slice(0, 12), slice(12, 18), slice(18, 36)):
+        assert set(seen[part]) == set(uninterrupted[part])
 
 
 def test_a_run_moves_between_a_folder_and_its_shards(tmp_path: Path, shards: Path,
@@ -315,8 +329,10 @@ def test_a_run_moves_between_a_folder_and_its_shards(tmp_path: Path, shards: Pat
 
 
 def test_a_rank_reads_its_own_streams_blocks() -> None:
-    # ImageNet-like: blocks of 128, a run started on 4 ranks (4 streams)
-    bounds = np.array([*range(0, 100_000, 128), 100_000])
+    # ImageNet-like: shards of 1,000 in blocks of 128 (the last of each 104), a run started on
+    # 4 ranks (4 streams)
+    bounds = np.array([*(b for s in range(0, 100_000, 1000) for b in range(s, s + 1000, 128)),
+                       100_000])
     order = Blocks(bounds, streams=4, window=16).order(seed=1, epoch=0, shuffle=True)
     assert np.array_equal(np.sort(order), np.arange(100_000))
     block_of = np.searchsorted(bounds, order, side="right") - 1
@@ -326,8 +342,8 @@ def test_a_rank_reads_its_own_streams_blocks() -> None:
         for block in range(len(bounds) - 1):
             counts = np.bincount(reader[block_of == block], minlength=ranks)
             foreign += counts.sum() - counts.max()
-        # only the uneven tail of the streams (less than a block each) is read by another rank
-        assert foreign < 4 * 128, (ranks, foreign)
+        # only the tail where the streams' lengths differ is read by another rank
+        assert foreign < 0.01 * len(order), (ranks, foreign)
 
 
 def chi_square_per_batch(labels: np.ndarray, classes: int, batch: int) -> float:
@@ -402,6 +418,37 @@ def test_bad_shards_are_refused_or_counted_in_one_line(tmp_path: Path, shards: P
     with pytest.raises(UserError, match="no shard manifest at .*prepare shards"):
         build_loader(shard_cfg(str(tmp_path / "nowhere" / "shards.json"), tmp_path), "train",
                      train=True)
+
+
+def test_storage_down_mid_epoch_ends_the_run_in_one_line(tmp_path: Path, shards: Path,
+                                                         s3_server: str, s3_bucket: str,
+                                                         monkeypatch) -> None:
+    import s3fs
+
+    import pipeline.data.shard_reader as shard_reader
+    from pipeline.storage.retry import StorageError
+
+    s3fs.S3FileSystem(endpoint_url=s3_server).put(str(shards), f"{s3_bucket}/shards",
+                                                  recursive=True)
+    proxy = Proxy(int(s3_server.rsplit(":", 1)[1]))
+    proxy.start()
+    monkeypatch.setattr(shard_reader, "_RETRY_DELAY", 0.05)  # the workers fork with it
+    cfg = shard_cfg(f"{s3_bucket}/shards/shards.json", tmp_path, endpoint_url=proxy.endpoint,
+                    workers=2, prefetch=0)
+    loader = build_loader(cfg, "train", train=True)
+    loader.set_epoch(0)
+    batches = loader.batches_with_indices()
+    next(batches)
+    proxy.stop()  # the store is gone for good: every connection cut
+    try:
+        with pytest.raises(StorageError) as failed:
+            for _ in batches:
+                pass
+    finally:
+        proxy.stop()
+    message = str(failed.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    assert "reading bytes" in message and "/shards/train/shard-" in message
 
 
 def test_data_verify_names_each_problem_inside_shards(tmp_path: Path, shards: Path,

@@ -237,12 +237,21 @@ class DaliLoader(Loader):
                         self.excluded[i] = str(e)
                 if data is None:
                     if stand_in is None:
-                        stand_in = np.frombuffer(self.reader.read(self._stand_in(order)),
-                                                 dtype=np.uint8)
+                        stand_in = self._stand_in_bytes(order)
                     data, i = stand_in, -1
                 jpegs.append(data)
                 ids.append(np.array([i], dtype=np.int32))
             yield jpegs, ids
+
+    def _stand_in_bytes(self, order: list[int]) -> np.ndarray:
+        """The bytes of the first sample of `order` that reads as converted."""
+        for i in order:
+            if i not in self.excluded:
+                try:
+                    return np.frombuffer(self.reader.read(i), dtype=np.uint8)
+                except BadSample as e:
+                    self.excluded[i] = str(e)
+        return np.frombuffer(self.reader.read(self._stand_in(order)), dtype=np.uint8)  # raises
 
     def _name(self, i: int) -> str:
         return self.reader.name(i) if self.reader else str(self.index.path(i))

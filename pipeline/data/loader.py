@@ -122,8 +122,10 @@ class Loader(ABC):
 
     def state_dict(self) -> dict[str, int]:
         state = {"epoch": self.epoch, "consumed": self.consumed, "num_samples": self.num_samples}
-        if self.sampler.blocks is not None:  # the run's streams: its order (sampler.py)
-            state["streams"] = self.sampler.blocks.streams
+        blocks = self.sampler.blocks
+        if blocks is not None:  # what makes the order of shards (sampler.py)
+            state.update(streams=blocks.streams, blocks=len(blocks.bounds) - 1,
+                         window=blocks.window)
         return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -143,7 +145,14 @@ class Loader(ABC):
             log.warning("the checkpoint's position is in the order of %s; epoch %d goes on at "
                         "the same position of the order of %s (some images are seen twice in "
                         "it, others not at all)", was, state["epoch"], now)
-        elif blocks is not None and state["streams"] != blocks.streams:
+        elif blocks is not None and (state.get("blocks"), state.get("window")) != (
+                len(blocks.bounds) - 1, blocks.window) and self.train:
+            log.warning("epoch %d's order was made of %s blocks shuffled %s at a time; "
+                        "data.shard_block or data.shuffle_window changed since: it goes on at "
+                        "the same position of another order (some images are seen twice in it, "
+                        "others not at all)", state["epoch"], state.get("blocks"),
+                        state.get("window"))
+        if blocks is not None and from_shards and state["streams"] != blocks.streams:
             if not isinstance(state["streams"], int) or state["streams"] < 1:
                 raise UserError(f"the checkpoint's data position has streams="
                                 f"{state['streams']!r}, not a count; it is damaged")

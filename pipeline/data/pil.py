@@ -161,8 +161,11 @@ class ShardDataset(Dataset):
             data = self.reader.read(i)
         except BadSample as e:
             return BadImage(self.reader.name(i), str(e))
-        except StorageError as e:
+        except UserError as e:  # StorageError: the store failed past its retries
             return Unreadable(str(e))
+        except OSError as e:  # a shard deleted or unreadable mid-run, the cache's disk full
+            return Unreadable(f"reading {self.reader.shard_name(i)} failed ({type(e).__name__}: "
+                              f"{e}); check the data and data.cache_dir")
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image.load()  # as FolderDataset: the whole decode, here
@@ -251,7 +254,7 @@ class PilLoader(Loader):
             if self.reader else None
         try:
             handed_out = 0
-            for batch in batches:
+            for batch in _one_line_storage_errors(batches):
                 yield batch
                 handed_out += self.batch_size
                 if prefetcher:
@@ -259,3 +262,15 @@ class PilLoader(Loader):
         finally:
             if prefetcher:
                 prefetcher.close()
+
+
+def _one_line_storage_errors(batches: Iterator[RawBatch]) -> Iterator[RawBatch]:
+    """A StorageError raised in a DataLoader worker comes wrapped with the worker's traceback;
+    the run ends with its own one line."""
+    try:
+        yield from batches
+    except StorageError as e:
+        message = str(e)
+        if "Original Traceback" in message:
+            message = message.rsplit("StorageError: ", 1)[-1].strip()
+        raise StorageError(message) from None

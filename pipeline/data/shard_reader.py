@@ -19,6 +19,7 @@ with one line (StorageError) at the batch that needed it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -33,12 +34,13 @@ import numpy as np
 from pipeline.config import DataConfig
 from pipeline.data.sampler import Blocks
 from pipeline.data.shards import TAR_BLOCK, ShardIndex, member_name
-from pipeline.storage.retry import retry_storage
-from pipeline.storage.urls import open_url
+from pipeline.storage.retry import StorageError, retry_storage
+from pipeline.storage.urls import open_url, single_attempt
 
 log = logging.getLogger(__name__)
 
 _RETRIES, _RETRY_DELAY = 4, 1.0  # ~15 s of an outage per block before the run stops
+_OPEN_SHARDS = 64  # shard files a process keeps open
 
 
 class BadSample(Exception):
@@ -62,6 +64,11 @@ class ShardReader:
         self._files: dict[str, int] = {}
         self._fs: Any = None
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # for spawned workers: no handles, no lock
+        state = self.__dict__.copy()
+        state.update(_pid=-1, _files={}, _fs=None, _lock=None)
+        return state
 
     # --- what the loaders call -----------------------------------------------------------------
 
@@ -130,9 +137,14 @@ class ShardReader:
                                  f"reading bytes {start}-{stop}", url, retries=_RETRIES,
                                  delay=_RETRY_DELAY, log=log)
             tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except OSError:  # the cache's disk full: leave no partial file behind
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         with self._lock:
             self.fetched_bytes += len(data)
         return len(data)
@@ -153,13 +165,17 @@ class ShardReader:
 
     def _here(self) -> None:
         if self._pid != os.getpid():  # a forked worker: its own files, client and lock
+            for fd in self._files.values():  # the parent's, inherited: this process's copies
+                os.close(fd)
             self._pid, self._files, self._fs = os.getpid(), {}, None
             self._lock = threading.Lock()
 
     def _filesystem(self) -> Any:
         self._here()
         if self._fs is None:
-            self._fs = open_url(self.index.base, self.index.endpoint_url, "data.root")[0]
+            # our retries (fetch) the only ones: an outage ends the run when they are spent
+            self._fs = open_url(self.index.base, self.index.endpoint_url, "data.root",
+                                **single_attempt(self.index.base))[0]
         return self._fs
 
     def _local_shard(self, s: int) -> Path | str:
@@ -170,6 +186,10 @@ class ShardReader:
         self._here()
         fd = self._files.get(path)
         if fd is None:
+            if len(self._files) >= _OPEN_SHARDS:  # ImageNet has 1,282: keep within ulimit -n
+                for open_fd in self._files.values():
+                    os.close(open_fd)
+                self._files.clear()
             fd = self._files[path] = os.open(path, os.O_RDONLY)
         return os.pread(fd, size, offset)
 
@@ -182,7 +202,9 @@ class ShardReader:
                     return os.pread(f.fileno(), size, offset)
             except FileNotFoundError:
                 continue
-        raise BadSample(f"block {path} kept disappearing from the cache; raise data.cache_gb")
+        raise StorageError(f"block {path} kept disappearing from the node's cache (ranks or runs "
+                           "sharing it evict each other's blocks); raise data.cache_gb or give "
+                           "each run its own data.cache_dir")
 
 
 class Prefetcher:
@@ -208,7 +230,6 @@ class Prefetcher:
         self.ahead, self.in_flight, self.budget = ahead, in_flight, budget
         self.handed_out = 0
         self.held: dict[int, int] = {}  # blocks this rank fetched -> bytes
-        self.error: BaseException | None = None
         self._changed = threading.Condition()
         self._stop = False
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-fetch")
@@ -247,12 +268,19 @@ class Prefetcher:
                            for b in self.blocks[submitted:target]]
                 submitted = target
                 for block, future in futures:
-                    future.result()
-                    # held whoever fetched it (a worker that needed it first, another rank)
-                    self.held[block] = os.path.getsize(self.reader.block_path(block))
+                    try:
+                        future.result()
+                        # held whoever fetched it (a worker that needed it first, another rank)
+                        self.held[block] = os.path.getsize(self.reader.block_path(block))
+                    except FileNotFoundError:  # deleted by another rank meanwhile: not held
+                        pass
+                    except Exception as e:  # the loader's own read of it retries, or ends the run
+                        log.warning("prefetching block %d of %s failed (%s: %s); it is read "
+                                    "when needed", block, self.reader.index.split_dir,
+                                    type(e).__name__, e)
                 self._trim()
-        except BaseException as e:  # the loader's read of that block raises it again
-            self.error = e
+        except BaseException:  # a bug here must not pass unseen: prefetching stops, reads go on
+            log.exception("the shard prefetcher stopped; blocks are read when needed")
 
     def _trim(self) -> None:
         """Over budget: delete held blocks that this order is done with, the earliest done
@@ -270,8 +298,19 @@ class Prefetcher:
             del self.held[block]
 
 
+def local_world_size() -> int:
+    """The processes of this job on this node: torchrun's LOCAL_WORLD_SIZE, else srun's
+    SLURM_NTASKS_PER_NODE (its first figure: "4(x2)"), else 1."""
+    value = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1")
+    try:
+        return int(value.split("(")[0].split(",")[0])
+    except ValueError:
+        return 1
+
+
 def _cache_folder(index: ShardIndex, cache_dir: str) -> str:
-    """One folder per data set (its sample table's sha256) and split, on node-local disk."""
+    """One folder per data set (its manifest's URL and sample table's crc32s) and split, on
+    node-local disk."""
     root = cache_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                      f"anytime-pipeline-cache-{os.getuid()}")
     digest = zlib.crc32(index.url.encode()) ^ zlib.crc32(index.crcs.tobytes())
@@ -298,6 +337,6 @@ def start_prefetch(cfg: DataConfig, reader: ShardReader, order: np.ndarray,
     samples a back end may read ahead of those it handed out."""
     if not reader.remote:
         return None
-    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    local_ranks = max(1, local_world_size())
     return Prefetcher(reader, order, ahead=cfg.prefetch, threads=cfg.fetch_threads,
                       in_flight=in_flight, budget=int(cfg.cache_gb * 1e9 / local_ranks))

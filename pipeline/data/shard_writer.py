@@ -98,12 +98,17 @@ def _convert_split(index: SampleIndex, fs: Any, root: str, out: str, options: di
     plans = [[index.sample(int(i)) for i in ids[k : k + per_shard]]
              for k in range(0, len(ids), per_shard)]
     done = _done_records(fs, f"{root}/{split}/done")
-    todo = [k for k in range(len(plans)) if k not in done]
     for k, record in done.items():
         if k >= len(plans) or record["plan"] != _plan_digest(plans[k]):
             raise UserError(f"{out}/{split} holds shards converted from other images or with "
                             f"other options (shard {k} differs); delete {out} or choose another "
                             "--out")
+    # a shard deleted (or cut short) since its record was written is written again
+    sizes = _sizes(fs, f"{root}/{split}")
+    for k in [k for k, r in done.items()
+              if r["samples"] and sizes.get(shard_name(split, k).rsplit("/", 1)[1]) != r["bytes"]]:
+        del done[k]
+    todo = [k for k in range(len(plans)) if k not in done]
     if done:
         log.info("%s: %d of %d shards are done already; writing the other %d", split, len(done),
                  len(plans), len(todo))
@@ -237,6 +242,13 @@ def _done_records(fs: Any, folder: str) -> dict[int, dict[str, Any]]:
         except (ValueError, KeyError, TypeError):
             continue  # written by no finished shard: that shard is written again
     return records
+
+
+def _sizes(fs: Any, folder: str) -> dict[str, int]:
+    try:
+        return {e["name"].rsplit("/", 1)[-1]: e["size"] for e in fs.ls(folder, detail=True)}
+    except FileNotFoundError:
+        return {}
 
 
 @functools.cache

@@ -70,7 +70,8 @@ class ShardIndex:
                  identity: DataIdentity, left_out: int, endpoint_url: str = "",
                  order: str = "shuffled"):
         self.url = url  # the manifest's
-        self.base = url.rstrip("/").rsplit("/", 1)[0]  # the folder its names are relative to
+        # the folder its names are relative to ("." for a bare data.root=shards.json)
+        self.base = url.rsplit("/", 1)[0] if "/" in url else "."
         self.split = split
         self.classes = classes
         self.shards = shards

@@ -14,10 +14,14 @@ without its `.cls` or with another label, a JPEG that does not decode.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import multiprocessing
 import os
+import tarfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,12 +108,13 @@ def verify_shards(url: str, split: str, workers: int | None = None,
     """Read every shard of `split` of the manifest at `url` whole; returns its index and one
     line per problem found (none: every sample is what the manifest says, and decodes)."""
     index = load_shard_index(url, split, endpoint_url, check_files=False)
-    jobs = [(index, s) for s in range(len(index.shards))]
+    jobs = range(len(index.shards))
     workers = min(workers or os.cpu_count() or 1, max(1, len(jobs)))
     problems: list[str] = []
     started = last_log = time.perf_counter()
-    # spawn, not fork: s3fs's event loop thread must not be copied mid-lock
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # spawn, not fork: s3fs's event loop thread must not be copied mid-lock. The index goes to
+    # each worker once, not with each shard.
+    with multiprocessing.get_context("spawn").Pool(workers, _set_index, (index,)) as pool:
         for done, found in enumerate(pool.imap(_check_shard, jobs), 1):
             problems += found
             now = time.perf_counter()
@@ -120,13 +125,16 @@ def verify_shards(url: str, split: str, workers: int | None = None,
     return index, problems
 
 
-def _check_shard(job: tuple[ShardIndex, int]) -> list[str]:
-    import hashlib
-    import io
-    import tarfile
-    import zlib
+_index: ShardIndex | None = None  # a verify worker's
 
-    index, s = job
+
+def _set_index(index: ShardIndex) -> None:
+    global _index
+    _index = index
+
+
+def _check_shard(s: int) -> list[str]:
+    index = _index
     shard, url = index.shards[s], index.shard_url(s)
     fs = open_url(url, index.endpoint_url, "data.root")[0]
     try:
@@ -154,21 +162,22 @@ def _check_shard(job: tuple[ShardIndex, int]) -> list[str]:
     if len(samples) != end - first:
         problems.append(f"{url}: {len(samples)} samples, the manifest says {end - first}")
     for i, (stem, files) in zip(range(first, end), samples.items()):
-        image, cls = files.get("jpg"), files.get("cls")
+        cls = files.pop("cls", None)
+        image = next(iter(files.values()), None)  # .jpg, or the source's own extension
         name = f"{url}#{stem}"
         if image is None or cls is None:
-            problems.append(f"{name}: no .{'jpg' if image is None else 'cls'} file")
+            problems.append(f"{name}: no {'image' if image is None else '.cls'} file")
             continue
         if (image.offset_data, image.size) != (int(index.offsets[i]), int(index.sizes[i])):
-            problems.append(f"{name}.jpg: not at the bytes the sample table says")
+            problems.append(f"{url}#{image.name}: not at the bytes the sample table says")
             continue
         jpeg = data[image.offset_data : image.offset_data + image.size]
         label = data[cls.offset_data : cls.offset_data + cls.size].decode("ascii", "replace")
         if zlib.crc32(jpeg) != int(index.crcs[i]):
-            problems.append(f"{name}.jpg: its bytes differ from those converted (crc32)")
+            problems.append(f"{url}#{image.name}: its bytes differ from those converted (crc32)")
         elif label.strip() != str(int(index.labels[i])):
             problems.append(f"{name}.cls: label {label!r}, the sample table says "
                             f"{int(index.labels[i])}")
         elif error := decode_error(jpeg):
-            problems.append(f"{name}.jpg: does not decode ({error})")
+            problems.append(f"{url}#{image.name}: does not decode ({error})")
     return problems

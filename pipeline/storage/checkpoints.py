@@ -53,6 +53,7 @@ from pipeline.storage.manifest import (
     payload_name,
 )
 from pipeline.storage.retry import StorageError, retry_storage
+from pipeline.storage.urls import single_attempt
 
 __all__ = ["MANIFEST", "PAYLOAD", "CheckpointInfo", "CheckpointStore", "StorageError"]
 
@@ -91,13 +92,9 @@ class CheckpointStore:
     ):
         self.url = url.rstrip("/")
         options: dict[str, Any] = {"endpoint_url": endpoint_url} if endpoint_url else {}
-        if fsspec.core.split_protocol(self.url)[0] in ("s3", "s3a"):
-            # Our retry policy is the only one (`retries`, `retry_delay`): botocore's and s3fs's
-            # own retries under it took ~5 s per call against a server that was down, so a save
-            # failed minutes after the configured policy gave up. A client of its own, so that
-            # the retries of other users of s3fs in this process stay theirs.
-            options.update(skip_instance_cache=True,
-                           config_kwargs={"retries": {"total_max_attempts": 1}})
+        # Our retry policy is the only one (`retries`, `retry_delay`): without it a save failed
+        # minutes after the configured policy gave up.
+        options.update(single_attempt(self.url))
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
         except (ImportError, ValueError) as e:

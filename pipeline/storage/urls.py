@@ -21,3 +21,16 @@ def open_url(url: str, endpoint_url: str = "", what: str = "URL",
     except (ImportError, ValueError) as e:  # fsspec's message names the missing package
         raise UserError(f"{what} {url!r} cannot be opened: {e} (for s3:// install the [s3] "
                         "extra: pip install 'anytime-pipeline[s3]')") from e
+
+
+def single_attempt(url: str) -> dict[str, Any]:
+    """File-system options under which each call to an s3:// store is one attempt, so that the
+    caller's retry policy (pipeline/storage/retry.py) is the only one: botocore's and s3fs's
+    own retries under it took ~5 s per call against a server that was down. A client of its
+    own, so that other users of s3fs in the process keep theirs."""
+    import fsspec
+
+    if fsspec.core.split_protocol(url)[0] not in ("s3", "s3a"):
+        return {}
+    return {"skip_instance_cache": True,
+            "config_kwargs": {"retries": {"total_max_attempts": 1}}}
