@@ -315,6 +315,13 @@ def test_resume_2_then_1_then_3_ranks_yields_every_remaining_sample_once(
         assert set(seen[part]) == set(uninterrupted[part])
 
 
+def test_a_manifest_named_without_its_folder(tmp_path: Path, shards: Path, monkeypatch) -> None:
+    monkeypatch.chdir(shards)
+    loader = build_loader(shard_cfg("shards.json", tmp_path), "train", train=True)
+    loader.set_epoch(0)
+    assert sorted(epoch_ids(loader)) == list(range(36))
+
+
 def test_a_run_moves_between_a_folder_and_its_shards(tmp_path: Path, shards: Path,
                                                      image_folder: Path, caplog) -> None:
     on_shards = build_loader(shard_cfg(str(shards / "shards.json"), tmp_path), "train",
