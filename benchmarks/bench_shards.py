@@ -18,7 +18,7 @@ on these machines).
    hard-linked 1,282 times, on local disk): seconds from start to the first batch, and the
    memory the index and the epoch's order take in the process (RSS growth).
 
-    python benchmarks/bench_shards.py [--images 20000] [--delay 0.02] [--batches 10]
+    python benchmarks/bench_shards.py [--images 20000] [--size 96x72] [--delay 0.02] [--batches 10]
 
 Goals (issue #23): shards >= 5x the per-object rate at 20 ms with the same threads; <= 1 request
 per 100 images; first batch from a 1.28M-sample manifest in <= 10 s; index memory <= 40 MB.
@@ -59,14 +59,14 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = 100
 
 
-def write_folder(root: Path, images: int) -> Path:
+def write_folder(root: Path, images: int, size: tuple[int, int] = (96, 72)) -> Path:
     if (root / "done").exists():
         return root
     rng = np.random.default_rng(0)
     for i in range(images):
         folder = root / "train" / f"n{i % CLASSES:08d}"
         folder.mkdir(parents=True, exist_ok=True)
-        natural_image(rng, 96, 72).save(folder / f"img_{i:06d}.JPEG", quality=85)
+        natural_image(rng, *size).save(folder / f"img_{i:06d}.JPEG", quality=85)
     (root / "done").write_text("")
     return root
 
@@ -254,6 +254,8 @@ def first_batch(manifest: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--size", default="96x72",
+                        help="WIDTHxHEIGHT of the images (500x375: ImageNet-like, ~110 KB)")
     parser.add_argument("--delay", type=float, default=0.02, help="seconds per request")
     parser.add_argument("--batches", type=int, default=10,
                         help="batches of the per-object loader and of DALI's webdataset "
@@ -267,11 +269,13 @@ def main() -> None:
     work = Path(args.work)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    results: dict = {"images": args.images, "delay_s": args.delay, "threads": args.threads}
+    results: dict = {"images": args.images, "size": args.size, "delay_s": args.delay,
+                     "threads": args.threads}
 
     results["shuffle_chi_square"] = shuffle_quality()
     results["manifest_1281167"] = first_batch(imagenet_sized_manifest(work / "big"))
-    folder = write_folder(work / f"folder-{args.images}", args.images)
+    size = tuple(int(x) for x in args.size.split("x"))
+    folder = write_folder(work / f"folder-{args.images}-{args.size}", args.images, size)
     import s3fs
 
     with local_s3_server() as endpoint:
