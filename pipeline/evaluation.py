@@ -29,9 +29,9 @@ from pipeline.anytime.metrics import ExitErrors
 from pipeline.config import Config, config_from_dict, with_overrides
 from pipeline.data.index import DataIdentity, class_difference
 from pipeline.errors import UserError
+from pipeline.report import format_duration
 from pipeline.storage.atomic import write_atomically
 from pipeline.storage.checkpoints import CheckpointStore
-from pipeline.train.progress import format_duration
 
 log = logging.getLogger("pipeline.eval")
 

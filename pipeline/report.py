@@ -142,3 +142,11 @@ def plot_ratio_bars(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def format_duration(seconds: float) -> str:
+    """`1h05m` or `4m09s`: an ETA or an elapsed time in a log line."""
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

@@ -10,6 +10,7 @@ is skipped, logged by name and counted by `BadImageCounter`; too many end the ru
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,8 +31,6 @@ MIN_SEEN_FOR_BAD_CHECK = 100
 def decode_error(image: str | Path | bytes) -> str | None:
     """None when `image` (a local path, a URL, or the file's bytes) decodes completely as an
     image, else the error as one line."""
-    import io
-
     import fsspec  # opens URLs as well as paths
 
     try:

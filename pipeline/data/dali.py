@@ -245,13 +245,12 @@ class DaliLoader(Loader):
 
     def _stand_in_bytes(self, order: list[int]) -> np.ndarray:
         """The bytes of the first sample of `order` that reads as converted."""
-        for i in order:
-            if i not in self.excluded:
-                try:
-                    return np.frombuffer(self.reader.read(i), dtype=np.uint8)
-                except BadSample as e:
-                    self.excluded[i] = str(e)
-        return np.frombuffer(self.reader.read(self._stand_in(order)), dtype=np.uint8)  # raises
+        while True:
+            i = self._stand_in(order)  # a UserError when none is left
+            try:
+                return np.frombuffer(self.reader.read(i), dtype=np.uint8)
+            except BadSample as e:
+                self.excluded[i] = str(e)
 
     def _name(self, i: int) -> str:
         return self.reader.name(i) if self.reader else str(self.index.path(i))

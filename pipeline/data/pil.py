@@ -108,8 +108,9 @@ class BadImage(NamedTuple):
 
 
 class Unreadable(NamedTuple):
-    """What the dataset returns when the storage failed past its retries: the loader raises it
-    in the main process, as one line (a worker's exception would come with its traceback)."""
+    """What the dataset returns when the storage failed past its retries: it travels in its
+    batch to the main process, which raises it as one line (an exception raised in a worker
+    would come wrapped in the worker's traceback)."""
 
     error: str
 
@@ -182,11 +183,9 @@ class CollateSkipBad:
 
     def __call__(self, samples: list[tuple[torch.Tensor, int, int] | BadImage | Unreadable]
                  ) -> RawBatch:
-        failed = next((s for s in samples if isinstance(s, Unreadable)), None)
-        if failed is not None:
-            raise StorageError(failed.error)
         good = [s for s in samples if not isinstance(s, (BadImage, Unreadable))]
-        bad = [tuple(s) for s in samples if isinstance(s, BadImage)]
+        bad = [s if isinstance(s, Unreadable) else tuple(s) for s in samples
+               if isinstance(s, (BadImage, Unreadable))]
         if not good:
             empty = torch.empty(0, dtype=torch.int64)
             return torch.empty(0), empty, empty, bad
@@ -254,7 +253,10 @@ class PilLoader(Loader):
             if self.reader else None
         try:
             handed_out = 0
-            for batch in _one_line_storage_errors(batches):
+            for batch in batches:
+                failed = next((b for b in batch[3] if isinstance(b, Unreadable)), None)
+                if failed:
+                    raise StorageError(failed.error)
                 yield batch
                 handed_out += self.batch_size
                 if prefetcher:
@@ -262,15 +264,3 @@ class PilLoader(Loader):
         finally:
             if prefetcher:
                 prefetcher.close()
-
-
-def _one_line_storage_errors(batches: Iterator[RawBatch]) -> Iterator[RawBatch]:
-    """A StorageError raised in a DataLoader worker comes wrapped with the worker's traceback;
-    the run ends with its own one line."""
-    try:
-        yield from batches
-    except StorageError as e:
-        message = str(e)
-        if "Original Traceback" in message:
-            message = message.rsplit("StorageError: ", 1)[-1].strip()
-        raise StorageError(message) from None

@@ -162,7 +162,7 @@ def _write_dataset(
                 for s in range(0, len(mine), _CHUNK):
                     jobs.append((tmp, paths[s : s + _CHUNK], images[mine[s : s + _CHUNK]]))
         total = sum(len(j[1]) for j in jobs)
-        procs = min(_cpus(), len(jobs))
+        procs = min(usable_cpus(), len(jobs))
         if total >= _POOL_MIN_IMAGES and procs > 1:
             # spawn, not fork: the caller may hold threads (torch) that fork would copy mid-lock.
             # Workers ignore Ctrl-C: the parent stops them and says so in one line.
@@ -188,7 +188,8 @@ def _write_dataset(
     return {**summary, "out": str(out), "skipped": False}
 
 
-def _cpus() -> int:
+def usable_cpus() -> int:
+    """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

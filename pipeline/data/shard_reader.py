@@ -19,7 +19,6 @@ with one line (StorageError) at the batch that needed it.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -34,6 +33,7 @@ import numpy as np
 from pipeline.config import DataConfig
 from pipeline.data.sampler import Blocks
 from pipeline.data.shards import TAR_BLOCK, ShardIndex, member_name
+from pipeline.storage.atomic import write_atomically
 from pipeline.storage.retry import StorageError, retry_storage
 from pipeline.storage.urls import open_url, single_attempt
 
@@ -136,15 +136,7 @@ class ShardReader:
             data = retry_storage(lambda: fs.cat_file(url, start=start, end=stop),
                                  f"reading bytes {start}-{stop}", url, retries=_RETRIES,
                                  delay=_RETRY_DELAY, log=log)
-            tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except OSError:  # the cache's disk full: leave no partial file behind
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_atomically(path, data)  # readers never see a part of it
         with self._lock:
             self.fetched_bytes += len(data)
         return len(data)
@@ -195,13 +187,13 @@ class ShardReader:
 
     def _pread_block(self, block: int, offset: int, size: int) -> bytes:
         path = self.block_path(block)
-        for _ in range(3):  # evicted by another rank between fetch and open: fetch it again
-            self.fetch(block)
+        for attempt in range(4):  # not fetched yet, or evicted by another rank since: fetch it
             try:
                 with open(path, "rb") as f:
                     return os.pread(f.fileno(), size, offset)
             except FileNotFoundError:
-                continue
+                if attempt < 3:
+                    self.fetch(block)
         raise StorageError(f"block {path} kept disappearing from the node's cache (ranks or runs "
                            "sharing it evict each other's blocks); raise data.cache_gb or give "
                            "each run its own data.cache_dir")

@@ -17,6 +17,7 @@ storage) becomes tar shards, their DALI index files, a sample table and a manife
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -37,8 +38,11 @@ import numpy as np
 from pipeline.data.badimages import decode_error
 from pipeline.data.index import SampleIndex
 from pipeline.data.listing import index_split, is_remote, list_split_classes
-from pipeline.data.shards import FORMAT, MANIFEST, MAX_SHARD_BYTES, TABLE, shard_name
+from pipeline.data.prepare import usable_cpus
+from pipeline.data.shards import FORMAT, MANIFEST, MAX_SHARD_BYTES, TABLE, shard_name, shard_sizes
 from pipeline.errors import UserError
+from pipeline.report import format_duration
+from pipeline.storage.atomic import is_local, write_atomically
 from pipeline.storage.urls import open_url
 
 log = logging.getLogger(__name__)
@@ -97,14 +101,18 @@ def _convert_split(index: SampleIndex, fs: Any, root: str, out: str, options: di
         ids = np.random.Generator(np.random.PCG64(options["seed"])).permutation(len(index))
     plans = [[index.sample(int(i)) for i in ids[k : k + per_shard]]
              for k in range(0, len(ids), per_shard)]
-    done = _done_records(fs, f"{root}/{split}/done")
+    try:  # the first look at --out
+        done = _done_records(fs, f"{root}/{split}/done")
+        sizes = shard_sizes(fs, f"{root}/{split}")
+    except Exception as e:
+        raise UserError(f"cannot read {out} ({type(e).__name__}: {e}); check --out, "
+                        "--endpoint-url and the credentials") from e
     for k, record in done.items():
         if k >= len(plans) or record["plan"] != _plan_digest(plans[k]):
             raise UserError(f"{out}/{split} holds shards converted from other images or with "
                             f"other options (shard {k} differs); delete {out} or choose another "
                             "--out")
     # a shard deleted (or cut short) since its record was written is written again
-    sizes = _sizes(fs, f"{root}/{split}")
     for k in [k for k, r in done.items()
               if r["samples"] and sizes.get(shard_name(split, k).rsplit("/", 1)[1]) != r["bytes"]]:
         del done[k]
@@ -114,20 +122,24 @@ def _convert_split(index: SampleIndex, fs: Any, root: str, out: str, options: di
                  len(plans), len(todo))
     jobs = [(str(index.split_dir), out, endpoint_url, split, k, plans[k]) for k in todo]
     images = sum(len(plans[k]) for k in todo)
-    procs = min(workers or _cpus(), len(jobs))
+    procs = min(workers or usable_cpus(), len(jobs))
     started = last_log = time.perf_counter()
     converted = 0
-    with _pool(procs) as pool:
-        for record in (pool.imap_unordered(_write_shard, jobs) if pool else map(_write_shard,
-                                                                                 jobs)):
+    # spawn: the caller may hold threads (s3fs's event loop) that fork would copy mid-lock.
+    # Workers ignore Ctrl-C: the parent stops them.
+    pool = multiprocessing.get_context("spawn").Pool(procs, _ignore_sigint) if procs > 1 else \
+        contextlib.nullcontext()
+    with pool:
+        for record in (pool.imap_unordered(_write_shard, jobs) if procs > 1 else
+                       map(_write_shard, jobs)):
             done[record["number"]] = record
             converted += record["samples"] + len(record["left_out"])
             now = time.perf_counter()
             if now - last_log > 10 or converted == images:
                 rate = converted / max(now - started, 1e-9)
                 log.info("prepare shards %s: %d/%d images, %.0f images/s, ETA %s", split,
-                         converted, images, rate, _duration((images - converted) / max(rate,
-                                                                                        1e-9)))
+                         converted, images, rate,
+                         format_duration((images - converted) / max(rate, 1e-9)))
                 last_log = now
     records = [done[k] for k in range(len(plans))]
     table = io.BytesIO()
@@ -149,9 +161,9 @@ def _write_shard(job: tuple[str, str, str, str, int, list[tuple[str, int]]]) -> 
     """Read, decode, and write one shard, its DALI index and its record (last); returns the
     record."""
     split_dir, out, endpoint_url, split, number, plan = job
-    fs, root = _open(out, endpoint_url)
+    fs, root = _open(out, endpoint_url, "--out")
     remote = is_remote(split_dir)
-    src_fs = _open(split_dir, endpoint_url)[0] if remote else None
+    src_fs = _open(split_dir, endpoint_url, "SRC")[0] if remote else None
 
     def read(rel: str) -> bytes | Exception:
         try:
@@ -244,60 +256,28 @@ def _done_records(fs: Any, folder: str) -> dict[int, dict[str, Any]]:
     return records
 
 
-def _sizes(fs: Any, folder: str) -> dict[str, int]:
-    try:
-        return {e["name"].rsplit("/", 1)[-1]: e["size"] for e in fs.ls(folder, detail=True)}
-    except FileNotFoundError:
-        return {}
-
-
 @functools.cache
-def _open(url: str, endpoint_url: str) -> tuple[Any, str]:
-    return open_url(url, endpoint_url, "--out")
+def _open(url: str, endpoint_url: str, what: str) -> tuple[Any, str]:
+    return open_url(url, endpoint_url, what)
 
 
 def _write(fs: Any, path: str, data: bytes) -> None:
     """Whole or not at all: one PUT on object storage, a rename on a file system."""
-    parent = path.rsplit("/", 1)[0]
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        os.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    try:
+        if is_local(fs):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_atomically(path, data)
+        else:
+            fs.pipe_file(path, data)
+    except Exception as e:
+        where = path if is_local(fs) else fs.unstrip_protocol(path)
+        raise UserError(f"cannot write {where} ({type(e).__name__}: {e}); "
+                        "check --out, --endpoint-url and the credentials") from e
 
 
 def _label_type(index: SampleIndex) -> type:
     return np.int16 if len(index.classes) <= np.iinfo(np.int16).max else np.int32
 
 
-def _pool(procs: int):
-    if procs <= 1:
-        return _NoPool()
-    # spawn: the caller may hold threads (s3fs's event loop) that fork would copy mid-lock.
-    # Workers ignore Ctrl-C: the parent stops them.
-    return multiprocessing.get_context("spawn").Pool(procs, _ignore_sigint)
-
-
-class _NoPool:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

@@ -176,14 +176,19 @@ def shard_splits(url: str, endpoint_url: str = "") -> list[str]:
     return list(_read_json(fs, path, url)["splits"])
 
 
+def shard_sizes(fs: Any, folder: str) -> dict[str, int]:
+    """File name -> size of what `folder` holds (one listing; {} for no folder)."""
+    try:
+        return {e["name"].rsplit("/", 1)[-1]: e["size"] for e in fs.ls(folder, detail=True)}
+    except FileNotFoundError:
+        return {}
+
+
 def check_shard_files(fs: Any, base: str, index: ShardIndex) -> None:
     """Refuse shards that are missing or whose size differs from the manifest's (a truncated or
     replaced file): one listing of the split's folder."""
     try:
-        listed = {e["name"].rsplit("/", 1)[-1]: e["size"]
-                  for e in fs.ls(f"{base}/{index.split}", detail=True)}
-    except FileNotFoundError:
-        listed = {}
+        listed = shard_sizes(fs, f"{base}/{index.split}")
     except Exception as e:
         raise UserError(f"cannot list the shards of {index.split_dir} ({type(e).__name__}: {e}); "
                         "check the URL, data.endpoint_url and the credentials") from e

@@ -27,8 +27,7 @@ IMAGENET_CLASSES = 1000
 
 class SyntheticLoader(Loader):
     def __init__(self, cfg: DataConfig, index: SampleIndex | ShardIndex | str, *, train: bool,
-                 rank: int = 0,
-                 world_size: int = 1, seed: int = 0, accumulation: int = 1):
+                 rank: int = 0, world_size: int = 1, seed: int = 0, accumulation: int = 1):
         """`index`: the split's index, or the split's name where there is no data."""
         if not isinstance(index, str):  # a SampleIndex or a ShardIndex
             classes, num_samples, source = index.classes, len(index), str(index.split_dir)

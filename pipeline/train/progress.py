@@ -12,6 +12,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from pipeline.report import format_duration
+
 log = logging.getLogger("pipeline.train")
 
 
@@ -140,10 +142,3 @@ class Progress:
             log.info("epoch %d/%d  step %d/%d  %s  %.0f img/s  eta %s", epoch + 1, epochs, step,
                      self.total_steps, shown, self.rate, format_duration(eta))
         self.last_time, self.last_step, self.images = now, step, 0
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

@@ -33,7 +33,7 @@ from pipeline.data import Loader, build_loader, position_from_step
 from pipeline.data.index import DataIdentity
 from pipeline.errors import TrainingDiverged, UserError
 from pipeline.models import exit_costs
-from pipeline.report import format_table, plot_anytime_curve
+from pipeline.report import format_duration, format_table, plot_anytime_curve
 from pipeline.storage.atomic import write_atomically
 from pipeline.storage.checkpoints import CheckpointInfo, CheckpointStore
 from pipeline.storage.lease import LeaseUnsupportedError, RunLease
@@ -46,7 +46,7 @@ from pipeline.train.distributed import (
     run_on_main,
 )
 from pipeline.train.preemption import watch_preemption
-from pipeline.train.progress import MetricsWriter, Progress, format_duration
+from pipeline.train.progress import MetricsWriter, Progress
 from pipeline.train.runtime import create_anytime_model, start_job, weights_mismatch
 from pipeline.train.state import RunState, seed_everything
 
