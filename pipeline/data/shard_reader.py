@@ -25,7 +25,6 @@ import os
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,13 +51,11 @@ class ShardReader:
     Picklable state only, plus per-process handles opened on first use: a forked DataLoader
     worker opens its own."""
 
-    def __init__(self, index: ShardIndex, bounds: np.ndarray, *, cache_dir: str = "",
-                 cache_bytes: int = 0):
+    def __init__(self, index: ShardIndex, bounds: np.ndarray, *, cache_dir: str = ""):
         self.index = index
         self.bounds = bounds  # first sample of each block, then len(index)
         self.remote = index.is_remote
         self.cache_dir = _cache_folder(index, cache_dir) if self.remote else ""
-        self.cache_bytes = cache_bytes
         self.fetched_bytes = 0  # downloaded by this process
         self._pid = -1
         self._files: dict[str, int] = {}
@@ -74,15 +71,7 @@ class ShardReader:
 
     def read(self, i: int) -> bytes:
         """Sample i's image bytes; BadSample when they are not the ones converted."""
-        if self.remote:
-            block = self.block_of(i)
-            start = self.index.byte_range(int(self.bounds[block]),
-                                          int(self.bounds[block + 1]) - 1)[0]
-            data = self._pread_block(block, int(self.index.offsets[i]) - start,
-                                     int(self.index.sizes[i]))
-        else:
-            data = self._pread(str(self._local_shard(self.index.shard_of(i))),
-                               int(self.index.offsets[i]), int(self.index.sizes[i]))
+        data = self._bytes(i, int(self.index.offsets[i]), int(self.index.sizes[i]))
         if len(data) != self.index.sizes[i] or zlib.crc32(data) != self.index.crcs[i]:
             raise BadSample(f"its bytes differ from those converted (crc32); {self.shard_name(i)} "
                             "changed after `prepare shards`: run `python -m pipeline data "
@@ -92,15 +81,7 @@ class ShardReader:
     def name(self, i: int) -> str:
         """How messages name sample i: `<shard URL>#<member name>`, read from its tar header."""
         try:
-            if self.remote:
-                block = self.block_of(i)
-                start = self.index.byte_range(int(self.bounds[block]),
-                                              int(self.bounds[block + 1]) - 1)[0]
-                header = self._pread_block(block, int(self.index.offsets[i]) - TAR_BLOCK - start,
-                                           TAR_BLOCK)
-            else:
-                header = self._pread(str(self._local_shard(self.index.shard_of(i))),
-                                     int(self.index.offsets[i]) - TAR_BLOCK, TAR_BLOCK)
+            header = self._bytes(i, int(self.index.offsets[i]) - TAR_BLOCK, TAR_BLOCK)
             return f"{self.shard_name(i)}#{member_name(header)}"
         except Exception:  # naming a sample never fails the run
             return f"{self.shard_name(i)}#sample-{i}"
@@ -155,6 +136,14 @@ class ShardReader:
 
     # --- per-process handles -------------------------------------------------------------------
 
+    def _bytes(self, i: int, offset: int, size: int) -> bytes:
+        """`size` bytes at `offset` of sample i's shard: read in place, or from its block."""
+        if not self.remote:
+            return self._pread(self._local_shard(self.index.shard_of(i)), offset, size)
+        block = self.block_of(i)
+        start = self.index.byte_range(int(self.bounds[block]), int(self.bounds[block + 1]) - 1)[0]
+        return self._pread_block(block, offset - start, size)
+
     def _here(self) -> None:
         if self._pid != os.getpid():  # a forked worker: its own files, client and lock
             for fd in self._files.values():  # the parent's, inherited: this process's copies
@@ -170,7 +159,7 @@ class ShardReader:
                                 **single_attempt(self.index.base))[0]
         return self._fs
 
-    def _local_shard(self, s: int) -> Path | str:
+    def _local_shard(self, s: int) -> str:
         url = self.index.shard_url(s)
         return url[len("file://"):] if url.startswith("file://") else url
 
