@@ -8,6 +8,7 @@
     bench train --config configs/demo_fmnist_resnet_ann.yaml [--steps 30] [--profile DIR] [--json]
     eval --checkpoint runs/demo_fmnist/checkpoints --data data/fashion-mnist [--json] [--budgeted 8]
     assemble --members URL1 URL2 URL3 --val data/fashion-mnist --out runs/eann [--budgeted 8]
+    export runs/demo_fmnist --out model.pt2 [--until 3] [--eann] [--batch 64] [--json]
     bench loader --backend dali|torch|synthetic|decode --data DIR [--batch-size 256]
     data verify DIR [--out DIR] [--workers N]     lists of the images that decode, and the bad
 """
@@ -160,6 +161,20 @@ def main(argv: list[str] | None = None) -> int:
                                                 "and the plots (a path, s3:// ...)")
     _add_eval_options(p)
 
+    p = verbs.add_parser("export", help="torch.export a checkpoint or an EANN for serving: one "
+                                        ".pt2 file, its exits' costs, classes and input inside")
+    p.add_argument("checkpoint", help="a run folder, its checkpoints folder (newest valid) or one "
+                                      "step-XXXXXXXX folder; with --eann an EANN folder or "
+                                      "eann.safetensors; a path, file://, s3:// ...")
+    p.add_argument("--out", required=True, help="file URL to write, e.g. model.pt2, s3://...")
+    p.add_argument("--until", type=at_least(1), default=None, metavar="K",
+                   help="keep exits 1..K (EANN: its first K scheduled outputs); default all")
+    p.add_argument("--eann", action="store_true", help="CHECKPOINT is an EANN from `assemble`")
+    p.add_argument("--batch", type=positive(int), default=None, metavar="N",
+                   help="fix the batch size at N (default: any batch size)")
+    p.add_argument("--endpoint-url", default="", help="S3-compatible server, e.g. MinIO")
+    p.add_argument("--json", action="store_true", help="print what is stored beside the graph")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
@@ -181,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             return assemble(args)
         if args.verb == "data":
             return data(args)
+        if args.verb == "export":
+            return export(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -485,6 +502,25 @@ def assemble(args: argparse.Namespace) -> int:
     run_assembly(members, args.val, args.out, split=args.split,
                  endpoint_url=args.endpoint_url, overrides=overrides, device=args.device,
                  amp=args.amp, budgeted=args.budgeted, print_json=args.json)
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_checkpoint, save_exported
+    from pipeline.report import format_table
+
+    _json_keeps_stdout(args)
+    program, meta = export_checkpoint(args.checkpoint, until=args.until, eann=args.eann,
+                                      endpoint_url=args.endpoint_url, batch=args.batch)
+    save_exported(args.out, program, meta, endpoint_url=args.endpoint_url)
+    if args.json:
+        print(json.dumps(meta, indent=1))
+        return 0
+    print(format_table(meta["outputs"], [k for k in meta["outputs"][0] if k != "top5_error"]))
+    size = "x".join(map(str, meta["input"]["size"]))
+    print(f"exported {meta['model']} ({len(meta['outputs'])} outputs, input {size}, batch "
+          f"{args.batch or 'any'}) to {args.out}; serve it with "
+          "torch.export.load(path).module()(x) -> tuple of logits, first to last")
     return 0
 
 
