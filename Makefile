@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_CONFIG ?= configs/demo_fmnist_resnet_ann.yaml
 PIP_INSTALL = $(PYTHON) -m pip install -q -c constraints.txt
 
-.PHONY: install install-dev demo test lint lock
+.PHONY: install install-dev demo test test-fast lint lock
 
 # What the demo needs: the data set's package, torch, this package.
 install:
@@ -34,8 +34,14 @@ demo: install
 lint:
 	$(PYTHON) -m ruff check pipeline tests launchers benchmarks
 
+# The 25 slowest tests close the report, so that a test that grew slow shows in every CI run.
 test: install-dev lint
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=25
+
+# The inner loop, in a few minutes: no install, and no test marked slow (those train: in
+# process, through the CLI, on SLURM or on Ray). `make test` runs everything.
+test-fast: lint
+	$(PYTHON) -m pytest -q -m "not slow"
 
 # Re-resolve every dependency to its newest allowed release in a throwaway venv and pin the
 # result. Run it, then `make test`, and commit constraints.txt with the fixes the tests asked for.
