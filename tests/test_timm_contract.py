@@ -10,12 +10,14 @@ import timm
 import torch
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, resolve_model_data_config
-from timm.layers import DropPath
+from timm.layers import DropPath, get_notrace_functions, get_notrace_modules
 from timm.models import load_checkpoint
 from timm.utils import ModelEmaV3
 from torch import nn
+from torchvision.models.feature_extraction import NodePathTracer
 
 import pipeline.models  # noqa: F401  (registers the models)
+from pipeline.anytime.metrics import ExitErrors
 from pipeline.models.anytime import CIFAR10_MEAN
 
 FAST = ["resnet_ann_cifar", "resnet_ann_cifar20", "resnet_ann_cifar32", "resnet18_ann",
@@ -248,3 +250,135 @@ def test_msdnet_head_pool_equals_reference_at_training_size(name, size):
         assert not torch.allclose(models["global"](bigger)[-1], models["avg2x2"](bigger)[-1])
     with pytest.raises(ValueError, match="head_pool"):
         timm.create_model(name, head_pool="avg3")
+
+
+def exit_head_params(model: nn.Module, keep: int) -> set[str]:
+    """Names of the parameters of every exit head but exit `keep`'s (1-based)."""
+    return {n for n, _ in model.named_parameters()
+            if n.startswith("exits.") and int(n.split(".")[1]) != keep - 1}
+
+
+def fx_trace(model: nn.Module) -> torch.fx.GraphModule:
+    """fx's trace with the tracer of timm's fx tests (its untraceable modules and functions
+    kept whole), once: it bakes the model's training flag into the graph."""
+    tracer = NodePathTracer(leaf_modules=get_notrace_modules(),
+                            autowrap_functions=get_notrace_functions(), param_shapes_constant=True)
+    return torch.fx.GraphModule(model, tracer.trace(model))
+
+
+def assert_device_dtype(model: nn.Module, device: str, dtype: torch.dtype) -> None:
+    placed = {(t.device.type, t.dtype) for t in [*model.parameters(), *model.buffers()]
+              if t.is_floating_point()}
+    assert placed == {(device, dtype)}
+
+
+@pytest.mark.parametrize("name", [*FAST, *SLOW])
+def test_timm_model_tests_on_the_single_tensor_view(name):
+    """timm 1.0.30's tests/test_models.py checks, on the single-tensor view (`output_exit=-1`).
+
+    Run here: test_model_default_cfgs (with the `device` / `dtype` keywords of its config test)
+    on the meta device at the cfg's full input size, which costs no compute;
+    test_model_forward, test_model_backward, test_model_forward_fx and test_model_backward_fx
+    (fx with the tracer settings of timm's fx tests) at the small sizes of this file. Every
+    name, none marked slow: about a second of CPU each.
+
+    Not run on the list output (`output_exit=None`, the default): they take `model(x)` for one
+    tensor (`.shape`, `.mean()`; they concatenate tuples, not lists). The list has its own
+    tests above. Narrowed here: backward's "every parameter has a gradient" holds for what the
+    chosen exit uses, the other exits' heads do not run (as inception's aux head when off);
+    default_cfgs' "`reset_classifier(0, '')` gives the unpooled `pool_size` map" holds for
+    ResNet-ANN only, as MSDNet's heads have convs before their pool (timm's
+    EARLY_POOL_MODELS). Not applicable: TorchScript (unsupported, docs/models.md), pretrained
+    inference and loading (no published weights).
+    """
+    # test_model_default_cfgs, and device / dtype reaching every parameter and buffer.
+    model = timm.create_model(name, output_exit=-1, device="meta", dtype=torch.float64).eval()
+    assert_device_dtype(model, "meta", torch.float64)
+    assert model.num_classes > 0 and model.num_features > 0 and model.head_hidden_size > 0
+    cfg, state_dict = model.default_cfg, model.state_dict()
+    assert all(f"{c}.weight" in state_dict for c in cfg["classifier"])
+    assert f"{cfg['first_conv']}.weight" in state_dict
+    x = torch.randn(1, *cfg["input_size"], device="meta", dtype=torch.float64)
+    features = model.forward_features(x)
+    pre_logits = model.forward_head(features, pre_logits=True)
+    assert features.shape[1:] == (model.num_features, *cfg["pool_size"])
+    assert pre_logits.shape == (1, model.head_hidden_size)
+    model.reset_classifier(0)
+    assert model.num_classes == 0 and model(x).shape == pre_logits.shape
+    model.reset_classifier(5)  # the heads reset to Identity have no dtype left: the model's
+    assert_device_dtype(model, "meta", torch.float64)
+    if not name.startswith("msdnet"):
+        model.reset_classifier(0, "")
+        assert model(x).shape == features.shape
+        unpooled = timm.create_model(name, output_exit=-1, num_classes=0, global_pool="",
+                                     device="meta").eval()
+        assert unpooled(x.float()).shape == features.shape
+
+    # test_model_forward (eval), with grad checkpointing, and test_model_forward_fx.
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=42, output_exit=-1).eval()
+    x = image(name, batch=1)
+    outputs = model(x)
+    assert outputs.shape == (1, 42) and not outputs.isnan().any()
+    model.set_grad_checkpointing()
+    torch.testing.assert_close(model(x), outputs, rtol=1e-4, atol=1e-5)
+    model.set_grad_checkpointing(False)
+    with torch.inference_mode():
+        assert torch.equal(fx_trace(model)(x), outputs)
+
+    # test_model_backward and test_model_backward_fx (train mode, batch 2 for BatchNorm).
+    x = image(name)
+    unused = exit_head_params(model, model.num_exits)
+    for net in (model.train(), fx_trace(model)):
+        model.zero_grad(set_to_none=True)
+        outputs = net(x)
+        outputs.mean().backward()
+        assert outputs.shape == (2, 42) and not outputs.isnan().any()
+        assert {n for n, p in model.named_parameters() if p.grad is None} == unused
+
+
+@pytest.mark.parametrize("name", ["resnet_ann_cifar20", "msdnet_cifar"])
+def test_output_exit_computes_only_that_exit_and_until_gives_the_list(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    x = image(name)
+    ran = set()
+    for n, m in model.named_modules():
+        m.register_forward_pre_hook(lambda m, _, n=n: ran.add(n))
+    with torch.no_grad():
+        every = model(x)
+        assert isinstance(every, list) and len(every) == model.num_exits
+        ran.clear()
+        model(x, until=2)
+        up_to_exit_2 = set(ran)
+        ran.clear()
+        model.set_output_exit(2)
+        torch.testing.assert_close(model(x), every[1], rtol=0, atol=0)
+        # What until=2 runs, but exit 1's head.
+        assert ran == {n for n in up_to_exit_2 if not n.startswith("exits.0")}
+        for k in (1, model.num_exits):  # an explicit `until` gives the list, as without the view
+            assert [o.shape for o in model(x, until=k)] == [o.shape for o in every[:k]]
+        model.set_output_exit(None)
+        assert isinstance(model(x), list)
+    for bad in (0, model.num_exits + 1, -2):
+        with pytest.raises(ValueError, match=f"output_exit={bad} is not an exit"):
+            model.set_output_exit(bad)
+    with pytest.raises(ValueError, match="output_exit"):
+        timm.create_model(name, output_exit=-1, features_only=True)
+    with pytest.raises(ValueError, match="single-tensor view"):  # evaluation needs the list
+        ExitErrors(model.num_exits).update(every[-1], torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("make", [lambda: timm.create_model("resnet_ann_cifar20", num_classes=10),
+                                  small_msdnet], ids=["resnet_ann_cifar20", "msdnet_cifar"])
+def test_output_exit_traces_compiles_and_exports(make):
+    torch.manual_seed(0)
+    model = make().eval()
+    model.set_output_exit(-1)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(torch.fx.symbolic_trace(model)(x), expected)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected)
+        torch.testing.assert_close(torch.export.export(model, (x,)).module()(x), expected)

@@ -16,6 +16,10 @@ class ExitErrors:
 
     @torch.no_grad()
     def update(self, logits: list[torch.Tensor], target: torch.Tensor) -> None:
+        if isinstance(logits, torch.Tensor):  # iterating would take each image for an exit
+            raise ValueError("per-exit errors need every exit's logits, and the model gave one "
+                             "tensor: its single-tensor view for timm's tools is on; drop "
+                             "output_exit from model.kwargs (or call model.set_output_exit(None))")
         k = min(5, logits[0].shape[1])
         for i, out in enumerate(logits):
             top = out.topk(k, dim=1).indices

@@ -6,9 +6,10 @@ names where each exit sits (`exit_positions`) and keeps its heads in `exits`, wh
 `exit_costs` and `describe` need.
 
 The registered families also share `AnytimeModel` (timm's model methods, each acting on every
-exit: see its docstring and docs/models.md), the one `until` check (`exits_to_compute`), the exit
-head (`ExitClassifier`), and how they are built (`build_anytime`: timm's `build_model_with_cfg`
-with the pretrained cfgs of `anytime_cfg` / `cifar_cfg`).
+exit, and the single-tensor view for timm's tools: see its docstring and docs/models.md), the one
+`until` check (`exits_to_compute`), the exit head (`ExitClassifier`), and how they are built
+(`build_anytime`: timm's `build_model_with_cfg` with the pretrained cfgs of `anytime_cfg` /
+`cifar_cfg`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.fx
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d, create_classifier
+from timm.layers import SelectAdaptivePool2d, create_classifier, get_device_dtype
 from timm.models import PretrainedCfg, build_model_with_cfg, checkpoint, get_pretrained_cfg
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -32,6 +33,8 @@ class AnytimeNet(Protocol):
     exit_positions: list[str]  # where each exit sits, e.g. "stage2.unit3"
     exits: nn.ModuleList  # the exit heads, first to last
 
+    # With no `until`, an `AnytimeModel` whose single-tensor view is on (`set_output_exit`)
+    # gives one tensor: code that needs the list passes `until` (`num_exits` for all of them).
     def forward(self, x: torch.Tensor, until: int | None = None) -> list[torch.Tensor]: ...
 
 
@@ -63,8 +66,10 @@ class ExitClassifier(nn.Sequential):
     """
 
     def __init__(self, pre: list[nn.Module], in_features: int, num_classes: int,
-                 pool_type: str = "avg", drop_rate: float = 0.0, pool: nn.Module | None = None):
-        global_pool, fc = create_classifier(in_features, num_classes, pool_type)
+                 pool_type: str = "avg", drop_rate: float = 0.0, pool: nn.Module | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        global_pool, fc = create_classifier(in_features, num_classes, pool_type, device=device,
+                                            dtype=dtype)
         super().__init__(*pre, global_pool if pool is None else pool, nn.Dropout(drop_rate), fc)
         self.in_features = in_features
 
@@ -76,16 +81,17 @@ class ExitClassifier(nn.Sequential):
     def fc(self) -> nn.Module:
         return self[-1]
 
-    def reset(self, num_classes: int, pool_type: str | None = None) -> None:
-        """A new linear layer for `num_classes` (0: none); a new global pool if `pool_type`."""
+    def reset(self, num_classes: int, pool_type: str | None = None,
+              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        """A new linear layer for `num_classes` (0: none); a new global pool if `pool_type`.
+        The layer's device and dtype: those given, else the head's (as timm's `ClassifierHead`;
+        a head with no parameter left needs them given: `AnytimeModel.reset_classifier` does)."""
         if pool_type is not None:
             self[-3] = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+        dd = get_device_dtype(self, device=device, dtype=dtype)
         feat_mult = getattr(self.global_pool, "feat_mult", lambda: 1)()
-        fc = nn.Linear(self.in_features * feat_mult, num_classes) if num_classes > 0 \
+        fc = nn.Linear(self.in_features * feat_mult, num_classes, **dd) if num_classes > 0 \
             else nn.Identity()
-        like = next(self.parameters(), None)  # the new layer's device and dtype
-        if like is not None:
-            fc = fc.to(device=like.device, dtype=like.dtype)
         self[-1] = fc.train(self.training)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -100,8 +106,18 @@ class AnytimeModel(nn.Module):
 
     A subclass sets `num_classes`, `num_features` (width of the final exit's input),
     `head_hidden_size` (width of its pre-logits), `exits` (`ExitClassifier` or timm
-    `ClassifierHead` modules), `num_exits`, `exit_positions` and `feature_info`, and implements
-    `forward(x, until=None)`, `forward_features(x, exit_index=None)` and `forward_intermediates`.
+    `ClassifierHead` modules), `num_exits`, `exit_positions` and `feature_info`, builds every
+    parameter with the `device` and `dtype` it is given (as timm's models do), and implements
+    `forward_exits(x, until=None)` (the list of exits 1..until), `forward_features(x,
+    exit_index=None)` and `forward_intermediates`.
+
+    - `forward(x, until=None)`: `forward_exits`, the list of every exit's logits (training, the
+      budgeted evaluation, `exit_costs`, EANN). The single-tensor view for timm's tools, which
+      expect `model(x)` to be one tensor (validate.py, benchmark.py, exporters), as timm's own
+      multi-output models make their extra outputs opt-in: after `set_output_exit(k)`
+      (`output_exit=k` in `timm.create_model`), `model(x)` is exit k's logits alone (1-based, -1:
+      the final exit), computing only what exit k needs. An explicit `until` still gives the
+      list, so code that needs every exit can ask for it whatever the view.
 
     - `get_classifier()`: every exit's final linear layer, as a ModuleList (names with
       `name_only=True`, the same tuple as `pretrained_cfg["classifier"]`).
@@ -121,6 +137,33 @@ class AnytimeModel(nn.Module):
     exit_positions: list[str]
     exits: nn.ModuleList
     grad_checkpointing: bool = False
+    output_exit: int | None = None  # the single-tensor view's exit; None: the list
+
+    def forward(self, x: torch.Tensor,
+                until: int | None = None) -> list[torch.Tensor] | torch.Tensor:
+        """The logits of exits 1..`until` (every exit by default), first to last, computing only
+        what exit `until` needs; with no `until` and the single-tensor view on
+        (`set_output_exit`), that exit's logits as one tensor."""
+        # fx's symbolic_trace hands the default `until` in as a Proxy: trace it as not given.
+        if self.output_exit is not None and (until is None or isinstance(until, torch.fx.Proxy)):
+            k = self.num_exits if self.output_exit == -1 else self.output_exit
+            return self.forward_head(self.forward_features(x, exit_index=k), exit_index=k)
+        return self.forward_exits(x, until)
+
+    def forward_exits(self, x: torch.Tensor, until: int | None = None) -> list[torch.Tensor]:
+        """The logits of exits 1..`until` (every exit by default), whatever the view: each
+        family implements it."""
+        raise NotImplementedError
+
+    def set_output_exit(self, exit_index: int | None) -> None:
+        """The single-tensor view: `model(x)` gives exit `exit_index`'s logits alone (1-based;
+        -1: the final exit); None gives back the list of every exit (the default)."""
+        if exit_index is not None and exit_index != -1 and \
+                not 1 <= exit_index <= self.num_exits:
+            raise ValueError(f"output_exit={exit_index} is not an exit of this model: 1.."
+                             f"{self.num_exits}, -1 for the final exit, or None for the list of "
+                             f"every exit")
+        self.output_exit = exit_index
 
     def _run(self, module: nn.Module, *args: object) -> object:
         """`module(*args)`, recomputed in the backward pass when gradient checkpointing is on."""
@@ -141,8 +184,11 @@ class AnytimeModel(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
+        # The model's device and dtype: a head whose linear layer was reset to Identity (0
+        # classes) may have no parameter left to take them from.
+        dd = get_device_dtype(self)
         for head in self.exits:
-            head.reset(num_classes, global_pool)
+            head.reset(num_classes, global_pool, **dd)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
                      exit_index: int | None = None) -> torch.Tensor:
@@ -174,16 +220,22 @@ def cifar_cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 def build_anytime(model_cls: Callable[..., nn.Module], variant: str, pretrained: bool,
-                  feature_cfg: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
+                  feature_cfg: dict[str, Any] | None = None, output_exit: int | None = None,
+                  **kwargs: Any) -> nn.Module:
     """timm's `build_model_with_cfg`, with `features_only` served by timm's `FeatureGetterNet`
-    (`forward_intermediates`), and `pretrained_cfg["classifier"]` naming the built model's
-    exits (their number depends on the arguments)."""
+    (`forward_intermediates`), `pretrained_cfg["classifier"]` naming the built model's exits
+    (their number depends on the arguments), and `output_exit` switching the single-tensor view
+    on (`AnytimeModel.set_output_exit`)."""
+    if output_exit is not None and kwargs.get("features_only"):
+        raise ValueError(f"{variant}: output_exit selects an exit's logits, features_only gives "
+                         f"stage outputs and no exit; pass one of them")
     # out_indices None: every stage output (timm's default, 0..4, fits no family here).
     feature_cfg = {"feature_cls": "getter", "out_indices": None, **(feature_cfg or {})}
     model = build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg,
                                  **kwargs)
     if isinstance(model, AnytimeModel):
         model.pretrained_cfg["classifier"] = model.get_classifier(name_only=True)
+        model.set_output_exit(output_exit)
     return model
 
 

@@ -16,8 +16,9 @@ reduction 0.5. Their heads keep the width of the coarsest scale, as the official
 does; that is what SPEC's parameter counts imply (128-wide heads, `head_channels=128`, as in the
 CIFAR classifier, would leave msdnet26 with 10.8M parameters, not 24.0M).
 
-Every name takes timm's `num_classes`, `in_chans`, `drop_rate`, `drop_path_rate`, `global_pool`
-and `features_only`, and `head_pool` ("global", default, or the official "avg2x2"); see `MSDNet`.
+Every name takes timm's `num_classes`, `in_chans`, `drop_rate`, `drop_path_rate`, `global_pool`,
+`features_only`, `device` and `dtype` (of every parameter) and `output_exit` (the single-tensor
+view, `AnytimeModel`), and `head_pool` ("global", default, or the official "avg2x2"); see `MSDNet`.
 The timm methods act on every exit (`AnytimeModel`, docs/models.md): `forward_features(x,
 exit_index=None)` is the coarsest scale after block `exit_index` (default the last), which that
 exit's head reads; `forward_head` that exit's head; `get_classifier` / `reset_classifier` every
@@ -78,17 +79,21 @@ class MSDNetConfig:
         raise ValueError(f"stepmode must be 'even' or 'lin_grow', got {self.stepmode!r}")
 
 
-def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1) -> ConvNormAct:
-    return ConvNormAct(in_chs, out_chs, kernel_size, stride=stride)
+def _conv(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1,
+          device: torch.device | str | None = None,
+          dtype: torch.dtype | None = None) -> ConvNormAct:
+    return ConvNormAct(in_chs, out_chs, kernel_size, stride=stride, device=device, dtype=dtype)
 
 
 class ConvBranch(nn.Sequential):
     """[1x1 bottleneck ->] 3x3 conv (stride 2 when it reads the next finer scale)."""
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int, bottleneck: bool, bn_factor: int):
+    def __init__(self, in_chs: int, out_chs: int, stride: int, bottleneck: bool, bn_factor: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        dd = {"device": device, "dtype": dtype}
         inner = min(in_chs, bn_factor * out_chs) if bottleneck else in_chs
-        layers = [_conv(in_chs, inner, 1)] if bottleneck else []
-        super().__init__(*layers, _conv(inner, out_chs, 3, stride))
+        layers = [_conv(in_chs, inner, 1, **dd)] if bottleneck else []
+        super().__init__(*layers, _conv(inner, out_chs, 3, stride, **dd))
 
 
 class ScaleUnit(nn.Module):
@@ -100,8 +105,10 @@ class ScaleUnit(nn.Module):
     """
 
     def __init__(self, cfg: MSDNetConfig, in_width: int, scale: int, has_finer: bool,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.drop_path_rate = drop_path_rate
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         g, f = cfg.grow_factors, cfg.bn_factors
@@ -109,9 +116,9 @@ class ScaleUnit(nn.Module):
         self.down = None
         if has_finer:
             self.down = ConvBranch(in_width * g[scale - 1], growth // 2, 2, cfg.bottleneck,
-                                   f[scale - 1])
+                                   f[scale - 1], **dd)
             growth //= 2
-        self.same = ConvBranch(in_width * g[scale], growth, 1, cfg.bottleneck, f[scale])
+        self.same = ConvBranch(in_width * g[scale], growth, 1, cfg.bottleneck, f[scale], **dd)
 
     def forward(self, x: torch.Tensor, finer: torch.Tensor | None) -> torch.Tensor:
         new = [self.same(x)] if self.down is None else [self.down(finer), self.same(x)]
@@ -125,13 +132,14 @@ class MSDLayer(nn.Module):
     is dropped: it is then only read, strided, by the next scale)."""
 
     def __init__(self, cfg: MSDNetConfig, in_width: int, in_scales: int, out_scales: int,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.dropped = in_scales - out_scales
         first = cfg.scales - out_scales  # absolute index of the finest output scale
         self.units = nn.ModuleList(
             ScaleUnit(cfg, in_width, s, has_finer=self.dropped > 0 or s > first,
-                      drop_path_rate=drop_path_rate)
+                      drop_path_rate=drop_path_rate, device=device, dtype=dtype)
             for s in range(first, cfg.scales))
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -145,9 +153,10 @@ class MSDLayer(nn.Module):
 class Transition(nn.ModuleList):
     """A 1x1 conv per surviving scale, cutting the channels to `reduction` of them."""
 
-    def __init__(self, cfg: MSDNetConfig, in_width: int, out_width: int, out_scales: int):
+    def __init__(self, cfg: MSDNetConfig, in_width: int, out_width: int, out_scales: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         g = cfg.grow_factors
-        super().__init__(_conv(in_width * g[s], out_width * g[s], 1)
+        super().__init__(_conv(in_width * g[s], out_width * g[s], 1, device=device, dtype=dtype)
                          for s in range(cfg.scales - out_scales, cfg.scales))
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -157,16 +166,18 @@ class Transition(nn.ModuleList):
 class FirstLayer(nn.Module):
     """The image -> one feature map per scale, each from the previous (finer) one."""
 
-    def __init__(self, cfg: MSDNetConfig, in_chans: int):
+    def __init__(self, cfg: MSDNetConfig, in_chans: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         widths = [cfg.channels * g for g in cfg.grow_factors]
         if cfg.imagenet_stem:  # the official code's 7x7 conv keeps its bias
-            stem = nn.Sequential(ConvNormAct(in_chans, widths[0], 7, stride=2, bias=True),
+            stem = nn.Sequential(ConvNormAct(in_chans, widths[0], 7, stride=2, bias=True, **dd),
                                  nn.MaxPool2d(3, stride=2, padding=1))
         else:
-            stem = _conv(in_chans, widths[0], 3)
+            stem = _conv(in_chans, widths[0], 3, **dd)
         self.convs = nn.ModuleList([stem])
-        self.convs.extend(_conv(a, b, 3, 2) for a, b in zip(widths, widths[1:]))
+        self.convs.extend(_conv(a, b, 3, 2, **dd) for a, b in zip(widths, widths[1:]))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
@@ -180,7 +191,9 @@ HEAD_POOLS = ("global", "avg2x2")
 
 
 def exit_head(in_chs: int, width: int, num_classes: int, pool_type: str = "avg",
-              drop_rate: float = 0.0, head_pool: str = "global") -> ExitClassifier:
+              drop_rate: float = 0.0, head_pool: str = "global",
+              device: torch.device | str | None = None,
+              dtype: torch.dtype | None = None) -> ExitClassifier:
     """Two 3x3/2 conv-BN-ReLU on the coarsest scale -> pool -> dropout -> linear.
 
     `head_pool="global"` pools the whole map (`pool_type`, timm's global pool types);
@@ -193,9 +206,10 @@ def exit_head(in_chs: int, width: int, num_classes: int, pool_type: str = "avg",
     if head_pool == "avg2x2" and pool_type != "avg":
         raise ValueError(f"head_pool='avg2x2' is an average pool; global_pool={pool_type!r} "
                          f"needs head_pool='global'")
+    dd = {"device": device, "dtype": dtype}
     pool = nn.Sequential(nn.AvgPool2d(2), nn.Flatten(1)) if head_pool == "avg2x2" else None
-    return ExitClassifier([_conv(in_chs, width, 3, 2), _conv(width, width, 3, 2)], width,
-                          num_classes, pool_type, drop_rate, pool=pool)
+    return ExitClassifier([_conv(in_chs, width, 3, 2, **dd), _conv(width, width, 3, 2, **dd)],
+                          width, num_classes, pool_type, drop_rate, pool=pool, **dd)
 
 
 class MSDNet(AnytimeModel):
@@ -217,15 +231,17 @@ class MSDNet(AnytimeModel):
 
     def __init__(self, cfg: MSDNetConfig, num_classes: int = 1000, in_chans: int = 3,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "avg",
-                 head_pool: str = "global"):
+                 head_pool: str = "global", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.cfg = cfg
         self.num_classes = num_classes
         lengths = cfg.block_lengths()
         total, scales = sum(lengths), cfg.scales
         interval = math.ceil(total / scales)  # prune "max": drop the finest scale every interval
         layer_drop_rates = iter(calculate_drop_path_rates(drop_path_rate, total))
-        self.first = FirstLayer(cfg, in_chans)
+        self.first = FirstLayer(cfg, in_chans, **dd)
         self.blocks = nn.ModuleList()
         self.exits = nn.ModuleList()
         width, n = cfg.channels, 0  # scale s has width * grow_factors[s] channels
@@ -238,18 +254,19 @@ class MSDNet(AnytimeModel):
                 n += 1
                 in_scales = scales - max(0, n - 2) // interval
                 out_scales = scales - (n - 1) // interval
-                block.append(MSDLayer(cfg, width, in_scales, out_scales, next(layer_drop_rates)))
+                block.append(MSDLayer(cfg, width, in_scales, out_scales, next(layer_drop_rates),
+                                      **dd))
                 width += cfg.growth
                 if in_scales > out_scales and cfg.reduction > 0:
                     reduced = math.floor(cfg.reduction * width)
-                    block.append(Transition(cfg, width, reduced, out_scales))
+                    block.append(Transition(cfg, width, reduced, out_scales, **dd))
                     width = reduced
                 for pos, s in enumerate(range(scales - out_scales, scales)):
                     last_seen[s] = ((b, len(block) - 1), pos, width * cfg.grow_factors[s])
             self.blocks.append(block)
             head_in = width * cfg.grow_factors[-1]
             self.exits.append(exit_head(head_in, cfg.head_channels or head_in, num_classes,
-                                        global_pool, drop_rate, head_pool))
+                                        global_pool, drop_rate, head_pool, **dd))
         if out_scales > 1:  # the finer scales' last features would feed nothing (DDP errors)
             raise ValueError(f"{total} layers over {scales} scales leave {out_scales} scales at "
                              f"the end; only the coarsest reaches an exit. Use more layers.")
@@ -269,7 +286,7 @@ class MSDNet(AnytimeModel):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor, until: int | None = None) -> list[torch.Tensor]:
+    def forward_exits(self, x: torch.Tensor, until: int | None = None) -> list[torch.Tensor]:
         until = exits_to_compute(until, self.num_exits)
         # Whole blocks run even before an early exit: the finer scales of a block's last layers
         # feed only later exits, but MSDNet's reference costs (SPEC) count whole blocks too.
@@ -344,7 +361,8 @@ class MSDNet(AnytimeModel):
 
 def _build(defaults: MSDNetConfig, variant: str, /, num_classes: int = 1000, in_chans: int = 3,
            drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "avg",
-           head_pool: str = "global", **architecture: Any) -> MSDNet:
+           head_pool: str = "global", device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None, **architecture: Any) -> MSDNet:
     """`defaults` with the `MSDNetConfig` fields in `architecture` overridden -> MSDNet.
     (Positional-only: `base` is a field of the config.)"""
     for key in ("grow_factors", "bn_factors"):  # YAML and the CLI give lists
@@ -357,7 +375,8 @@ def _build(defaults: MSDNetConfig, variant: str, /, num_classes: int = 1000, in_
     if len(cfg.bn_factors) != cfg.scales:
         raise ValueError(f"{variant}: bn_factors {cfg.bn_factors} need one entry per scale "
                          f"(grow_factors {cfg.grow_factors})")
-    return MSDNet(cfg, num_classes, in_chans, drop_rate, drop_path_rate, global_pool, head_pool)
+    return MSDNet(cfg, num_classes, in_chans, drop_rate, drop_path_rate, global_pool, head_pool,
+                  device=device, dtype=dtype)
 
 
 def _create(variant: str, defaults: MSDNetConfig, pretrained: bool, /, **kwargs: Any) -> MSDNet:

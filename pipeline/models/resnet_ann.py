@@ -17,8 +17,9 @@ is the same network with only the final exit, i.e. timm's `resnetXX` (same param
 
 Every name takes timm's `num_classes`, `in_chans`, `drop_rate` (dropout before every exit's
 linear layer, 0), `drop_path_rate` (stochastic depth over the residual units, rising linearly to
-this rate at the last unit, 0), `global_pool` (every exit's pool, "avg") and `features_only`
-(stage outputs: the stem's, then each stage's last unit's). The timm methods act on every exit
+this rate at the last unit, 0), `global_pool` (every exit's pool, "avg"), `features_only`
+(stage outputs: the stem's, then each stage's last unit's), `device` and `dtype` (of every
+parameter) and `output_exit` (the single-tensor view). The timm methods act on every exit
 (`AnytimeModel`, docs/models.md): `forward_features(x, exit_index=None)` is the output of the unit
 that exit `exit_index` (default the final one) reads, `forward_head` that exit's head,
 `get_classifier` / `reset_classifier` every exit's linear layer, and `set_grad_checkpointing`
@@ -51,9 +52,11 @@ from pipeline.models.anytime import (
 
 
 def cifar_exit_head(in_chs: int, num_classes: int, pool_type: str = "avg",
-                    drop_rate: float = 0.0) -> ExitClassifier:
+                    drop_rate: float = 0.0, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> ExitClassifier:
     """ReLU -> global pool -> dropout -> linear: the pre-activation units' output needs the ReLU."""
-    return ExitClassifier([nn.ReLU()], in_chs, num_classes, pool_type, drop_rate)
+    return ExitClassifier([nn.ReLU()], in_chs, num_classes, pool_type, drop_rate, device=device,
+                          dtype=dtype)
 
 
 class ResNetANN(AnytimeModel):
@@ -61,9 +64,9 @@ class ResNetANN(AnytimeModel):
 
     Both styles share this class; they differ in the stem (and `stem_pool`, the ImageNet stem's
     max-pool, kept apart so the stem's own output is a feature map as in timm's ResNet), the
-    units, the head (`head_fn(in_chs, num_classes)`), how positions are named (`position_names`:
-    stage and unit prefixes, both 1-based, e.g. "stage2.unit3" or "layer3.block2") and each
-    stage's stride from the image (`reductions`, the stem's first).
+    units, the head (`head_fn(in_chs, num_classes, device=..., dtype=...)`), how positions are
+    named (`position_names`: stage and unit prefixes, both 1-based, e.g. "stage2.unit3" or
+    "layer3.block2") and each stage's stride from the image (`reductions`, the stem's first).
     """
 
     def __init__(
@@ -79,8 +82,11 @@ class ResNetANN(AnytimeModel):
         stem_pool: nn.Module | None = None,
         stem_channels: int = 16,
         reductions: tuple[int, ...] = (1, 1, 2, 4),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}  # the exit heads'; the rest comes built
         if exit_every < 1:
             raise ValueError(f"exit_every must be >= 1, got {exit_every}")
         self.num_classes = num_classes
@@ -94,7 +100,8 @@ class ResNetANN(AnytimeModel):
         # Exits every `exit_every` units counted back from the last, so the last unit has one.
         last = len(self.units) - 1
         self.exit_after = sorted(range(last, -1, -exit_every))
-        self.exits = nn.ModuleList(head_fn(channels[i], num_classes) for i in self.exit_after)
+        self.exits = nn.ModuleList(head_fn(channels[i], num_classes, **dd)
+                                   for i in self.exit_after)
         self.exit_positions = [names[i] for i in self.exit_after]
         self.num_exits = len(self.exits)
         self.num_features = self.head_hidden_size = channels[-1]
@@ -109,7 +116,7 @@ class ResNetANN(AnytimeModel):
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: torch.Tensor, until: int | None = None) -> list[torch.Tensor]:
+    def forward_exits(self, x: torch.Tensor, until: int | None = None) -> list[torch.Tensor]:
         until = exits_to_compute(until, self.num_exits)
         x = self.stem_pool(self.stem(x))
         logits = []
@@ -177,12 +184,15 @@ class ResNetANN(AnytimeModel):
 
 def _cifar_resnet_ann(depth: int = 20, width: int = 16, num_classes: int = 10,
                       in_chans: int = 3, exit_every: int = 1, drop_rate: float = 0.0,
-                      drop_path_rate: float = 0.0, global_pool: str = "avg") -> ResNetANN:
+                      drop_path_rate: float = 0.0, global_pool: str = "avg",
+                      device: torch.device | str | None = None,
+                      dtype: torch.dtype | None = None) -> ResNetANN:
     if (depth - 2) % 6 or depth < 8:
         raise ValueError(f"CIFAR ResNet-ANN depth must be 6n+2 with n >= 1, got {depth}")
     n = (depth - 2) // 6
+    dd = {"device": device, "dtype": dtype}
     unit = partial(PreActBasic, conv_layer=create_conv2d, norm_layer=BatchNormAct2d,
-                   proj_layer=DownsampleConv)
+                   proj_layer=DownsampleConv, **dd)
     # Stochastic depth: the drop rate grows linearly from 0 at the first unit (timm's rule).
     unit_drop_rates = iter(calculate_drop_path_rates(drop_path_rate, 3 * n))
     channels = [width, 2 * width, 4 * width]
@@ -192,10 +202,10 @@ def _cifar_resnet_ann(depth: int = 20, width: int = 16, num_classes: int = 10,
         stages.append([unit(in_chs if u == 0 else out_chs, out_chs, stride=stride if u == 0 else 1,
                             drop_path_rate=next(unit_drop_rates)) for u in range(n)])
         in_chs = out_chs
-    stem = create_conv2d(in_chans, width, 3)
+    stem = create_conv2d(in_chans, width, 3, **dd)
     head_fn = partial(cifar_exit_head, pool_type=global_pool, drop_rate=drop_rate)
     return ResNetANN(stem, stages, channels, num_classes, exit_every, head_fn=head_fn,
-                     stem_channels=width, reductions=(1, 1, 2, 4))
+                     stem_channels=width, reductions=(1, 1, 2, 4), **dd)
 
 
 # depth: (block, blocks per stage, reference exit spacing s of SPEC section 4)
@@ -210,7 +220,8 @@ IMAGENET_LAYOUTS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int], in
 
 def _imagenet_resnet_ann(depth: int, exit_every: int | None = None, single_exit: bool = False,
                          num_classes: int = 1000, drop_rate: float = 0.0,
-                         global_pool: str = "avg", **kwargs) -> ResNetANN:
+                         global_pool: str = "avg", device: torch.device | str | None = None,
+                         dtype: torch.dtype | None = None, **kwargs) -> ResNetANN:
     name = f"resnet{depth}_{'opt' if single_exit else 'ann'}"
     block, layers, reference_every = IMAGENET_LAYOUTS[depth]
     if single_exit:
@@ -220,8 +231,9 @@ def _imagenet_resnet_ann(depth: int, exit_every: int | None = None, single_exit:
     # timm builds and initialises the backbone (kaiming convs, zero-initialised last BN of each
     # block); the rest of kwargs (drop_path_rate, drop_block_rate, stem_type, avg_down, ...) go to
     # it unchanged so that variants stay timm's. Its own classifier is dropped (num_classes=0).
+    dd = {"device": device, "dtype": dtype}
     try:
-        net = ResNet(block=block, layers=layers, num_classes=0, **kwargs)
+        net = ResNet(block=block, layers=layers, num_classes=0, **dd, **kwargs)
     except TypeError as e:
         raise TypeError(f"unexpected arguments for {name}: {e}") from e
     stem = nn.Sequential(OrderedDict(conv1=net.conv1, bn1=net.bn1, act1=net.act1))
@@ -235,7 +247,7 @@ def _imagenet_resnet_ann(depth: int, exit_every: int | None = None, single_exit:
                      reference_every if exit_every is None else exit_every, head_fn=head_fn,
                      position_names=("layer", "block"), init_convs=False,
                      stem_pool=net.maxpool, stem_channels=stem_info["num_chs"],
-                     reductions=tuple(info["reduction"] for info in net.feature_info))
+                     reductions=tuple(info["reduction"] for info in net.feature_info), **dd)
 
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> ResNetANN:
