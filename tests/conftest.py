@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -23,10 +24,12 @@ from pipeline.storage.local_s3 import free_port, local_s3_server
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 
 
-def unavailable(reason: str) -> None:
+def unavailable(reason: str, module_level: bool = False) -> None:
     """A real component the test needs is missing: CI must run every test, so there it fails;
-    elsewhere it skips."""
-    pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
+    elsewhere it skips (the whole module, called at its top with `module_level`)."""
+    if os.environ.get("CI"):
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason, allow_module_level=module_level)
 
 
 def largest_parameter_difference(a: dict, b: dict) -> float:
@@ -38,15 +41,66 @@ def largest_parameter_difference(a: dict, b: dict) -> float:
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 120.0,
-               proc: subprocess.Popen | None = None) -> None:
-    """Poll `condition` (every 20 ms) until it holds; fail naming `what` after `timeout`, or at
-    once when `proc`, the process that should bring it about, has exited."""
+               proc: subprocess.Popen | None = None, every: float = 0.02) -> None:
+    """Poll `condition` (every 20 ms, or `every` s for a condition that costs requests) until it
+    holds; fail naming `what` after `timeout`, or at once when `proc`, the process that should
+    bring it about, has exited."""
     deadline = time.monotonic() + timeout
     while not condition():
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"no {what}: the process exited with {proc.returncode}")
         assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
-        time.sleep(0.02)
+        time.sleep(every)
+
+
+def handles(pid: int, sig: signal.Signals) -> bool:
+    """The process has a handler of its own on `sig` (its SigCgt mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (sig - 1)))
+
+
+def committed_steps(store) -> list[int]:
+    """The steps of a CheckpointStore's committed checkpoints, from its listing: only manifests
+    are read, and the manifest is written last, so a sound one means a whole checkpoint. Cheap
+    to poll, unlike `latest_valid()`, which downloads and verifies a whole payload each time."""
+    return [info.step for info in store.list() if info.problem is None]
+
+
+def wait_for_checkpoint(store, proc: subprocess.Popen, min_step: int = 1, *, endpoint: str = "",
+                        timeout: float = 300.0) -> int:
+    """The step of the first committed checkpoint at `min_step` or later in `store` (a
+    CheckpointStore, or its URL and `endpoint`) that `proc`, the training process, writes; polls
+    the listing. Fails when `proc` exits first or after `timeout`, with the end of its output
+    where it was piped."""
+    if isinstance(store, str):
+        from pipeline.storage.checkpoints import CheckpointStore
+
+        store = CheckpointStore(store, endpoint_url=endpoint)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        # every 0.2 s: a listing is a few requests, and the trainer shares the CPUs with them
+        if (steps := committed_steps(store)) and steps[-1] >= min_step:
+            return steps[-1]
+        time.sleep(0.2)
+    if proc.poll() is None:
+        proc.kill()
+    output = "(not captured)"
+    with contextlib.suppress(subprocess.TimeoutExpired):  # a child may hold the pipe open
+        out, err = proc.communicate(timeout=30)
+        output = (out or "") + (err or "") or output
+    raise AssertionError(f"no checkpoint at step >= {min_step} in {store.url} "
+                         f"(exit code {proc.returncode}); its output ends:\n{output[-5000:]}")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two state dicts hold the same tensors, bit for bit, under the same names."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0,
+                                   msg=lambda message, key=key: f"{key}: {message}")
 
 
 def payload_path(fs, folder: str) -> str:

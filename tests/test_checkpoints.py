@@ -16,7 +16,7 @@ from typing import Any
 import fsspec
 import pytest
 import torch
-from conftest import payload_path
+from conftest import payload_path, unavailable
 
 from pipeline.__main__ import main
 from pipeline.config import load_config
@@ -426,7 +426,7 @@ def small_mount(tmp_path) -> Callable[[str], Path]:
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                               capture_output=True, text=True)
         if done.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+            unavailable(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
         mounted.append(folder)
         return folder
 
@@ -438,11 +438,10 @@ def small_mount(tmp_path) -> Callable[[str], Path]:
 def test_no_space_is_not_retried_and_the_partial_folder_is_removed(small_mount, caplog):
     root = small_mount("size=64k")
     store = CheckpointStore(str(root), retries=3, retry_delay=1.0)
-    started = time.monotonic()
     with caplog.at_level(logging.WARNING), pytest.raises(
             StorageError, match=f"upload step-00000001 at {root} failed: no space left on the "):
         store.save(1, {"w": torch.zeros(100_000)})  # 400 kB into 64 kB
-    assert time.monotonic() - started < 1.0 and "retry" not in caplog.text
+    assert "retry" not in caplog.text  # each retry logs one line before it waits
     assert list(root.iterdir()) == [] and "removed" in caplog.text
     store.save(1, state(1.0))  # nothing in the way: the failed save left no folder
     assert store.load(store.latest_valid())["step"] == 1
@@ -451,10 +450,9 @@ def test_no_space_is_not_retried_and_the_partial_folder_is_removed(small_mount, 
 def test_read_only_storage_is_not_retried(small_mount, caplog):
     root = small_mount("size=64k,ro")
     store = CheckpointStore(str(root), retries=3, retry_delay=1.0)
-    started = time.monotonic()
     with caplog.at_level(logging.WARNING), pytest.raises(StorageError, match="read-only"):
         store.save(1, state(1.0))
-    assert time.monotonic() - started < 1.0 and "retry" not in caplog.text
+    assert "retry" not in caplog.text  # each retry logs one line before it waits
 
 
 # --- eval and assemble find checkpoints through the store ---------------------------------------

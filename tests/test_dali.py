@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TORCHRUN, consume_across_resize
+from conftest import TORCHRUN, consume_across_resize, unavailable
 from PIL import Image
 
 from pipeline.config import DataConfig
@@ -25,8 +24,10 @@ from pipeline.data.dali import DaliLoader
 from pipeline.data.sampler import ResumableSampler
 from pipeline.errors import UserError
 
-if not os.environ.get("CI"):  # CI installs DALI (make install): there a missing one fails
-    pytest.importorskip("nvidia.dali", reason="needs nvidia-dali-cuda130 (make install)")
+try:
+    import nvidia.dali  # noqa: F401
+except ImportError:
+    unavailable("needs nvidia-dali-cuda130 (make install)", module_level=True)
 
 
 def dali_cfg(root: Path, **kw) -> DataConfig:

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import unavailable, wait_until
-from test_run_integrity import finish, tiny, wait_for_checkpoint
+from conftest import handles, unavailable, wait_for_checkpoint, wait_until
+from test_run_integrity import finish, tiny
 
 from pipeline.storage.checkpoints import CheckpointStore
 from pipeline.train.progress import MetricsWriter
@@ -36,13 +36,6 @@ def start(overrides: list[str], out: Path) -> subprocess.Popen:
 
 def ctrl_c(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGINT)
-
-
-def handles(pid: int, sig: signal.Signals) -> bool:
-    """The process has a handler of its own on `sig` (its SigCgt mask in /proc)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
-    return bool(int(caught.split()[1], 16) & (1 << (sig - 1)))
 
 
 def start_handling_signals(overrides: list[str], out: Path) -> subprocess.Popen:

@@ -17,12 +17,17 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import largest_parameter_difference, unavailable, write_image_folder
+from conftest import (
+    largest_parameter_difference,
+    unavailable,
+    wait_for_checkpoint,
+    wait_until,
+    write_image_folder,
+)
 from private_hosts import missing_tools, private_hosts
 from ray_cluster import RayMissing, alive_nodes, ray_head, ray_node, token_auth
 from slurm_cluster import local_slurm_cluster, missing_binaries, wait_for_line
@@ -235,13 +240,15 @@ def submit_ray(ray, s3, data: str, name: str, workers: str) -> subprocess.Popen:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
 
 
-def wait_for_checkpoint(store: CheckpointStore, proc: subprocess.Popen, step: int) -> None:
-    deadline = time.monotonic() + 300
-    while (info := store.latest_valid()) is None or info.step < step:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"no checkpoint of step {step}:\n{proc.communicate()[0][-5000:]}")
-        time.sleep(0.5)
+def waiting_for_a_group(ray) -> bool:
+    """No Ray Train worker alive, and a placement group waiting for the resources of the next
+    one: the controller tore the broken group down and cannot start another."""
+    from ray.util.state import list_actors, list_placement_groups
+
+    workers = list_actors(address=ray.dashboard, filters=[("class_name", "=", "RayTrainWorker"),
+                                                          ("state", "=", "ALIVE")])
+    groups = list_placement_groups(address=ray.dashboard, raise_on_missing_output=False)
+    return not workers and any(g.state in ("PENDING", "RESCHEDULING") for g in groups)
 
 
 def test_ray_group_across_two_nodes_resumes_from_s3_when_a_node_is_lost(
@@ -253,12 +260,13 @@ def test_ray_group_across_two_nodes_resumes_from_s3_when_a_node_is_lost(
         wait_for_checkpoint(store, proc, 8)
         try:
             node2.stop()  # the machine is lost: its Ray processes SIGKILLed
-            assert wait_until(lambda: node2.host.address not in alive_nodes(ray))
-            # A group of 2 cannot restart on node1's one CPU: it waits, and nothing trains.
-            time.sleep(3)
-            waiting_at = store.latest_valid().step
-            time.sleep(5)
-            assert store.latest_valid().step == waiting_at and proc.poll() is None
+            wait_until(lambda: node2.host.address not in alive_nodes(ray), "node2 gone",
+                       every=0.5)
+            # A group of 2 cannot restart on node1's one CPU: no worker runs while the next
+            # group's placement group waits, so nothing trains until node2 is back.
+            wait_until(lambda: waiting_for_a_group(ray), "a group waiting for resources",
+                       proc=proc, every=0.5)
+            assert proc.poll() is None
         finally:
             node2.start()  # the machine comes back and rejoins
         output, _ = proc.communicate(timeout=600)
@@ -266,9 +274,10 @@ def test_ray_group_across_two_nodes_resumes_from_s3_when_a_node_is_lost(
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, output[-5000:]
-    # One worker per node, in the first group and in the restarted one.
+    # One worker per node, in the first group and in the restarted one; never a group of one.
     for rank in (0, 1):
         assert output.count(f"ray train worker rank {rank}/2 (local rank 0) ") >= 2, output
+    assert "ray train worker rank 0/1 " not in output, output[-5000:]
     assert " on node1" in output and " on node2" in output
     assert "resumed from s3://" in output, output[-5000:]
 
@@ -278,7 +287,8 @@ def test_ray_group_across_two_nodes_resumes_from_s3_when_a_node_is_lost(
 def test_an_elastic_ray_group_goes_on_on_one_node_when_the_other_is_lost(
         ray_two_nodes, s3, local_data, one_node_reference):
     ray, node2 = ray_two_nodes
-    assert wait_until(lambda: len(alive_nodes(ray)) == 2)  # the last test's node2 is back
+    # the last test's node2 is back
+    wait_until(lambda: len(alive_nodes(ray)) == 2, "two live Ray nodes", every=0.5)
     proc = submit_ray(ray, s3, local_data, "elastic", "1-2")
     store = CheckpointStore(f"{s3['bucket']}/elastic", endpoint_url=s3["endpoint"])
     try:
@@ -299,11 +309,3 @@ def test_an_elastic_ray_group_goes_on_on_one_node_when_the_other_is_lost(
 
     assert_ends_like(s3, "elastic", one_node_reference, "Ray, elastic 2 -> 1 workers")
 
-
-def wait_until(condition, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
-    return True

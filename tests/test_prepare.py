@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import unavailable
 from PIL import Image
 
 from pipeline.data.listing import check_same_classes, index_split
@@ -19,10 +20,15 @@ from pipeline.data.prepare import (
 )
 from pipeline.errors import UserError
 
-needs_fmnist = pytest.mark.skipif(
-    not (FASHION_MNIST_SOURCE / "train-images-idx3-ubyte.gz").is_file(),
-    reason="Debian package dataset-fashion-mnist is not installed",
-)
+
+@pytest.fixture
+def fashion_mnist_source() -> None:
+    """The Debian package's idx files, which the tests convert."""
+    if not (FASHION_MNIST_SOURCE / "train-images-idx3-ubyte.gz").is_file():
+        unavailable("needs Debian's dataset-fashion-mnist (make install)")
+
+
+needs_fmnist = pytest.mark.usefixtures("fashion_mnist_source")
 
 
 @needs_fmnist

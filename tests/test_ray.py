@@ -11,12 +11,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import unavailable
+from conftest import unavailable, wait_for_checkpoint
 from ray_cluster import RayCluster, RayMissing, ray_head, token_auth
 
 from pipeline.storage.checkpoints import CheckpointStore
@@ -80,10 +79,7 @@ def test_killed_worker_restarts_the_group_which_resumes_from_s3(
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     store = CheckpointStore(url, endpoint_url=s3_server)
     try:
-        deadline = time.monotonic() + 180
-        while (info := store.latest_valid()) is None or info.step < 4:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-            time.sleep(0.2)
+        wait_for_checkpoint(store, proc, 4, timeout=180)
         victims = alive_train_workers(ray_cluster.dashboard)
         assert len(victims) == 2
         os.kill(victims[-1], signal.SIGKILL)  # a real crash: no handler, no goodbye

@@ -11,10 +11,18 @@ import sys
 import time
 from pathlib import Path
 
+import fsspec
 import pytest
 import s3fs
 import torch
-from conftest import payload_path
+from conftest import (
+    assert_same_weights,
+    handles,
+    payload_path,
+    unavailable,
+    wait_for_checkpoint,
+    wait_until,
+)
 
 from pipeline.__main__ import main
 from pipeline.config import load_config
@@ -53,10 +61,11 @@ def final_model(url: str, endpoint: str = "") -> dict[str, torch.Tensor]:
     return state["model"]
 
 
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+def sleep_until_the_lease_expires(fs, url: str) -> None:
+    """A stated bound: a holder that no longer renews (killed, frozen) keeps its lease until
+    `renewed + ttl` of the record it last wrote (`url`/lease.json), on this host's clock."""
+    lease = json.loads(fs.cat_file(f"{url}/lease.json"))
+    time.sleep(max(0.0, lease["renewed"] + lease["ttl"] - time.time()) + 0.2)
 
 
 class Location:
@@ -72,8 +81,6 @@ class Location:
             self.root = self.url[len("s3://"):]
         else:
             self.url = str(tmp_path / "ckpt")
-            import fsspec
-
             self.fs, self.root = fsspec.filesystem("file"), self.url
 
     def overrides(self) -> list[str]:
@@ -141,18 +148,6 @@ def test_every_checkpoint_corrupt_starts_afresh_and_ends_like_the_reference(
     assert_same_weights(uninterrupted, final_model(where.url))
 
 
-def wait_for_checkpoint(url: str, proc: subprocess.Popen, endpoint: str = "") -> int:
-    store = CheckpointStore(url, endpoint_url=endpoint)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        # the manifest is written last: a sound one means a whole checkpoint (cheap to poll)
-        committed = [info.step for info in store.list() if info.problem is None]
-        if committed:
-            return committed[-1]
-        time.sleep(0.2)
-    raise AssertionError(f"no checkpoint appeared; exit code {proc.poll()}")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_two_trainers_on_one_run_exactly_one_trains(kind, image_folder, tmp_path, request):
@@ -199,17 +194,16 @@ def test_a_lost_node_is_taken_over_once_its_lease_expires(image_folder, tmp_path
     argv = " ".join([sys.executable, "-m", "pipeline", "train", "--config", str(empty),
                      *(f"'{o}'" for o in run)])
     if subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode != 0:
-        pytest.skip("unshare --uts needs root")
+        unavailable("unshare --uts needs root")
     holder = subprocess.Popen(["unshare", "--uts", "sh", "-c",
                                f"hostname lost-node && exec {argv}"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_checkpoint(url, holder, s3_server)
+    wait_for_checkpoint(url, holder, endpoint=s3_server)
     holder.kill()
     holder.wait()
-    killed = time.monotonic()
     code, _, err = finish(cli_train(run))
     assert code == 2 and "lost-node" in err, err  # refused: the lease has not expired yet
-    time.sleep(max(0.0, killed + 16 - time.monotonic()))
+    sleep_until_the_lease_expires(s3fs.S3FileSystem(endpoint_url=s3_server), url)
     code, out, err = finish(cli_train(run))
     assert code == 0, err
     assert "resumed from" in out and "step 36/36" in out
@@ -256,7 +250,8 @@ def test_a_diverging_run_stops_with_its_own_exit_code_and_saves_nothing(image_fo
 @pytest.mark.slow
 def test_a_signal_while_starting_up_exits_75(image_folder, tmp_path):
     proc = cli_train(tiny(image_folder, tmp_path / "runs"))
-    time.sleep(1.0)  # importing torch, reading the config: long before the first step
+    # The CLI's first line installs the handler; importing torch and the set-up are still ahead.
+    wait_until(lambda: handles(proc.pid, signal.SIGUSR1), "SIGUSR1 handler", proc=proc)
     proc.send_signal(signal.SIGUSR1)
     code, out, err = finish(proc)
     assert code == 75, out + err
@@ -281,7 +276,7 @@ def test_a_writer_whose_lease_was_taken_over_stops_writing(image_folder, tmp_pat
     wait_for_checkpoint(url, a)
     a.send_signal(signal.SIGSTOP)
     try:
-        time.sleep(3.5)  # A's heartbeat is frozen too: its lease expires
+        sleep_until_the_lease_expires(fsspec.filesystem("file"), url)  # A's heartbeat is frozen
         code, out, err = finish(cli_train(run))
         assert code == 0, err
         assert "taking over" in out and "step 54/54" in out
@@ -308,7 +303,7 @@ def test_a_fenced_writers_late_upload_never_lands_on_the_new_holders_checkpoint(
                "checkpoint.lease_ttl=3", "checkpoint.keep_last=0")
     a = cli_train([*run, f"checkpoint.endpoint_url={proxy.endpoint}"])
     try:
-        wait_for_checkpoint(url, a, s3_server)
+        wait_for_checkpoint(url, a, endpoint=s3_server)
         upload = proxy.wait_for(r"^received (\d+) PUT \S+/(step-\d+)/state\S*\.pt ",
                                 after=len(proxy.lines))
         a.send_signal(signal.SIGSTOP)  # A has sent every byte of it: the upload is in flight
@@ -316,8 +311,7 @@ def test_a_fenced_writers_late_upload_never_lands_on_the_new_holders_checkpoint(
         assert not any(line.startswith(f"answered {upload[1]} HTTP/1.1 200")
                        for line in proxy.lines), "the upload landed before the link stalled"
         fs = s3fs.S3FileSystem(endpoint_url=s3_server)
-        lease = json.loads(fs.cat_file(f"{url}/lease.json"))
-        time.sleep(max(0.0, lease["renewed"] + lease["ttl"] - time.time()) + 0.2)  # A's expiry
+        sleep_until_the_lease_expires(fs, url)  # A's
         # B trains on for longer (an accepted change): its state at A's step differs from A's
         code, out, err = finish(cli_train([*run, f"checkpoint.endpoint_url={s3_server}",
                                            "train.epochs=3"]))

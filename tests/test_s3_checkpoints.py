@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
-import time
 
 import pytest
 import s3fs
 import torch
-from conftest import payload_path
+from conftest import payload_path, wait_until
 
 from pipeline.errors import UserError
 from pipeline.storage.checkpoints import (
@@ -98,10 +98,11 @@ def test_a_run_whose_every_checkpoint_is_broken_starts_afresh_on_s3(s3_server, s
 
 def test_upload_survives_the_server_being_cut_and_restored(s3_proxy, s3_bucket, caplog):
     s3_proxy.stop()
-    s3_proxy.rate = 16e6  # 16 MB/s: the 48 MB upload takes 3 s, so the cut lands inside it
+    s3_proxy.rate = 4e6  # 4 MB/s: the 12 MB upload takes 3 s, so the cut lands inside it
+    s3_proxy.report = True  # to see the upload pass
     s3_proxy.start()
     store = store_at(f"{s3_bucket}/run", s3_proxy.endpoint, retries=5, keep_last=0)
-    big = state(3.0, numel=12_000_000)
+    big = state(3.0, numel=3_000_000)
     saved: dict = {}
 
     def save() -> None:
@@ -112,31 +113,35 @@ def test_upload_survives_the_server_being_cut_and_restored(s3_proxy, s3_bucket, 
 
     with caplog.at_level(logging.WARNING):
         writer = threading.Thread(target=save)
-        started = time.monotonic()
         writer.start()
-        time.sleep(1.5)
-        assert writer.is_alive()  # still uploading
+        # The payload's PUT has begun: its 12 MB reach the server at 4 MB/s, and the answer
+        # comes only after the last byte, so the cut below lands inside the upload.
+        upload = s3_proxy.wait_for(r"^request (\d+) PUT \S+/step-00000003/state\S*\.pt ")
+        assert not any(line.startswith(f"answered {upload[1]} ") for line in s3_proxy.lines)
         s3_proxy.stop()  # every connection dies mid-request
-        time.sleep(3.0)
+        # The storage stays away until the store has seen the failure and is backing off.
+        wait_until(lambda: "retry 1/5" in caplog.text, "retry of the cut upload", timeout=60)
+        s3_proxy.rate = 0  # back at full speed: the retry need not crawl
         s3_proxy.start()
         writer.join(timeout=120)
     assert "error" not in saved, saved.get("error")
     assert saved["name"] == "step-00000003"
-    # It waited out the outage (retried by s3fs/botocore or by the store, whichever saw it).
-    assert time.monotonic() - started > 4.5
+    # It waited out the outage: the store retried, and the payload went up again in full.
+    assert "upload step-00000003 failed" in caplog.text, caplog.text
     latest = store.latest_valid()
     assert latest.step == 3
     assert torch.equal(store.load(latest)["model"]["w"][:5], torch.full((5,), 3.0))
 
 
-def test_storage_down_for_good_raises_storage_error(s3_proxy, s3_bucket):
+def test_storage_down_for_good_raises_storage_error(s3_proxy, s3_bucket, caplog):
     store = store_at(f"{s3_bucket}/run", s3_proxy.endpoint, retries=2)
     store.save(1, state(1.0))
     s3_proxy.stop()
-    started = time.monotonic()
-    with pytest.raises(StorageError, match=r"failed 3 times"):
+    with caplog.at_level(logging.WARNING), pytest.raises(StorageError, match=r"failed 3 times"):
         store.save(2, state(2.0))
-    assert time.monotonic() - started >= 0.2 + 0.4  # it backed off between tries
+    # it backed off between tries, doubling the wait (each retry logs its wait before it)
+    waits = re.findall(r"retry (\d)/2 in (\S+)s", caplog.text)
+    assert waits == [("1", "0.2"), ("2", "0.4")], caplog.text
 
 
 def test_the_stores_retries_are_the_only_ones(caplog):
