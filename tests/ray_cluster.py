@@ -77,9 +77,15 @@ def _ray_bin() -> Path:
 
 def _env() -> dict[str, str]:
     # Stop at once when told: by then the tests are done, nothing is left to drain. A job's
-    # `python` is this interpreter, also when its venv is not activated.
+    # `python` is this interpreter, also when its venv is not activated. A lost node (a raylet
+    # SIGKILLed: its health checks are refused at once) is declared dead after 3 checks 1 s
+    # apart, not Ray's 5 x 3 s; a slow node still has each check's 10 s to answer. Every log
+    # line is printed: Ray's dedup folds lines that differ only in numbers ("rank 0/2" and
+    # "rank 1/2") into one, depending on timing, and the tests count them.
     bin_dir = str(_ray_bin().parent)
     return {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+            "RAY_DEDUP_LOGS": "0",
             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
