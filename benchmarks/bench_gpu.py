@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import sys
@@ -50,29 +51,57 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="for MFU on a GPU the script does not know (default: H100/H200/A100...)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--compile-models", nargs="*", default=["resnet50_opt", "resnet50_ann"],
+                   choices=list(CONFIGS), help="also timed with train.compile, on synthetic data")
+    p.add_argument("--compile-modes", nargs="*", default=["default", "reduce-overhead"],
+                   help="torch.compile modes to time (reduce-overhead: with CUDA graphs)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="aot_eager for a quick dry run on the CPU (no code generation)")
+    p.add_argument("--profiles", type=Path, default=None,
+                   help="folder for the torch.profiler traces (default: --out)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    profiles = args.profiles or args.out
 
     write_dataset(args.data, args.images, classes=100)
     common = [f"data.batch_size={args.batch_size}", f"data.workers={os.cpu_count()}",
-              f"train.device={args.device}", f"data.root={args.data}"]
+              f"train.device={args.device}", f"data.root={args.data}",
+              f"data.image_size={args.image_size}"]
+    loaders = ["synthetic", "dali"] if importlib.util.find_spec("nvidia.dali") else ["synthetic"]
+    if "dali" not in loaders:
+        print("NVIDIA DALI is not installed: the DALI rows and its decode are not measured",
+              flush=True)
+    runs = [(model, loader, "eager") for model in args.models for loader in loaders]
+    runs += [(model, "synthetic", mode) for model in args.compile_models
+             for mode in args.compile_modes]
     rows, results = [], {}
-    for model in args.models:
-        for loader in ("synthetic", "dali"):
-            overrides = [*common, f"data.backend={loader}"]
-            if loader == "dali":  # what DALI hands over is what the model wants: no conversion
-                overrides += ["data.dtype=float16", "data.channels_last=true"]
-            cfg = load_config(ROOT / "configs" / CONFIGS[model], overrides)
-            profile_dir = args.out / f"profile_{model}" if loader == "dali" else None
-            r = bench_train(cfg, steps=args.steps, warmup=5, peak_tflops=args.peak_tflops,
-                            profile_dir=profile_dir)
-            results[f"{model}/{loader}"] = r
-            print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
-            rows.append(row(model, loader, r))
+    for model, loader, mode in runs:
+        overrides = [*common, f"data.backend={loader}"]
+        if loader == "dali":  # what DALI hands over is what the model wants: no conversion
+            overrides += ["data.dtype=float16", "data.channels_last=true"]
+        if mode != "eager":
+            overrides += ["train.compile=true", f"train.compile_mode={mode}",
+                          f"train.compile_backend={args.compile_backend}"]
+        cfg = load_config(ROOT / "configs" / CONFIGS[model], overrides)
+        profile_dir = profiles / f"profile_{model}" if loader == "dali" else None
+        r = bench_train(cfg, steps=args.steps, warmup=5, peak_tflops=args.peak_tflops,
+                        profile_dir=profile_dir)
+        name = f"{model}/{loader}" + ("" if mode == "eager" else f"/compile {mode}")
+        eager = results.get(f"{model}/synthetic")
+        if eager is not None and mode != "eager":  # the baseline of the same run
+            r["vs_eager"] = r["bare_images_per_s"] / eager["bare_images_per_s"]
+        results[name] = r
+        print(name, json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+        rows.append(row(model, loader if mode == "eager" else f"{loader}, compile {mode}", r))
 
     # The DALI settings the training steps above used, alone: decode + augment, no model.
-    decode = bench_loader(cfg.data, "train", batches=30, warmup=5)
-    results["dali_decode"] = decode
+    decode = None
+    if "dali" in loaders:
+        dali = load_config(ROOT / "configs" / CONFIGS[args.models[0]],
+                           [*common, "data.backend=dali", "data.dtype=float16",
+                            "data.channels_last=true"])
+        decode = results["dali_decode"] = bench_loader(dali.data, "train", batches=30, warmup=5)
     write_report(args, rows, results, decode)
 
 
@@ -82,6 +111,7 @@ def row(model: str, loader: str, r: dict) -> dict:
     kernel = prof.get("kernel_ms")
     return {"model": model, "loader": loader, "full img/s": r["full_images_per_s"],
             "bare img/s": r["bare_images_per_s"], "ratio": r["ratio"],
+            "bare vs eager": f"{r['vs_eager']:.2f}x" if "vs_eager" in r else "",
             "GFLOPs/img": r["train_gflops_per_image"], "TFLOP/s": r["full_tflops"],
             "MFU full / bare": mfu, "loader wait": f"{r['loader_wait_fraction']:.0%}",
             "step ms: wall / host / kernels": (
@@ -89,7 +119,8 @@ def row(model: str, loader: str, r: dict) -> dict:
                 f"{'-' if kernel is None else f'{kernel:.0f}'}" if prof else "")}
 
 
-def write_report(args: argparse.Namespace, rows: list[dict], results: dict, decode: dict) -> None:
+def write_report(args: argparse.Namespace, rows: list[dict], results: dict,
+                 decode: dict | None) -> None:
     first = next(iter(results.values()))
     today = datetime.date.today().isoformat()
     device = first["device_name"].replace(" ", "_")
@@ -108,9 +139,11 @@ def write_report(args: argparse.Namespace, rows: list[dict], results: dict, deco
             f"+ forward/backward/optimizer; bare = the same on device-resident tensors, in the "
             f"same run. MFU against {peak} TFLOP/s (dense bf16).\n\n"
             f"{format_table(rows, list(rows[0]))}\n\n{verdict}"
-            f"DALI decode + augment alone, batch {args.batch_size}, {decode['device']}: "
-            f"{decode['images_per_s']:.0f} images/s.\n\nProfiles (Chrome traces, top ops): "
-            f"{', '.join(str(args.out / f'profile_{m}') for m in args.models)}.\n")
+            + (f"DALI decode + augment alone, batch {args.batch_size}, {decode['device']}: "
+               f"{decode['images_per_s']:.0f} images/s.\n\nProfiles (Chrome traces, top ops): "
+               f"{', '.join(str(args.profiles or args.out) + f'/profile_{m}' for m in args.models)}"
+               ".\n" if decode else "DALI is not installed here: no DALI rows, no decode "
+               "figure.\n"))
     stem.with_suffix(".md").write_text(text)
     print(text)
 

@@ -1,4 +1,4 @@
-"""CPU timings of the ImageNet anytime models: training step, and what stopping early saves.
+"""Timings of the ImageNet anytime models: training step, and what stopping early saves.
 
 For each model: forward+backward time of one batch (train mode), then, in eval mode without
 gradients, the time of `forward(x, until=k)` for every exit k as a fraction of the full forward,
@@ -8,6 +8,7 @@ ratio. Not a test: timings depend on the machine and its load.
 
     python benchmarks/bench_models.py                         # every registered ImageNet model
     python benchmarks/bench_models.py --models resnet50_ann msdnet26 --reps 5
+    python benchmarks/bench_models.py --device cuda --batch 64    # on a GPU
 """
 
 from __future__ import annotations
@@ -33,11 +34,19 @@ MODELS = ["resnet50_ann", "resnet101_ann", "resnet152_ann", "msdnet26", "msdnet3
 DEFAULT_REPS = {"resnet101_ann": 3, "resnet152_ann": 3}
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work, so that a timer measures it (a no-op without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_time(fn: Callable[[], object], reps: int) -> float:
     times = []
     for _ in range(reps):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -64,16 +73,19 @@ def until_times(model: torch.nn.Module, x: torch.Tensor, reps: int) -> list[floa
     samples: list[list[float]] = [[] for _ in exits]
     for _ in range(reps):
         for k in exits:
+            synchronize()
             start = time.perf_counter()
             model(x, until=k)
+            synchronize()
             samples[k - 1].append(time.perf_counter() - start)
     return [statistics.median(s) for s in samples]
 
 
-def bench(name: str, batch: int, size: int, reps: int, tolerance: float) -> dict:
+def bench(name: str, batch: int, size: int, reps: int, tolerance: float,
+          device: str = "cpu") -> dict:
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=1000)
-    x = torch.randn(batch, 3, size, size)
+    model = timm.create_model(name, num_classes=1000).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
     costs = exit_costs(model, (3, size, size))
     step = train_step_time(model, x, reps)
     times = until_times(model, x, reps)
@@ -116,20 +128,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--reps", type=int, default=0,
                         help="timed repetitions (median); 0 = 5, or 3 for the largest models")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tolerance", type=float, default=0.1,
                         help="allowed |time ratio - cost ratio| as a fraction of the cost ratio")
     args = parser.parse_args(argv)
 
     missing = [m for m in args.models if not timm.is_model(m)]
     names = [m for m in args.models if timm.is_model(m)]
-    print(f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} "
-          f"threads; batch {args.batch}, {args.size}x{args.size}, fp32, contiguous (NCHW)")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else \
+        f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, timm {timm.__version__}, {where}; batch {args.batch}, "
+          f"{args.size}x{args.size}, fp32, contiguous (NCHW)")
     if missing:
         print(f"not registered, skipped: {', '.join(missing)}")
     for name in names:
         reps = args.reps or DEFAULT_REPS.get(name, 5)
-        print_result(bench(name, args.batch, args.size, reps, args.tolerance), args.batch,
-                     args.size, args.tolerance)
+        print_result(bench(name, args.batch, args.size, reps, args.tolerance, args.device),
+                     args.batch, args.size, args.tolerance)
     return 0
 
 

@@ -218,6 +218,15 @@ class TrainConfig:
     # Resume even when the checkpoint was trained with another global batch (the lr is scaled to
     # the new one; the schedule goes on by epochs). Without it such a resume is refused.
     allow_batch_change: bool = False
+    # torch.compile the training step's forward + anytime loss, and so their backward
+    # (pipeline/train/step.py). The first steps compile (seconds to minutes).
+    # Off by default until benchmarks/gpu_window.sh shows that it pays (docs/throughput.md).
+    # compile_mode: "reduce-overhead" adds CUDA graphs; compile_backend "aot_eager" (no code
+    # generation) and "eager" are for debugging a compiled run.
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
 
     def __post_init__(self) -> None:
         c = _Check(self, "train.")
@@ -378,6 +387,9 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "train.log_every": "logging only",
     "train.device": "where the steps run; the state loads onto any device",
     "train.channels_last": "memory layout only; the same computation",
+    "train.compile": "how the step runs; checkpoints are the same compiled or not",
+    "train.compile_mode": "how the step runs",
+    "train.compile_backend": "how the step runs",
     # The global batch they make up is checked against the checkpoint's on its own (the trainer:
     # refused unless train.allow_batch_change), so the processes may change under it.
     "train.global_batch": "how the global batch is set; the batch itself is checked separately",

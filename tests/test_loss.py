@@ -25,6 +25,17 @@ def ce(logits, target):
     return [F.cross_entropy(y.detach().double(), target).item() for y in logits]
 
 
+def one_step(loss, logits, target):
+    """One training step of one pass, as pipeline/train/step.py makes it: start, forward,
+    backward, end with the per-exit losses."""
+    loss.start_step()
+    total, per_exit = loss(logits, target)
+    if total.requires_grad:
+        total.backward()
+    loss.end_step(per_exit)
+    return total, per_exit
+
+
 def roundtrip(module):
     buf = io.BytesIO()
     torch.save(module.state_dict(), buf)
@@ -85,14 +96,15 @@ class HostReads(TorchDispatchMode):
 
 @pytest.mark.parametrize("rule", ["seed", "authors"])
 def test_the_training_forward_reads_only_the_draw_to_the_host(rule):
-    # The one read is u from the loss's own CPU generator, which no device work waits for; the
-    # drawn exit, the first-step check and AdaLoss's update stay tensors on the weights' device.
+    # The one read is u from the loss's own CPU generator (in start_step), which no device work
+    # waits for; the drawn exit, the first-step check and AdaLoss's update stay tensors on the
+    # weights' device.
     loss = AnytimeLoss(5, "adaloss", alternating=True, alternating_rule=rule,
                        adaloss_update_every=1)
     for step in range(3):
         logits, target = make_batch(5, seed=step)
         with HostReads() as mode:
-            loss(logits, target)
+            one_step(loss, logits, target)
         assert mode.reads == 1, f"step {step}: {mode.reads} values read to the host"
 
 
@@ -111,7 +123,7 @@ def test_alternating_adds_final_weight_times_drawn_loss():
     b = static_weights("sieve", 5)
     for step in range(20):
         logits, target = make_batch(5, seed=100 + step)
-        total, per_exit = loss(logits, target)
+        total, per_exit = one_step(loss, logits, target)
         base = sum(w * x for w, x in zip(b, ce(logits, target), strict=True))
         j = int(loss.last_drawn)
         assert total.item() == pytest.approx(base + b[-1] * per_exit[j].item(), rel=1e-6)
@@ -133,7 +145,7 @@ def test_authors_rule_adds_sum_over_ratio_and_starts_at_the_final_exit(scheme, s
     for step in range(30):
         logits, target = make_batch(6, seed=100 + step, scale=1 + step % 3)
         b = loss.weights  # AdaLoss changes them after some steps: the extra term follows
-        total, _ = loss(logits, target)
+        total, _ = one_step(loss, logits, target)
         drawn.append(int(loss.last_drawn))
         expected = authors_total(b, ce(logits, target), drawn[-1], sum_rand_ratio)
         assert total.item() == pytest.approx(expected, rel=1e-6)
@@ -153,8 +165,8 @@ def test_the_two_rules_differ_by_the_extra_weight_and_the_first_step():
         for step in range(20):
             batch = make_batch(6, seed=step)
             plain, per_exit = base(*batch)
-            theirs, _ = authors(*batch)
-            ours, _ = seed_rule(*batch)
+            theirs, _ = one_step(authors, *batch)
+            ours, _ = one_step(seed_rule, *batch)
             if step == 0:
                 assert int(authors.last_drawn) == 5
                 continue
@@ -166,7 +178,7 @@ def draws(loss, n, num_exits):
     logits, target = make_batch(num_exits, seed=0, batch=2, classes=3)
     out = []
     for _ in range(n):
-        loss(logits, target)
+        one_step(loss, logits, target)
         out.append(int(loss.last_drawn))
     return out
 
@@ -185,7 +197,7 @@ def test_alternating_never_draws_zero_weight_exit():
     loss = AnytimeLoss(4, "opt", opt_exit=2, alternating=True)
     assert set(draws(loss, 300, 4)) == {1}
     # The extra term is B_L * l_j, and B_L = 0 here: the total stays l_2 alone.
-    total, per_exit = loss(*make_batch(4, seed=1))
+    total, per_exit = one_step(loss, *make_batch(4, seed=1))
     assert total.item() == pytest.approx(per_exit[1].item())
 
 
@@ -232,11 +244,10 @@ def test_adaloss_updates_by_formula(boost):
         logits, target = make_batch(num_exits, seed=step)
         logits = [(y * (1 + i)).detach().requires_grad_() for i, y in enumerate(logits)]
         before = loss.weights
-        total, per_exit = loss(logits, target)
+        total, per_exit = one_step(loss, logits, target)
         assert total.item() == pytest.approx(
             sum(w * x for w, x in zip(before, ce(logits, target), strict=True)), rel=1e-6
         )
-        total.backward()  # the weight update after the sum must not break autograd
         assert all(y.grad is not None for y in logits)
         history.append(per_exit.double().tolist())
         if step < every - 1:
@@ -257,7 +268,7 @@ def test_adaloss_state_roundtrip_continues_identically():
     kwargs = dict(adaloss_update_every=2, alternating=True, seed=4)
     a = AnytimeLoss(3, "adaloss", **kwargs)
     for step in range(5):
-        a(*make_batch(3, seed=step, scale=1 + step))
+        one_step(a, *make_batch(3, seed=step, scale=1 + step))
     b = AnytimeLoss(3, "adaloss", **kwargs)
     b.load_state_dict(roundtrip(a))
     assert b.weights == a.weights
@@ -266,8 +277,8 @@ def test_adaloss_state_roundtrip_continues_identically():
     assert int(b.num_steps) == 5
     for step in range(5, 10):
         batch = make_batch(3, seed=step, scale=1 + step)
-        ta, _ = a(*batch)
-        tb, _ = b(*batch)
+        ta, _ = one_step(a, *batch)
+        tb, _ = one_step(b, *batch)
         assert int(a.last_drawn) == int(b.last_drawn)
         assert ta.item() == tb.item()
     assert b.weights == a.weights
@@ -281,9 +292,10 @@ def test_accumulated_passes_draw_once_and_adapt_once_per_step(rule):
     whole, passes = AnytimeLoss(3, "adaloss", **kwargs), AnytimeLoss(3, "adaloss", **kwargs)
     for step in range(4):
         logits, target = make_batch(3, seed=step, scale=1 + step)
-        total, _ = whole(logits, target)
-        halves = [passes([y[i::2] for y in logits], target[i::2], pass_index=i, passes=2)
-                  for i in range(2)]
+        total, _ = one_step(whole, logits, target)
+        passes.start_step()
+        halves = [passes([y[i::2] for y in logits], target[i::2]) for i in range(2)]
+        passes.end_step((halves[0][1] + halves[1][1]) / 2)
         assert int(passes.last_drawn) == int(whole.last_drawn)
         torch.testing.assert_close((halves[0][0] + halves[1][0]) / 2, total)
         assert int(passes.num_steps) == int(whole.num_steps) == step + 1
@@ -315,6 +327,8 @@ def test_bad_arguments():
         AnytimeLoss(3, "const", alternating=True, alternating_rule="authors", sum_rand_ratio=0)
     with pytest.raises(ValueError, match="expected 3 exit logits"):
         AnytimeLoss(3, "const")(*make_batch(2, seed=0))
+    with pytest.raises(RuntimeError, match="call start_step"):
+        AnytimeLoss(3, "const", alternating=True)(*make_batch(3, seed=0))
 
 
 def _distributed_worker(rank, world_size, init_file, results):
@@ -327,7 +341,7 @@ def _distributed_worker(rank, world_size, init_file, results):
         for step in range(2):
             # Every rank sees different data, hence different local losses.
             logits, target = make_batch(3, seed=10 * rank + step, scale=1 + rank + step)
-            _, per_exit = loss(logits, target)
+            _, per_exit = one_step(loss, logits, target)
             local.append(per_exit.double().tolist())
         results[rank] = (local, loss.weights)
     finally:
@@ -357,7 +371,7 @@ def test_adaloss_survives_a_zero_loss():
     loss = AnytimeLoss(2, "adaloss", adaloss_update_every=1)
     target = torch.tensor([0, 1])
     perfect = torch.tensor([[1e4, 0.0], [0.0, 1e4]], requires_grad=True)  # CE is exactly 0
-    _, per_exit = loss([perfect, perfect * 1e-4], target)
+    _, per_exit = one_step(loss, [perfect, perfect * 1e-4], target)
     assert per_exit[0].item() == 0.0
     assert all(w == w for w in loss.weights)  # no NaN
     assert loss.weights[0] == pytest.approx(1.0)

@@ -82,46 +82,68 @@ class AnytimeLoss(nn.Module):
         # model and data pipeline also consume, so that they replay exactly after a resume.
         self._generator = torch.Generator().manual_seed(seed)
         # The exit drawn for the current optimizer step by ALTERNATING (0-based, on the weights'
-        # device), also for logs; and the step's per-exit losses summed over its passes so far.
+        # device), also for logs.
         self.last_drawn: Tensor | None = None
-        self._pass_losses: Tensor | None = None
+        self._step_started = False
 
     @property
     def weights(self) -> list[float]:
         """The current B_1..B_L (final exit last)."""
         return [float(b) for b in self.loss_weights.tolist()]
 
-    def forward(self, logits: list[Tensor], target: Tensor, *, pass_index: int = 0,
-                passes: int = 1) -> tuple[Tensor, Tensor]:
+    def start_step(self) -> None:
+        """Begin an optimizer step: ALTERNATING draws its extra exit for the step's passes.
+
+        Outside `forward` because the draw reads a CPU generator, which torch.compile cannot put
+        in a graph; the training step calls it before its compiled forward passes."""
+        if self.training and self.alternating:
+            self.last_drawn = self._draw(self.loss_weights)
+        self._step_started = True
+
+    def forward(self, logits: list[Tensor], target: Tensor) -> tuple[Tensor, Tensor]:
         """Return (total loss, detached float32 per-exit losses of shape [L]).
 
-        An optimizer step made of several forward passes (gradient accumulation) calls this once
-        per pass with `pass_index` 0..passes-1: the step draws one ALTERNATING exit (at its
-        first pass) and updates ADALOSS once (at its last, from the passes' mean losses), as a
-        step of one pass over the same images would."""
+        In training, each optimizer step is `start_step()`, then `forward` and backward for each
+        of its passes (one, or several with gradient accumulation), then `end_step(mean
+        per-exit losses)`: the step draws one ALTERNATING exit and updates ADALOSS once, as a
+        step of one pass over the same images would. `forward` changes no state, so that a
+        compiled forward + backward cannot read a buffer after its update."""
+        if isinstance(logits, Tensor):  # a model with its single-tensor view on (output_exit)
+            raise ValueError("the anytime loss needs every exit's logits, a list; got one tensor "
+                             "(a model built with output_exit=k): set_output_exit(None)")
         if len(logits) != self.num_exits:
             raise ValueError(f"expected {self.num_exits} exit logits, got {len(logits)}")
         # float32 CE: bf16 logits under autocast lose too much precision in log-softmax.
         losses = torch.stack([F.cross_entropy(y.float(), target) for y in logits])
-        # Clone: the buffer is updated in place below, and autograd saved it for the backward.
-        w = self.loss_weights.clone()
+        w = self.loss_weights  # updated in place only by end_step, after the step's backward
         # Multiply even zero weights so every head stays in the graph (DDP unused-parameter check).
         total = (w * losses).sum()
-        if self.training:
-            if self.alternating:
-                if pass_index == 0:
-                    self.last_drawn = self._draw(w)
-                # index_select, not losses[tensor]: indexing with a tensor reads it to the host.
-                drawn_loss = losses.index_select(0, self.last_drawn.view(1)).squeeze(0)
-                total = total + self._alternating_weight(w) * drawn_loss
-            if passes == 1:
-                self._step(losses.detach())
-            else:
-                summed = losses.detach() if pass_index == 0 else self._pass_losses + losses.detach()
-                self._pass_losses = summed
-                if pass_index == passes - 1:
-                    self._step(summed / passes)
+        if self.training and self.alternating:
+            if not self._step_started:
+                raise RuntimeError("ALTERNATING draws one exit per optimizer step: call "
+                                   "start_step() before the step's forward passes")
+            # index_select, not losses[tensor]: indexing with a tensor reads it to the host.
+            drawn_loss = losses.index_select(0, self.last_drawn.view(1)).squeeze(0)
+            total = total + self._alternating_weight(w) * drawn_loss
         return total, losses.detach()
+
+    @torch.no_grad()
+    def end_step(self, losses: Tensor) -> None:
+        """End an optimizer step with its per-exit losses (the mean over its passes): ADALOSS
+        updates its averages (and its weights when due); the step count goes up."""
+        self._step_started = False
+        if self.scheme == "adaloss":
+            if dist.is_available() and dist.is_initialized():
+                # Same averages on every rank, hence the same weights and the same gradients.
+                losses = losses.clone()
+                dist.all_reduce(losses)
+                losses /= dist.get_world_size()
+            first = self.num_steps == 0
+            ema = self.momentum * self.loss_ema + (1.0 - self.momentum) * losses
+            self.loss_ema.copy_(torch.where(first, losses, ema))
+            due = (self.num_steps + 1) % self.update_every == 0
+            self.loss_weights.copy_(torch.where(due, self._adaloss_weights(), self.loss_weights))
+        self.num_steps += 1
 
     def _draw(self, w: Tensor) -> Tensor:
         # u comes from the CPU generator and the comparison runs on the weights' device, so the
@@ -139,21 +161,6 @@ class AnytimeLoss(nn.Module):
         """The drawn exit's extra weight: B_L (the seed's rule), sum(B) / sum_rand_ratio (the
         authors')."""
         return w[-1] if self.alternating_rule == "seed" else w.sum() / self.sum_rand_ratio
-
-    @torch.no_grad()
-    def _step(self, losses: Tensor) -> None:
-        if self.scheme == "adaloss":
-            if dist.is_available() and dist.is_initialized():
-                # Same averages on every rank, hence the same weights and the same gradients.
-                losses = losses.clone()
-                dist.all_reduce(losses)
-                losses /= dist.get_world_size()
-            first = self.num_steps == 0
-            ema = self.momentum * self.loss_ema + (1.0 - self.momentum) * losses
-            self.loss_ema.copy_(torch.where(first, losses, ema))
-            due = (self.num_steps + 1) % self.update_every == 0
-            self.loss_weights.copy_(torch.where(due, self._adaloss_weights(), self.loss_weights))
-        self.num_steps += 1
 
     def _adaloss_weights(self) -> Tensor:
         # A memorised exit can average a loss of exactly 0; 1/0 would turn every weight into NaN.

@@ -22,7 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.config import Config
 from pipeline.data import build_loader
 from pipeline.train.runtime import amp_context, create_anytime_model, pick_device
-from pipeline.train.trainer import build_loss, build_optimizer, train_step
+from pipeline.train.step import TrainStep
+from pipeline.train.trainer import build_loss, build_optimizer
 
 # Dense (no 2:4 sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets;
 # the first name found in torch.cuda.get_device_name() wins, so variants come before families.
@@ -50,9 +51,13 @@ def bench_train(cfg: Config, steps: int = 30, warmup: int = 5, peak_tflops: floa
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     autocast = amp_context(device, cfg.train.amp)
 
+    train_step = TrainStep(model, criterion, optimizer, scaler, autocast, device,
+                           memory_format=memory_format, grad_clip=cfg.optim.grad_clip,
+                           compile=cfg.train.compile, compile_mode=cfg.train.compile_mode,
+                           compile_backend=cfg.train.compile_backend)
+
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        train_step(model, criterion, optimizer, scaler, autocast, [(images, labels)], device,
-                   memory_format, cfg.optim.grad_clip)
+        train_step([(images, labels)])
 
     loader.set_epoch(0)
     full, loader_wait = timed(step, loader, steps, warmup, device)

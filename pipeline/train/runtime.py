@@ -82,6 +82,10 @@ def create_anytime_model(cfg: Config, num_classes: int) -> torch.nn.Module:
         raise UserError(f"model.name={cfg.model.name!r}: timm knows no pretrained tag {tag!r} "
                         f"for {arch} (the part after the dot names a set of weights); use "
                         f"model.name={arch}")
+    if "output_exit" in cfg.model.kwargs:  # the single-tensor view, for timm's own tools
+        raise UserError("model.kwargs.output_exit makes the model give one exit's logits; "
+                        "training and evaluation need every exit: remove it (use `until` or "
+                        "`--until` for an earlier exit)")
     try:
         return timm.create_model(cfg.model.name, num_classes=num_classes, **cfg.model.kwargs)
     except (TypeError, ValueError) as e:  # bad kwargs, or values the model rejects

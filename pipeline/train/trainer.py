@@ -13,7 +13,7 @@ import logging
 import subprocess
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack, nullcontext, suppress
+from contextlib import AbstractContextManager, ExitStack, suppress
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
@@ -49,6 +49,7 @@ from pipeline.train.preemption import watch_preemption
 from pipeline.train.progress import MetricsWriter, Progress
 from pipeline.train.runtime import create_anytime_model, start_job, weights_mismatch
 from pipeline.train.state import RunState, seed_everything
+from pipeline.train.step import TrainStep
 
 log = logging.getLogger("pipeline.train")
 
@@ -151,6 +152,10 @@ def train(cfg: Config,
                  else "", device, cfg.train.epochs,
                  steps_per_epoch, batch_text)
 
+        train_step = TrainStep(ddp_model, criterion, optimizer, scaler, autocast, device,
+                               memory_format=memory_format, grad_clip=cfg.optim.grad_clip,
+                               compile=cfg.train.compile, compile_mode=cfg.train.compile_mode,
+                               compile_backend=cfg.train.compile_backend)
         checkpointer = Checkpointer(store, writer=dist_info.is_main, lease=lease,
                                     async_save=cfg.checkpoint.async_save,
                                     max_failed_saves=cfg.checkpoint.max_failed_saves)
@@ -178,8 +183,7 @@ def train(cfg: Config,
             criterion.train()
             steps_left = max(0, steps_per_epoch - train_loader.steps_done)
             for batches in islice(train_loader.steps(), steps_left):
-                loss, exit_losses = train_step(ddp_model, criterion, optimizer, scaler, autocast,
-                                               batches, device, memory_format, cfg.optim.grad_clip)
+                loss, exit_losses = train_step(batches)
                 run.step += 1
                 scheduler.step_update(run.epoch * steps_per_epoch + train_loader.steps_done)
                 progress.advance(sum(len(labels) for _, labels in batches) * dist_info.world_size)
@@ -272,37 +276,6 @@ def build_optimizer(cfg: Config, model: torch.nn.Module,
         model, opt=cfg.optim.name, lr=cfg.optim.lr * global_batch / 256,
         weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
     )
-
-
-def train_step(model: torch.nn.Module, criterion: AnytimeLoss, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, autocast: AbstractContextManager,
-               batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-               memory_format: torch.memory_format = torch.contiguous_format,
-               grad_clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on the step's batches (one, or one per accumulated forward pass);
-    returns the step's (loss, per-exit losses), averaged over its passes."""
-    optimizer.zero_grad(set_to_none=True)
-    passes = len(batches)
-    loss_sum, exit_sum = torch.zeros((), device=device), 0
-    for i, (images, labels) in enumerate(batches):
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        labels = labels.to(device, non_blocking=True)
-        # DDP all-reduces the gradients in the backward of the last pass only.
-        last = i == passes - 1
-        no_sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last \
-            else nullcontext()
-        with no_sync:
-            with autocast:
-                logits = model(images)
-            loss, exit_losses = criterion(logits, labels, pass_index=i, passes=passes)
-            scaler.scale(loss / passes if passes > 1 else loss).backward()
-        loss_sum, exit_sum = loss_sum + loss.detach(), exit_sum + exit_losses
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    return loss_sum / passes, exit_sum / passes
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer,
