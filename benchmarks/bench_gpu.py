@@ -64,12 +64,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     profiles = args.profiles or args.out
 
-    write_dataset(args.data, args.images, classes=100)
     common = [f"data.batch_size={args.batch_size}", f"data.workers={os.cpu_count()}",
               f"train.device={args.device}", f"data.root={args.data}",
               f"data.image_size={args.image_size}"]
     loaders = ["synthetic", "dali"] if importlib.util.find_spec("nvidia.dali") else ["synthetic"]
-    if "dali" not in loaders:
+    if "dali" in loaders:  # only DALI reads them; synthetic batches need no files
+        write_dataset(args.data, args.images, classes=100)
+    else:
         print("NVIDIA DALI is not installed: the DALI rows and its decode are not measured",
               flush=True)
     runs = [(model, loader, "eager") for model in args.models for loader in loaders]

@@ -132,6 +132,8 @@ class AnytimeLoss(nn.Module):
         """End an optimizer step with its per-exit losses (the mean over its passes): ADALOSS
         updates its averages (and its weights when due); the step count goes up."""
         self._step_started = False
+        if not self.training:
+            return
         if self.scheme == "adaloss":
             if dist.is_available() and dist.is_initialized():
                 # Same averages on every rank, hence the same weights and the same gradients.
