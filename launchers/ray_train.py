@@ -86,14 +86,11 @@ def ray_storage(storage_url: str, endpoint_url: str = "") -> tuple[str, Any]:
     Remote URLs go through fsspec, like the checkpoints: the same endpoint and credentials."""
     if "://" not in storage_url or storage_url.startswith("file://"):
         return str(Path(storage_url.removeprefix("file://")).absolute()), None
-    import fsspec
     import pyarrow.fs
 
-    options = {"endpoint_url": endpoint_url} if endpoint_url else {}
-    try:
-        fs, path = fsspec.core.url_to_fs(storage_url, **options)
-    except (ImportError, ValueError) as e:
-        raise UserError(f"Ray storage URL {storage_url!r} cannot be opened: {e}") from e
+    from pipeline.storage.urls import open_url
+
+    fs, path = open_url(storage_url, endpoint_url, "Ray storage (--storage-path or checkpoint.url)")
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 

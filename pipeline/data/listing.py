@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.data.index import SampleIndex, class_difference
 from pipeline.errors import UserError
+from pipeline.storage.urls import open_url
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # compared lower-case: .JPEG (ImageNet) matches
 
@@ -121,15 +122,9 @@ def _scan(path: Path) -> list[os.DirEntry]:
 def _listing(root: str, split: str, endpoint_url: str, list_files: bool) -> tuple[list, str]:
     """(keys under root/split, recursively; or its entries, one level), and fsspec's base path;
     one-line errors for a missing package, a server that is down, or missing credentials."""
-    import fsspec  # only for remote roots
-
-    options = {"endpoint_url": endpoint_url} if endpoint_url else {}
+    fs, base = open_url(f"{root}/{split}", endpoint_url, "data.root")
     try:
-        fs, base = fsspec.core.url_to_fs(f"{root}/{split}", **options)
         return (fs.find(base) if list_files else fs.ls(base, detail=True)), base
-    except ImportError as e:  # fsspec's message names the package the protocol needs
-        raise UserError(f"data.root={root}: {e} (s3://: pip install 'anytime-pipeline[s3]')"
-                        ) from e
     except FileNotFoundError:
         return [], base
     except Exception as e:  # OSError, ValueError, and botocore errors s3fs does not translate

@@ -34,7 +34,7 @@ from pipeline.data.sampler import Blocks
 from pipeline.data.shards import TAR_BLOCK, ShardIndex, member_name
 from pipeline.storage.atomic import write_atomically
 from pipeline.storage.retry import StorageError, retry_storage
-from pipeline.storage.urls import open_url, single_attempt
+from pipeline.storage.urls import open_url
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class ShardReader:
         if self._fs is None:
             # our retries (fetch) the only ones: an outage ends the run when they are spent
             self._fs = open_url(self.index.base, self.index.endpoint_url, "data.root",
-                                **single_attempt(self.index.base))[0]
+                                single_attempt=True)[0]
         return self._fs
 
     def _local_shard(self, s: int) -> str:

@@ -23,19 +23,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from pipeline.errors import UserError
+from pipeline.storage.urls import open_url
 
 ARTIFACT = "eann.safetensors"
 DESCRIPTION = "eann.json"
 FORMAT = "anytime-pipeline-eann/1"
-
-
-def open_folder(url: str, endpoint_url: str = "") -> tuple[fsspec.AbstractFileSystem, str]:
-    options = {"endpoint_url": endpoint_url} if endpoint_url else {}
-    try:
-        return fsspec.core.url_to_fs(url.rstrip("/"), **options)
-    except (ImportError, ValueError) as e:
-        raise UserError(f"URL {url!r} cannot be opened: {e} (for s3:// install the [s3] extra: "
-                        "pip install 'anytime-pipeline[s3]')") from e
 
 
 def write_artifact(url: str, tensors: dict[str, torch.Tensor], info: dict[str, Any], *,
@@ -43,7 +35,7 @@ def write_artifact(url: str, tensors: dict[str, torch.Tensor], info: dict[str, A
     """Write `<url>/eann.safetensors` (+ eann.json and `extra_files`, e.g. plots); returns the
     artifact's URL. The artifact appears whole or not at all: on object stores one PUT is
     atomic, on file systems it is written under a temporary name and renamed."""
-    fs, root = open_folder(url, endpoint_url)
+    fs, root = open_url(url.rstrip("/"), endpoint_url, "EANN folder (--out)")
     description = json.dumps(info, indent=1)
     payload = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                                metadata={"format": FORMAT, "eann": description})
@@ -73,7 +65,7 @@ def read_artifact(url: str, endpoint_url: str = "") -> tuple[dict[str, torch.Ten
     url = url.rstrip("/")
     if not url.endswith(".safetensors"):
         url = f"{url}/{ARTIFACT}"
-    fs, path = open_folder(url, endpoint_url)
+    fs, path = open_url(url, endpoint_url, "EANN artifact")
     try:
         data = fs.cat_file(path)
     except FileNotFoundError as e:

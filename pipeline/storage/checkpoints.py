@@ -36,11 +36,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-import fsspec
 import torch
 
 from pipeline.errors import UserError
-from pipeline.storage.atomic import create_only, protocols
+from pipeline.storage.atomic import create_only
 from pipeline.storage.manifest import (
     MANIFEST,
     PAYLOAD,
@@ -53,7 +52,7 @@ from pipeline.storage.manifest import (
     payload_name,
 )
 from pipeline.storage.retry import StorageError, retry_storage
-from pipeline.storage.urls import single_attempt
+from pipeline.storage.urls import open_url
 
 __all__ = ["MANIFEST", "PAYLOAD", "CheckpointInfo", "CheckpointStore", "StorageError"]
 
@@ -91,17 +90,10 @@ class CheckpointStore:
         retry_delay: float = 1.0,
     ):
         self.url = url.rstrip("/")
-        options: dict[str, Any] = {"endpoint_url": endpoint_url} if endpoint_url else {}
         # Our retry policy is the only one (`retries`, `retry_delay`): without it a save failed
         # minutes after the configured policy gave up.
-        options.update(single_attempt(self.url))
-        try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **options)
-        except (ImportError, ValueError) as e:
-            raise UserError(f"checkpoint URL {self.url!r} cannot be opened: {e} (for s3:// "
-                            "install the [s3] extra: pip install 'anytime-pipeline[s3]')") from e
-        if "s3" in protocols(self.fs):
-            self.fs.retries = 1  # s3fs's own loop: one try
+        self.fs, self.root = open_url(self.url, endpoint_url, "checkpoint.url",
+                                      single_attempt=True)
         self.keep_last = keep_last
         self.keep_every_epochs = keep_every_epochs
         self.retries = retries

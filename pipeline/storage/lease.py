@@ -115,6 +115,7 @@ from pipeline.storage.atomic import (
 )
 from pipeline.storage.manifest import is_int, shown
 from pipeline.storage.retry import StorageError, retry_storage
+from pipeline.storage.urls import open_url
 
 log = logging.getLogger(__name__)
 
@@ -537,13 +538,7 @@ class RunLease:
         self.url = url.rstrip("/")
         self.ttl = float(ttl)
         if fs is None or root is None:
-            options = {"endpoint_url": endpoint_url} if endpoint_url else {}
-            try:
-                fs, root = fsspec.core.url_to_fs(self.url, **options)
-            except (ImportError, ValueError) as e:
-                raise UserError(f"checkpoint URL {self.url!r} cannot be opened: {e} (for s3:// "
-                                "install the [s3] extra: pip install 'anytime-pipeline[s3]')"
-                                ) from e
+            fs, root = open_url(self.url, endpoint_url, "checkpoint.url")
         root = root.rstrip("/")
         self._backend: _Backend
         if is_local(fs):
