@@ -12,8 +12,9 @@ position): unlike the torch back end, DALI has no per-sample seed, and restoring
 DALI's own checkpoint, which would not survive a change of world size.
 
 DALI 2.4.0's file reader opens `s3://` files itself (AWS SDK; credentials from the standard
-chain: AWS_* variables, ~/.aws, instance roles; an S3-compatible server from
-`data.endpoint_url`, exported as AWS_ENDPOINT_URL).
+chain: AWS_* variables, ~/.aws, instance roles). Its one S3 client per process takes its endpoint
+from AWS_ENDPOINT_URL when it is made; `make_s3_client` sets the variable for just that moment, so
+`data.endpoint_url` reaches no other client of the process (checkpoints, the lease).
 
 Tar shards (pipeline/data/shards.py) come in through `fn.external_source` instead: the
 pipeline's source hands it this rank's encoded images batch by batch, read by the project's
@@ -52,6 +53,7 @@ from pipeline.data.loader import Loader, RawBatch
 from pipeline.data.sampler import mix_seed
 from pipeline.data.shard_reader import BadSample, ShardReader, shard_blocks, start_prefetch
 from pipeline.data.shards import ShardIndex
+from pipeline.data.verify import url_decode_error
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,54 @@ def use_gpu(cfg: DataConfig) -> bool:
         raise UserError("data.dali_device=gpu but no CUDA GPU is visible; use "
                         "data.dali_device=auto or cpu")
     return cfg.dali_device != "cpu" and torch.cuda.is_available()
+
+
+_s3_endpoint: str | None = None  # what DALI's S3 client in this process was made for; None: none
+
+
+def make_s3_client(endpoint_url: str, url: str) -> None:
+    """Have DALI make its S3 client for `endpoint_url` ("" = as the environment says: AWS) by
+    reading the object `url` once; at once if it exists already for that endpoint.
+
+    DALI keeps one S3 client per process (S3ClientManager), made at its first s3:// read, which
+    happens when a pipeline runs, not when it is built, from the AWS_ENDPOINT_URL of that moment.
+    The variable is set around that one read and then restored: botocore applies it to every
+    client made without an endpoint of its own, so left set it would send the checkpoints and the
+    lease to the data's server. (Clients made meanwhile by other threads would take it too; the
+    run's are made before its loaders.) A second endpoint cannot be served by the same client."""
+    global _s3_endpoint
+    if _s3_endpoint is not None:
+        if _s3_endpoint != endpoint_url:
+            raise UserError(
+                f"data.endpoint_url={endpoint_url!r}, but DALI in this process already reads "
+                f"s3:// from {_s3_endpoint or 'AWS'!r} (DALI has one S3 client per process); "
+                "use one data.endpoint_url per process, or tar shards (which DALI does not read "
+                "itself)")
+        return
+    fn, pipeline_def, _ = import_dali()
+
+    @pipeline_def
+    def read_one():
+        return fn.readers.file(files=[url], labels=[0])[0]
+
+    pipe = read_one(batch_size=1, num_threads=1, device_id=None)
+    previous = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint_url
+    try:
+        pipe.build()
+        _s3_endpoint = endpoint_url  # the read makes the client, also where the read fails
+        pipe.run()
+    except RuntimeError as e:  # DALI's message: the operator's traceback, then the S3 error
+        detail = str(e).split("encountered:")[-1].split("Current pipeline object")[0]
+        raise UserError(f"DALI cannot read {url} (data.endpoint_url={endpoint_url!r}): "
+                        f"{' '.join(detail.split())}; check the URL, data.endpoint_url and the "
+                        "AWS_* credentials") from e
+    finally:
+        if previous is None:
+            os.environ.pop("AWS_ENDPOINT_URL", None)
+        else:
+            os.environ["AWS_ENDPOINT_URL"] = previous
 
 
 def build_pipeline(cfg: DataConfig, files: list[str] | Iterator, labels: list[int], *,
@@ -149,9 +199,8 @@ class DaliLoader(Loader):
                          if shards else None)
         self.reader = ShardReader(index, self.sampler.blocks.bounds, cache_dir=cfg.cache_dir
                                   ) if shards else None
-        if not shards and index.is_remote and cfg.endpoint_url:
-            # DALI's AWS SDK reads its endpoint from the environment only.
-            os.environ["AWS_ENDPOINT_URL"] = cfg.endpoint_url
+        if not shards and index.is_remote:
+            make_s3_client(cfg.endpoint_url, str(index.path(0)))
         self.cfg = cfg
         self.index = index
         self.gpu = use_gpu(cfg)
@@ -256,6 +305,8 @@ class DaliLoader(Loader):
         return self.reader.name(i) if self.reader else str(self.index.path(i))
 
     def _decode_error(self, i: int) -> str | None:
+        if not self.reader and self.index.is_remote:
+            return url_decode_error(str(self.index.path(i)), self.cfg.endpoint_url)
         if not self.reader:
             return decode_error(self.index.path(i))
         try:

@@ -23,6 +23,7 @@ import tarfile
 import time
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from pipeline.data.badimages import decode_error, list_paths
@@ -36,8 +37,20 @@ log = logging.getLogger(__name__)
 _CHUNK = 256  # images per pool task: large enough to amortise the IPC, small for the progress
 
 
-def _check_chunk(paths: list[str]) -> list[str | None]:
-    return [decode_error(p) for p in paths]
+def _check_chunk(paths: list[str], endpoint_url: str = "") -> list[str | None]:
+    return [url_decode_error(p, endpoint_url) if is_remote(p) else decode_error(p)
+            for p in paths]
+
+
+def url_decode_error(url: str, endpoint_url: str) -> str | None:
+    """decode_error of the object at `url`, read through a client with the data's endpoint (the
+    environment names none), and a failed read in the same one-line form."""
+    fs = open_url(url, endpoint_url, "data.root")[0]  # fsspec's cached client for these options
+    try:
+        data = fs.cat_file(url)
+    except Exception as e:  # FileNotFoundError, PermissionError, botocore's own
+        return f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")
+    return decode_error(data)
 
 
 @dataclass
@@ -55,12 +68,9 @@ def verify_split(root: str | Path, split: str, out: str | Path | None = None,
     """Decode every image of root/split on `workers` processes; write the good and bad lists.
 
     `root` may be an s3:// URL (the lists then go to the local folder `out`)."""
-    if is_remote(root):
-        if out is None:
-            raise UserError(f"verifying {root} needs --out DIR, a local folder for the lists; "
-                            "then set data.file_lists=DIR")
-        if endpoint_url:  # read by s3fs here and in the forked workers
-            os.environ["AWS_ENDPOINT_URL"] = endpoint_url
+    if is_remote(root) and out is None:
+        raise UserError(f"verifying {root} needs --out DIR, a local folder for the lists; "
+                        "then set data.file_lists=DIR")
     index = index_split(root, split, endpoint_url)
     lists_dir = Path(out) if out else index.root
     try:
@@ -74,7 +84,7 @@ def verify_split(root: str | Path, split: str, out: str | Path | None = None,
     errors: list[str | None] = []
     # fork: the workers need nothing but PIL, and start in milliseconds.
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for result in pool.imap(_check_chunk, chunks):
+        for result in pool.imap(partial(_check_chunk, endpoint_url=endpoint_url), chunks):
             errors += result
             now = time.perf_counter()
             if now - last_log > 10 or len(errors) == len(paths):
