@@ -283,9 +283,8 @@ def describe(args: argparse.Namespace) -> int:
     import pipeline.models  # noqa: F401  (registers the models)
     from pipeline.anytime.weights import static_weights
     from pipeline.config import load_config
-    from pipeline.models import exit_costs, pretrained_cfg
+    from pipeline.models import create_anytime_model, exit_costs, pretrained_cfg
     from pipeline.report import format_table
-    from pipeline.train.runtime import create_anytime_model
 
     if not args.config and not args.model:
         raise UserError("describe needs --config FILE or --model NAME")

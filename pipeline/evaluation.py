@@ -64,7 +64,7 @@ def load_member(url: str, endpoint_url: str = "",
                 map_location: str | torch.device = "cpu") -> Member:
     """The model of the checkpoint at `url`: a checkpoint folder (`.../step-00000468`), a
     checkpoints folder (its newest valid checkpoint) or a run folder holding `checkpoints/`."""
-    from pipeline.train.runtime import create_anytime_model, weights_mismatch
+    from pipeline.models import create_anytime_model, weights_mismatch
 
     url = url.rstrip("/")
     name = url.rsplit("/", 1)[-1]
@@ -199,66 +199,65 @@ def evaluate_checkpoint(url: str, data_root: str, *, split: str = "val", endpoin
                         print_json: bool = False) -> dict[str, Any]:
     """The `eval` verb: per-exit errors and costs of one checkpoint, its JSON and plot."""
     from pipeline.data import build_loader
+    from pipeline.job import open_job
     from pipeline.models import exit_costs
     from pipeline.report import format_table, plot_anytime_curve
-    from pipeline.train.distributed import close_distributed
-    from pipeline.train.runtime import start_job
 
-    job = start_job(device, amp)
-    torch_device, dist_info = job.device, job.dist
-    member = load_member(url, endpoint_url, map_location="cpu")
-    cfg = apply_overrides(member.config, [f"data.root={data_root}", *overrides])
-    loader = build_loader(cfg.data, split, train=False, rank=dist_info.rank,
-                          world_size=dist_info.world_size, seed=cfg.seed)
-    check_classes(member, loader.classes, f"{data_root}/{split}")
-    model = member.model.to(torch_device)
-    log.info("evaluating %s (%s, %d exits) on %s/%s: %d images on %s x %d", member.source,
-             cfg.model.name, model.num_exits, data_root, split, loader.num_samples, torch_device,
-             dist_info.world_size)
-    [result] = run_exits([model], loader, torch_device, job.autocast,
-                         per_image=budgeted > 0)
-    costs = exit_costs(model, (3, cfg.data.image_size, cfg.data.image_size))
-    report = {
-        "checkpoint": member.source, "model": cfg.model.name, "data": f"{data_root}/{split}",
-        "image_size": cfg.data.image_size, "samples": result.samples, "amp": amp,
-        "cost_unit": "multiply-adds per image, cumulative, every earlier head included",
-        "exits": [{**c.to_dict(), "top1_error": result.top1[i], "top5_error": result.top5[i]}
-                  for i, c in enumerate(costs)],
-    }
-    if budgeted:
-        curve = budgeted_curve(result.confidence, result.correct, [c.macs for c in costs],
-                               points=budgeted)
-        report["budgeted"] = [r.to_dict() for r in curve]
-    unwritten = ""  # why the files could not be written; the results are printed anyway
-    if dist_info.is_main:
-        out = Path(out_dir or f"runs/eval-{cfg.name}")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            write_atomically(out / "eval.json", json.dumps(report, indent=1).encode())
-            plot_anytime_curve([c.macs for c in costs],
-                               {"top-1": result.top1, "top-5": result.top5},
-                               out / "eval_curve.png", title=f"{cfg.name}: {cfg.model.name} on "
-                                                             f"{split} ({result.samples} images)")
-            if budgeted:
-                plot_budgeted(report["budgeted"], [(c.macs, result.top1[i])
-                                                   for i, c in enumerate(costs)],
-                              out / "budgeted.png", f"{cfg.name}: budgeted batch evaluation")
-        except OSError as e:  # a full disk, a read-only place
-            unwritten = (f"the evaluation above could not be written to {out}: "
-                         f"{e.strerror or e}; give --out a writable folder")
-        if print_json:
-            print(json.dumps(report, indent=1))
-        else:
-            rows = [{"exit": c.index, "position": c.position, "MMACs": c.macs / 1e6,
-                     "top1_err%": result.top1[i], "top5_err%": result.top5[i]}
-                    for i, c in enumerate(costs)]
-            print(f"{member.source} on {data_root}/{split} ({result.samples} images):")
-            print(format_table(rows, list(rows[0])))
-            if budgeted:
-                print_budgeted(report["budgeted"])
-            if not unwritten:
-                print(f"results: {out / 'eval.json'}  plot: {out / 'eval_curve.png'}")
-    close_distributed()
+    with open_job(device, amp) as job:  # closes the process group however it ends
+        torch_device, dist_info = job.device, job.dist
+        member = load_member(url, endpoint_url, map_location="cpu")
+        cfg = apply_overrides(member.config, [f"data.root={data_root}", *overrides])
+        loader = build_loader(cfg.data, split, train=False, rank=dist_info.rank,
+                              world_size=dist_info.world_size, seed=cfg.seed)
+        check_classes(member, loader.classes, f"{data_root}/{split}")
+        model = member.model.to(torch_device)
+        log.info("evaluating %s (%s, %d exits) on %s/%s: %d images on %s x %d", member.source,
+                 cfg.model.name, model.num_exits, data_root, split, loader.num_samples,
+                 torch_device, dist_info.world_size)
+        [result] = run_exits([model], loader, torch_device, job.autocast,
+                             per_image=budgeted > 0)
+        costs = exit_costs(model, (3, cfg.data.image_size, cfg.data.image_size))
+        report = {
+            "checkpoint": member.source, "model": cfg.model.name, "data": f"{data_root}/{split}",
+            "image_size": cfg.data.image_size, "samples": result.samples, "amp": amp,
+            "cost_unit": "multiply-adds per image, cumulative, every earlier head included",
+            "exits": [{**c.to_dict(), "top1_error": result.top1[i], "top5_error": result.top5[i]}
+                      for i, c in enumerate(costs)],
+        }
+        if budgeted:
+            curve = budgeted_curve(result.confidence, result.correct, [c.macs for c in costs],
+                                   points=budgeted)
+            report["budgeted"] = [r.to_dict() for r in curve]
+        unwritten = ""  # why the files could not be written; the results are printed anyway
+        if dist_info.is_main:
+            out = Path(out_dir or f"runs/eval-{cfg.name}")
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                write_atomically(out / "eval.json", json.dumps(report, indent=1).encode())
+                plot_anytime_curve([c.macs for c in costs],
+                                   {"top-1": result.top1, "top-5": result.top5},
+                                   out / "eval_curve.png",
+                                   title=f"{cfg.name}: {cfg.model.name} on {split} "
+                                         f"({result.samples} images)")
+                if budgeted:
+                    plot_budgeted(report["budgeted"], [(c.macs, result.top1[i])
+                                                       for i, c in enumerate(costs)],
+                                  out / "budgeted.png", f"{cfg.name}: budgeted batch evaluation")
+            except OSError as e:  # a full disk, a read-only place
+                unwritten = (f"the evaluation above could not be written to {out}: "
+                             f"{e.strerror or e}; give --out a writable folder")
+            if print_json:
+                print(json.dumps(report, indent=1))
+            else:
+                rows = [{"exit": c.index, "position": c.position, "MMACs": c.macs / 1e6,
+                         "top1_err%": result.top1[i], "top5_err%": result.top5[i]}
+                        for i, c in enumerate(costs)]
+                print(f"{member.source} on {data_root}/{split} ({result.samples} images):")
+                print(format_table(rows, list(rows[0])))
+                if budgeted:
+                    print_budgeted(report["budgeted"])
+                if not unwritten:
+                    print(f"results: {out / 'eval.json'}  plot: {out / 'eval_curve.png'}")
     if unwritten:
         raise UserError(unwritten)
     return report

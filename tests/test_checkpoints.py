@@ -22,6 +22,7 @@ from pipeline.__main__ import main
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.evaluation import load_member
+from pipeline.models import create_anytime_model
 from pipeline.storage.atomic import create_only
 from pipeline.storage.checkpoints import (
     MANIFEST,
@@ -32,7 +33,6 @@ from pipeline.storage.checkpoints import (
     CheckpointStore,
     StorageError,
 )
-from pipeline.train.runtime import create_anytime_model
 
 
 class Evil:

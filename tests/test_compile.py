@@ -24,8 +24,8 @@ import pipeline.models  # noqa: F401  (registers the models)
 from pipeline.anytime.loss import AnytimeLoss
 from pipeline.config import load_config
 from pipeline.errors import UserError
+from pipeline.models import create_anytime_model
 from pipeline.storage.checkpoints import CheckpointStore
-from pipeline.train.runtime import create_anytime_model
 from pipeline.train.step import TrainStep
 from pipeline.train.trainer import train
 

@@ -23,9 +23,8 @@ from pipeline.eann.schedule import ScheduleEntry
 from pipeline.errors import UserError
 from pipeline.evaluation import load_member
 from pipeline.export import META, export_model, load_exported, save_exported
-from pipeline.models import exit_costs
+from pipeline.models import create_anytime_model, exit_costs
 from pipeline.storage.checkpoints import CheckpointStore
-from pipeline.train.runtime import create_anytime_model
 from pipeline.train.trainer import train
 
 # One of each family, small enough to export in a few seconds on 2 cores. The MSDNets keep their

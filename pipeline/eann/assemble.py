@@ -50,77 +50,75 @@ def assemble(member_urls: list[str], val_root: str, out_url: str, *, split: str 
              endpoint_url: str = "", overrides: list[str] = (), device: str = "auto",
              amp: str = "none", budgeted: int = 0, print_json: bool = False) -> dict[str, Any]:
     from pipeline.data import build_loader
+    from pipeline.job import open_job
     from pipeline.models import exit_costs
-    from pipeline.train.distributed import close_distributed
-    from pipeline.train.runtime import start_job
 
     if not member_urls:
         raise UserError("assemble needs --members URL [URL ...]")
-    job = start_job(device, amp)
-    torch_device, dist_info = job.device, job.dist
-    members = [load_member(u, endpoint_url) for u in member_urls]
-    check_same_inputs(members)
-    cfg = apply_overrides(members[0].config, [f"data.root={val_root}", *overrides])
-    size = cfg.data.image_size
-    costs = [exit_costs(m.model, (3, size, size)) for m in members]
-    # run order = cost order (the schedule assumes it); stable for equal costs
-    order = sorted(range(len(members)), key=lambda j: costs[j][-1].macs)
-    if order != list(range(len(members))):
-        log.info("members reordered by cost: %s", ", ".join(member_urls[j] for j in order))
-    members = [members[j] for j in order]
-    costs = [costs[j] for j in order]
-    loader = build_loader(cfg.data, split, train=False, rank=dist_info.rank,
-                          world_size=dist_info.world_size, seed=cfg.seed)
-    for m in members:
-        check_classes(m, loader.classes, f"{val_root}/{split}")
-    models = [m.model.to(torch_device) for m in members]
-    log.info("evaluating %d members (%s) on %s/%s: %d images on %s x %d", len(members),
-             ", ".join(m.config.model.name for m in members), val_root, split,
-             loader.num_samples, torch_device, dist_info.world_size)
-    results = run_exits(models, loader, torch_device, job.autocast,
-                        per_image=budgeted > 0)
+    with open_job(device, amp) as job:  # closes the process group however it ends
+        torch_device, dist_info = job.device, job.dist
+        members = [load_member(u, endpoint_url) for u in member_urls]
+        check_same_inputs(members)
+        cfg = apply_overrides(members[0].config, [f"data.root={val_root}", *overrides])
+        size = cfg.data.image_size
+        costs = [exit_costs(m.model, (3, size, size)) for m in members]
+        # run order = cost order (the schedule assumes it); stable for equal costs
+        order = sorted(range(len(members)), key=lambda j: costs[j][-1].macs)
+        if order != list(range(len(members))):
+            log.info("members reordered by cost: %s", ", ".join(member_urls[j] for j in order))
+        members = [members[j] for j in order]
+        costs = [costs[j] for j in order]
+        loader = build_loader(cfg.data, split, train=False, rank=dist_info.rank,
+                              world_size=dist_info.world_size, seed=cfg.seed)
+        for m in members:
+            check_classes(m, loader.classes, f"{val_root}/{split}")
+        models = [m.model.to(torch_device) for m in members]
+        log.info("evaluating %d members (%s) on %s/%s: %d images on %s x %d", len(members),
+                 ", ".join(m.config.model.name for m in members), val_root, split,
+                 loader.num_samples, torch_device, dist_info.world_size)
+        results = run_exits(models, loader, torch_device, job.autocast,
+                            per_image=budgeted > 0)
 
-    member_macs = [[c.macs for c in cs] for cs in costs]
-    top1 = [r.top1 for r in results]
-    top5 = [r.top5 for r in results]
-    schedule = build_schedule(member_macs, top1, top5)
-    ratios = cost_ratios(schedule, member_macs, top1)
-    b = depth_ratio(member_macs)
-    c_values = [r["C"] for r in ratios]
-    info: dict[str, Any] = {
-        "format": "anytime-pipeline-eann/1",
-        "cost_unit": "multiply-adds per image, cumulative, every earlier head of a member "
-                     "included; an EANN output also counts earlier members up to their last "
-                     "emitted exit",
-        "image_size": size,
-        "data": {k: getattr(cfg.data, k) for k in SHARED_DATA_KEYS},
-        "classes": list(loader.classes),
-        "val": {"data": f"{val_root}/{split}", "samples": results[0].samples, "amp": amp},
-        "members": [member_record(m, cs, r) for m, cs, r in zip(members, costs, results)],
-        "schedule": [e.to_dict() for e in schedule],
-        "cost_ratio": {
-            "per_output": ratios, "max": max(c_values), "mean": statistics.fmean(c_values),
-            "b": finite_or_none(b), "seed_bound": finite_or_none(seed_bound(b)),
-            "definition": "C = EANN cost of an output / cost of the cheapest single-member "
-                          "exit with at most its validation top-1 error; bound 2 + 1/(b-1), "
-                          "b = geometric growth of the members' full costs"},
-    }
-    if budgeted:
-        info["budgeted"] = eann_budgeted(schedule, results, budgeted)
-    if dist_info.is_main:
-        with tempfile.TemporaryDirectory() as tmp:
-            plots = write_plots(info, Path(tmp), budgeted=bool(budgeted))
-            tensors = {f"members.{j}.{k}": v for j, m in enumerate(models)
-                       for k, v in m.state_dict().items()}
-            artifact = write_artifact(out_url, tensors, info, endpoint_url=endpoint_url,
-                                      extra_files=plots)
-        info["artifact"] = artifact
-        if print_json:
-            print(json.dumps(info, indent=1))
-        else:
-            print_report(info)
-            print(f"artifact: {artifact}  plots: {', '.join(plots)} beside it")
-    close_distributed()
+        member_macs = [[c.macs for c in cs] for cs in costs]
+        top1 = [r.top1 for r in results]
+        top5 = [r.top5 for r in results]
+        schedule = build_schedule(member_macs, top1, top5)
+        ratios = cost_ratios(schedule, member_macs, top1)
+        b = depth_ratio(member_macs)
+        c_values = [r["C"] for r in ratios]
+        info: dict[str, Any] = {
+            "format": "anytime-pipeline-eann/1",
+            "cost_unit": "multiply-adds per image, cumulative, every earlier head of a member "
+                         "included; an EANN output also counts earlier members up to their last "
+                         "emitted exit",
+            "image_size": size,
+            "data": {k: getattr(cfg.data, k) for k in SHARED_DATA_KEYS},
+            "classes": list(loader.classes),
+            "val": {"data": f"{val_root}/{split}", "samples": results[0].samples, "amp": amp},
+            "members": [member_record(m, cs, r) for m, cs, r in zip(members, costs, results)],
+            "schedule": [e.to_dict() for e in schedule],
+            "cost_ratio": {
+                "per_output": ratios, "max": max(c_values), "mean": statistics.fmean(c_values),
+                "b": finite_or_none(b), "seed_bound": finite_or_none(seed_bound(b)),
+                "definition": "C = EANN cost of an output / cost of the cheapest single-member "
+                              "exit with at most its validation top-1 error; bound 2 + 1/(b-1), "
+                              "b = geometric growth of the members' full costs"},
+        }
+        if budgeted:
+            info["budgeted"] = eann_budgeted(schedule, results, budgeted)
+        if dist_info.is_main:
+            with tempfile.TemporaryDirectory() as tmp:
+                plots = write_plots(info, Path(tmp), budgeted=bool(budgeted))
+                tensors = {f"members.{j}.{k}": v for j, m in enumerate(models)
+                           for k, v in m.state_dict().items()}
+                artifact = write_artifact(out_url, tensors, info, endpoint_url=endpoint_url,
+                                          extra_files=plots)
+            info["artifact"] = artifact
+            if print_json:
+                print(json.dumps(info, indent=1))
+            else:
+                print_report(info)
+                print(f"artifact: {artifact}  plots: {', '.join(plots)} beside it")
     return info
 
 

@@ -57,7 +57,7 @@ class EANN(nn.Module):
     def load(cls, url: str, endpoint_url: str = "",
              map_location: str | torch.device = "cpu") -> EANN:
         """The artifact written by `python -m pipeline assemble` (its folder or file URL)."""
-        from pipeline.train.runtime import create_anytime_model
+        from pipeline.models import create_anytime_model
 
         tensors, info = read_artifact(url, endpoint_url)
         members = []

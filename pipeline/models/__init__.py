@@ -5,5 +5,7 @@ from pipeline.models import (
     resnet_ann,  # noqa: F401  (registers the models)
 )
 from pipeline.models.anytime import AnytimeNet, ExitCost, exit_costs, pretrained_cfg
+from pipeline.models.create import create_anytime_model, weights_mismatch
 
-__all__ = ["AnytimeNet", "ExitCost", "exit_costs", "pretrained_cfg"]
+__all__ = ["AnytimeNet", "ExitCost", "create_anytime_model", "exit_costs", "pretrained_cfg",
+           "weights_mismatch"]

@@ -21,7 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import Config
 from pipeline.data import build_loader
-from pipeline.train.runtime import amp_context, create_anytime_model, pick_device
+from pipeline.job import amp_context, pick_device
+from pipeline.models import create_anytime_model
 from pipeline.train.step import TrainStep
 from pipeline.train.trainer import build_loss, build_optimizer
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
+from pipeline.distributed import run_on_main
 from pipeline.errors import UserError
 from pipeline.storage.checkpoints import CheckpointStore
 from pipeline.storage.lease import LeaseLostError, RunLease
-from pipeline.train.distributed import run_on_main
 
 log = logging.getLogger("pipeline.train")
 

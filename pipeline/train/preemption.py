@@ -91,7 +91,7 @@ class PreemptionFlag:
         # imported here, not at the top: the CLI installs the handler before torch loads
         import torch.distributed as dist
 
-        from pipeline.train.distributed import any_rank
+        from pipeline.distributed import any_rank
 
         if dist.is_available() and dist.is_initialized() and step % every:
             return False

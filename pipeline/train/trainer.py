@@ -31,23 +31,17 @@ from pipeline.anytime.metrics import ExitErrors
 from pipeline.config import Config, DataConfig, classify_resume_changes
 from pipeline.data import Loader, build_loader, position_from_step
 from pipeline.data.index import DataIdentity
+from pipeline.distributed import DistInfo, any_rank, mean_over_ranks, run_on_main
 from pipeline.errors import TrainingDiverged, UserError
-from pipeline.models import exit_costs
+from pipeline.job import open_job
+from pipeline.models import create_anytime_model, exit_costs, weights_mismatch
 from pipeline.report import format_duration, format_table, plot_anytime_curve
 from pipeline.storage.atomic import write_atomically
 from pipeline.storage.checkpoints import CheckpointInfo, CheckpointStore
 from pipeline.storage.lease import LeaseUnsupportedError, RunLease
 from pipeline.train.checkpointing import Checkpointer
-from pipeline.train.distributed import (
-    DistInfo,
-    any_rank,
-    close_distributed,
-    mean_over_ranks,
-    run_on_main,
-)
 from pipeline.train.preemption import watch_preemption
 from pipeline.train.progress import MetricsWriter, Progress
-from pipeline.train.runtime import create_anytime_model, start_job, weights_mismatch
 from pipeline.train.state import RunState, seed_everything
 from pipeline.train.step import TrainStep
 
@@ -65,12 +59,11 @@ def train(cfg: Config,
     if cfg.data.dtype == "float16" and cfg.train.amp == "none":  # fp16 images, fp32 weights
         raise UserError("data.dtype=float16 needs mixed precision: set train.amp=bf16 or fp16, "
                         "or data.dtype=float32")
-    job = start_job(cfg.train.device, cfg.train.amp)
-    device, dist_info, autocast = job.device, job.dist, job.autocast
-    seed_everything(cfg.seed + dist_info.rank)
 
     with ExitStack() as teardown:  # runs last to first, however the run ends
-        teardown.callback(close_distributed)
+        job = teardown.enter_context(open_job(cfg.train.device, cfg.train.amp))
+        device, dist_info, autocast = job.device, job.dist, job.autocast
+        seed_everything(cfg.seed + dist_info.rank)
         teardown.callback(preemption.restore)
         run_on_main(lambda: make_run_dir(cfg))
         store = CheckpointStore(

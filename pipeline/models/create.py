@@ -1,17 +1,13 @@
-"""What training, evaluation and the EANN assembly share to set up a job: the device, mixed
-precision, joining the process group (ranks other than 0 then log warnings and errors only),
-and the anytime model a config names.
+"""The anytime model a config names, with one-line errors for names and keyword arguments that
+do not fit, and the check that a saved model state fits a model before loading it.
 
-    job = start_job(cfg.train.device, cfg.train.amp)    # then job.device, job.dist, job.autocast
-    model = create_anytime_model(cfg, num_classes).to(job.device)
+    model = create_anytime_model(cfg, num_classes)
+    mismatch = weights_mismatch(model, state["model"])  # None, or the first difference
 """
 
 from __future__ import annotations
 
 import difflib
-import logging
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import timm
@@ -19,52 +15,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.models import pretrained_cfg  # importing it registers the models with timm
-from pipeline.train.distributed import DistInfo, init_distributed, local_rank
-
-
-@dataclass(frozen=True)
-class Job:
-    device: torch.device
-    dist: DistInfo
-    autocast: AbstractContextManager  # reusable, one `with` at a time: around each forward
-
-
-def start_job(device: str, amp: str) -> Job:
-    """Pick the device, join the process group when the launcher started several processes,
-    and quiet ranks other than 0 (one voice per job: they report only problems)."""
-    torch_device = pick_device(device)
-    autocast = amp_context(torch_device, amp)  # before joining: a bad value fails alone
-    dist_info = init_distributed(torch_device)
-    if not dist_info.is_main:
-        logging.getLogger("pipeline").setLevel(logging.WARNING)
-    return Job(torch_device, dist_info, autocast)
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA GPU is visible; use train.device=auto "
-                        "or cpu")
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        # Training batches keep one shape, so cuDNN's one-off timing of its algorithms pays back.
-        torch.backends.cudnn.benchmark = True
-        # Modulo: a launcher that binds one GPU per task (--gpus-per-task) leaves one visible.
-        device = torch.device("cuda", local_rank() % torch.cuda.device_count())
-        # The current device is what the loaders (DALI, synthetic) and the collectives on
-        # Python objects use.
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
-def amp_context(device: torch.device, amp: str) -> AbstractContextManager:
-    if amp == "none":
-        return nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("train.amp=fp16 needs a CUDA GPU; use train.amp=bf16 on the CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+from pipeline.models.anytime import pretrained_cfg
 
 
 def create_anytime_model(cfg: Config, num_classes: int) -> torch.nn.Module:
