@@ -26,9 +26,11 @@ import torch
 
 import pipeline.models  # noqa: F401
 from pipeline.anytime.loss import AnytimeLoss
+from pipeline.config import CheckpointConfig, LossConfig
 from pipeline.storage.checkpoints import CheckpointStore
 from pipeline.storage.local_s3 import local_s3_server
 from pipeline.train.checkpointing import Checkpointer
+from pipeline.train.state import RunState
 
 
 def upload_ratio(endpoint: str, bucket: str, megabytes: int, pairs: int) -> None:
@@ -80,10 +82,11 @@ def upload_ratio(endpoint: str, bucket: str, megabytes: int, pairs: int) -> None
 def step_time_ratio(endpoint: str, bucket: str, megabytes: int, steps: int) -> None:
     torch.manual_seed(0)
     model = timm.create_model("resnet_ann_cifar20", num_classes=10)
-    criterion = AnytimeLoss(model.num_exits, "sieve")
+    criterion = AnytimeLoss(model.num_exits, LossConfig("sieve"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(64, 3, 28, 28), torch.randint(0, 10, (64,))
-    ballast = torch.randn(megabytes * 2**20 // 4)  # a bigger model's worth of bytes to upload
+    ballast = torch.nn.Module()  # a bigger model's worth of bytes to upload
+    ballast.register_buffer("bytes", torch.randn(megabytes * 2**20 // 4))
 
     def step() -> float:
         started = time.perf_counter()
@@ -97,11 +100,14 @@ def step_time_ratio(endpoint: str, bucket: str, megabytes: int, steps: int) -> N
         step()
     quiet = [step() for _ in range(steps)]
     store = CheckpointStore(f"s3://{bucket}/async", endpoint_url=endpoint, keep_last=2)
-    checkpointer = Checkpointer(store, writer=True, async_save=True)
+    run = RunState({"model": model, "optimizer": optimizer, "ballast": ballast}, rank=0, seed=0,
+                   about={})
+    checkpointer = Checkpointer(store, run, CheckpointConfig(async_save=True), writer=True)
     busy, saves = [], 0
     while len(busy) < steps:
         if not checkpointer.busy:
-            checkpointer.save(saves, {"model": model.state_dict(), "ballast": ballast}, {})
+            run.step = saves
+            checkpointer.save(end_of_epoch=False)
             saves += 1
         busy.append(step())
     checkpointer.close()

@@ -24,8 +24,10 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.anytime.weights import SCHEMES
 from pipeline.errors import UserError
+
+# The loss-weight schemes (SPEC section 2; pipeline/anytime/weights.py computes them).
+SCHEMES = ("const", "linear", "half_end", "opt", "sieve", "sieve_orig", "adaloss")
 
 
 @dataclass
@@ -103,6 +105,12 @@ class DataConfig:
         c.integer("prefetch", 0, "16")
         c.integer("fetch_threads", 1, "8")
         c.number("cache_gb", "16", gt=0)
+        if self.backend == "torch" and self.dtype != "float32":  # PIL + torchvision: float32 NCHW
+            c.fail("dtype", "applies to data.backend=dali or synthetic; data.backend=torch "
+                   "gives float32", "float32")
+        if self.backend == "torch" and self.channels_last:
+            c.fail("channels_last", "applies to data.backend=dali or synthetic; with "
+                   "data.backend=torch set train.channels_last=true instead", "false")
 
 
 @dataclass
@@ -213,10 +221,12 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; small values for smoke tests
     # Images per optimizer step over all processes: the recipe's batch, which stays the same when
     # a resumed job has another number of processes (gradient accumulation makes it up, in
-    # passes of at most data.batch_size). 0 = data.batch_size x the number of processes.
+    # passes of at most data.batch_size). 0 = the run's own on a resume (the checkpoint's),
+    # data.batch_size x the number of processes on a new run.
     global_batch: int = 0
-    # Resume even when the checkpoint was trained with another global batch (the lr is scaled to
-    # the new one; the schedule goes on by epochs). Without it such a resume is refused.
+    # Resume with another global batch than the checkpoint's: an explicit train.global_batch, or
+    # with it unset data.batch_size x the processes (the lr is scaled to the new batch; the
+    # schedule goes on by epochs). Without it such a resume is refused.
     allow_batch_change: bool = False
     # torch.compile the training step's forward + anytime loss, and so their backward
     # (pipeline/train/step.py). The first steps compile (seconds to minutes).
@@ -233,7 +243,8 @@ class TrainConfig:
         c.integer("epochs", 1, "90")
         c.integer("log_every", 1, "50")
         c.integer("max_steps_per_epoch", 0, "10", " (0 = the whole epoch)")
-        c.integer("global_batch", 0, "1024", " (0 = data.batch_size x processes)")
+        c.integer("global_batch", 0, "1024", " (0 = the run's own, or data.batch_size x "
+                  "processes for a new run)")
 
 
 @dataclass
@@ -291,6 +302,9 @@ class Config:
         # Each rank seeds numpy with seed + rank, which must stay below 2**32.
         if not 0 <= self.seed < 2**31:
             c.fail("seed", "must be an integer in [0, 2**31)", "0")
+        if self.data.dtype == "float16" and self.train.amp == "none":  # fp16 images, fp32 weights
+            raise UserError("data.dtype=float16 needs mixed precision: set train.amp=bf16 or "
+                            "fp16, or data.dtype=float32")
 
     @property
     def run_dir(self) -> Path:
@@ -303,19 +317,23 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
-    def batch_geometry(self, world_size: int) -> tuple[int, int]:
+    def batch_geometry(self, world_size: int, global_batch: int = 0,
+                       source: str = "") -> tuple[int, int]:
         """(images per process per forward pass, forward passes per optimizer step) on
-        `world_size` processes: train.global_batch split evenly over the processes, in the
-        fewest passes of at most data.batch_size; (data.batch_size, 1) without a global batch."""
-        total = self.train.global_batch
+        `world_size` processes: `global_batch` (default train.global_batch) split evenly over
+        the processes, in the fewest passes of at most data.batch_size; (data.batch_size, 1)
+        when neither is set. `source` says where a given `global_batch` came from, for the
+        error (e.g. "the run's global batch of 64 (checkpoint ...)")."""
+        total = global_batch or self.train.global_batch
         if not total:
             return self.data.batch_size, 1
         if total % world_size:
             fits = [total // world_size * world_size, -(-total // world_size) * world_size]
-            raise UserError(f"train.global_batch={total} does not split evenly over "
-                            f"{world_size} processes; run on a number of processes that divides "
-                            f"it, or use a multiple of {world_size} (e.g. "
-                            f"{' or '.join(str(n) for n in fits if n)}; resuming a run, also "
+            examples = " or ".join(str(n) for n in fits if n)
+            raise UserError(f"{source or f'train.global_batch={total}'} does not split evenly "
+                            f"over {world_size} processes; run on a number of processes that "
+                            f"divides it, or set train.global_batch to a multiple of "
+                            f"{world_size} (e.g. {examples}; resuming a run, also "
                             f"train.allow_batch_change=true)")
         per_process = total // world_size
         passes = next(a for a in range(1, per_process + 1)
@@ -380,8 +398,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 # augmentation (image_size, augment, crop_*, mean, std, val_resize_ratio: what the model learns
 # from), train.amp (precision changes the
 # numerics of every step, and fp16's GradScaler state means nothing to bf16 or none),
-# train.max_steps_per_epoch (the step <-> epoch mapping the saved step and schedule rely on), and
-# name (another run).
+# and train.max_steps_per_epoch (the step <-> epoch mapping the saved step and schedule rely on).
 RESUME_MAY_CHANGE: dict[str, str] = {
     "train.epochs": "a longer or shorter run; the lr schedule is recomputed for the new length",
     "train.log_every": "logging only",
@@ -408,6 +425,9 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "data.dali_device": "where DALI decodes",
     "checkpoint": "where, how often and how safely state is saved, not what is trained",
     "out_dir": "where the run folder lies",
+    # The trainer refuses it where checkpoint.url is set: there, a new name is how a new run is
+    # started, and the old name's checkpoints must not continue under it.
+    "name": "the run folder renamed: its checkpoints moved with it",
     "resume": "how this start treats the run folder",
 }
 

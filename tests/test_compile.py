@@ -22,7 +22,7 @@ from conftest import assert_same_weights
 
 import pipeline.models  # noqa: F401  (registers the models)
 from pipeline.anytime.loss import AnytimeLoss
-from pipeline.config import load_config
+from pipeline.config import LossConfig, load_config
 from pipeline.errors import UserError
 from pipeline.models import create_anytime_model
 from pipeline.storage.checkpoints import CheckpointStore
@@ -47,7 +47,7 @@ def small_step(name: str, loss: dict, compile: bool = False, lr: float = 0.05) -
     kwargs, _ = SMALL_MODELS[name]
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, **kwargs).train()
-    criterion = AnytimeLoss(model.num_exits, **loss, seed=1).train()
+    criterion = AnytimeLoss(model.num_exits, LossConfig(**loss), seed=1).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
                                 weight_decay=5e-4)
     return TrainStep(model, criterion, optimizer, torch.amp.GradScaler("cpu", enabled=False),

@@ -84,7 +84,7 @@ def test_schedules(overrides, expect):
 
     cfg = load_config(None, ["optim.lr=0.1", "data.batch_size=256", *overrides])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch=10)
+    scheduler = build_scheduler(cfg.schedule, cfg.train.epochs, optimizer, steps_per_epoch=10)
     for epoch, lr in expect:
         scheduler.step_update(round(epoch * 10))
         assert optimizer.param_groups[0]["lr"] == pytest.approx(lr, abs=1e-3), (epoch, lr)
@@ -102,7 +102,8 @@ BAD_VALUES = [
     "data.batch_size=0", "data.image_size=-1", "data.workers=-1", "data.max_bad_fraction=1.5",
     "data.val_resize_ratio=0", "data.val_resize_ratio=1.2", "data.crop_scale=[0.5,0.2]",
     "data.crop_scale=[0,1]", "data.crop_scale=[0.5,1.5]", "data.crop_ratio=[1.3,0.7]",
-    "data.crop_ratio=[0,1]", "data.std=[0.2,0,0.2]", "data.root=",
+    "data.crop_ratio=[0,1]", "data.std=[0.2,0,0.2]", "data.root=", "data.dtype=float16",
+    "data.channels_last=true",
     "model.num_classes=-1", "model.name=", "model.kwargs={1: 2}",
     "loss.scheme=siev", "loss.opt_exit=-1", "loss.adaloss_update_every=0",
     "loss.adaloss_momentum=1", "loss.adaloss_gamma=2", "loss.adaloss_final_boost=-1",
@@ -151,6 +152,7 @@ def refusal(override: str) -> str:
     ("loss.scheme=siev", ["did you mean sieve", "half_end"]),
     ("checkpoint.keep_last=-1", [">= 0 (0 = keep all)"]),
     ("loss.alternating_rule=author", ["seed", "authors"]),
+    ("data.channels_last=true", ["data.backend=torch", "set train.channels_last=true instead"]),
 ])
 def test_value_messages_give_the_range_and_the_fix(override, words):
     with pytest.raises(UserError) as err:
@@ -166,6 +168,13 @@ def test_value_messages_give_the_range_and_the_fix(override, words):
 ])
 def test_edge_values_are_accepted(override):
     load_config(None, [override, *(["data.root="] if "synthetic" in override else [])])
+
+
+def test_a_check_across_sections_names_both_keys():
+    with pytest.raises(UserError, match=r"^data.dtype=float16 needs mixed precision: set "
+                                        r"train.amp=bf16 or fp16, or data.dtype=float32$"):
+        load_config(None, ["data.backend=synthetic", "data.dtype=float16", "train.amp=none"])
+    load_config(None, ["data.backend=synthetic", "data.dtype=float16", "train.amp=bf16"])
 
 
 def test_defaults_are_valid_and_checks_run_on_direct_construction():
@@ -214,7 +223,6 @@ def test_same_config_changes_nothing():
     ("seed=1", "seed: 0 -> 1"),
     ("train.amp=bf16", "train.amp: 'none' -> 'bf16'"),
     ("train.max_steps_per_epoch=10", "train.max_steps_per_epoch: 0 -> 10"),
-    ("name=other", "name: 'run' -> 'other'"),
 ])
 def test_resume_refuses_a_different_experiment(override, line):
     assert changes([], [override]) == ([line], [])
@@ -238,6 +246,9 @@ def test_resume_refuses_a_different_experiment(override, line):
     ("data.allow_sample_change=true", "data.allow_sample_change: False -> True"),
     ("checkpoint.every_steps=100", "checkpoint.every_steps: 0 -> 100"),
     ("checkpoint.url=s3://b/p", "checkpoint.url: '' -> 's3://b/p'"),
+    # a renamed run folder; the trainer refuses it where checkpoint.url is set
+    # (tests/test_run_integrity.py)
+    ("name=other", "name: 'run' -> 'other'"),
     ("checkpoint.lease_ttl=30", "checkpoint.lease_ttl: 120.0 -> 30.0"),
     ("out_dir=/scratch/runs", "out_dir: 'runs' -> '/scratch/runs'"),
     ("resume=auto", "resume: 'never' -> 'auto'"),
@@ -267,7 +278,8 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_one_line():
     cfg = load_config(DEMO, ["train.global_batch=16"])
     with pytest.raises(UserError, match=r"^train.global_batch=16 does not split evenly over 3 "
                                         r"processes; run on a number of processes that divides "
-                                        r"it, or use a multiple of 3 \(e.g. 15 or 18; resuming "
+                                        r"it, or set train.global_batch to a multiple of 3 "
+                                        r"\(e.g. 15 or 18; resuming "
                                         r"a run, also train.allow_batch_change=true\)$"):
         cfg.batch_geometry(3)
 

@@ -112,7 +112,8 @@ def two_to_one(data, whole, tmp_path_factory) -> Path:
     """The 2-rank run interrupted at step 10 (2 steps into epoch 2), resumed on 1 rank."""
     out = tmp_path_factory.mktemp("two-to-one")
     cut(whole, out, 10)
-    proc = run(data, out, 1, "resume=auto")
+    # train.global_batch unset on the resume: the run's own (12) goes on, in 2 passes of 6
+    proc = run(data, out, 1, "resume=auto", "train.global_batch=0")
     assert "resumed from" in proc.stdout and "at epoch 1, step 10" in proc.stdout
     assert f"batch {GLOBAL_BATCH} (6 x 1 processes x 2 passes)" in proc.stdout
     return out
@@ -167,17 +168,19 @@ def test_a_changed_global_batch_is_refused_in_one_line_unless_allowed(data, whol
                                                                      caplog):
     cut(whole, tmp_path, 10)
     overrides = [f"data.root={data}", f"out_dir={tmp_path}", "name=run", *SETTINGS,
-                 "train.global_batch=0", "resume=auto"]  # 6 images on 1 process
+                 "resume=auto"]
     with pytest.raises(UserError) as refused:
-        train(load_config(DEMO, overrides))
+        train(load_config(DEMO, [*overrides, "train.global_batch=6"]))
     message = str(refused.value)
     assert "\n" not in message
-    assert "trained with a global batch of 12 and this job's is 6 (6 x 1 processes)" in message
-    assert "set train.global_batch=12 to keep it" in message
+    assert "was trained with a global batch of 12; train.global_batch=6 would change it" in message
+    assert "leave train.global_batch unset (0) to keep the run's own" in message
     assert "train.allow_batch_change=true" in message
 
+    # Unset with train.allow_batch_change: data.batch_size x processes, 6 images on 1 process
     with caplog.at_level(logging.WARNING, logger="pipeline.train"):
-        train(load_config(DEMO, [*overrides, "train.allow_batch_change=true"]))
+        train(load_config(DEMO, [*overrides, "train.global_batch=0",
+                                 "train.allow_batch_change=true"]))
     assert "with a global batch of 6 instead of 12 (train.allow_batch_change)" in caplog.text
     # Epoch 2 goes on from its position: 24 of 96 images consumed, 72 left in steps of 6.
     assert final(tmp_path)["step"] == 10 + 72 // 6
@@ -192,7 +195,7 @@ def test_a_checkpoint_without_data_position_resumes_from_its_step(data, whole, t
     source = CheckpointStore(str(whole / "run" / "checkpoints"))
     info = next(i for i in source.list() if i.step == 10)
     state = source.load(info)
-    del state["data"]
+    del state["data"], state["clock"]
     meta = {k: v for k, v in info.meta.items() if k != "global_batch"}
     CheckpointStore(str(tmp_path / "run" / "checkpoints")).save(10, state, meta)
     proc = run(data, tmp_path, 2, "resume=auto")

@@ -5,6 +5,7 @@ its config, a diverged run stops without saving, a signal while starting up stil
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from conftest import (
 
 from pipeline.__main__ import main
 from pipeline.config import load_config
+from pipeline.errors import UserError
 from pipeline.storage.checkpoints import MANIFEST, CheckpointStore
 from pipeline.train.trainer import train
 
@@ -215,27 +217,51 @@ def test_resume_refuses_another_recipe_and_accepts_more_epochs(image_folder, tmp
     train(load_config(None, run))
     run_dir = tmp_path / "runs" / "tiny"
     first_config = (run_dir / "config.yaml").read_text()
+    code, _, err = finish(cli_train([*run, "resume=auto", "optim.name=adamw"]))
+    assert code == 2 and "optim.name" in err and len(err.strip().splitlines()) == 1, err
     for change, words in [("model.kwargs={depth: 14, width: 4}", "model.kwargs.depth"),
-                          ("optim.name=adamw", "optim.name"),
-                          # the global batch of 4 it makes up (tests/test_elastic_resume.py)
-                          ("data.batch_size=6", "set train.global_batch=4 to keep it"),
+                          # the global batch of 4 it made up (tests/test_elastic_resume.py)
+                          ("train.global_batch=8", "leave train.global_batch unset (0) to keep "
+                                                   "the run's own"),
                           # std was left out: the run stored the model's (CIFAR-10's)
                           ("data.std=[0.5,0.5,0.5]",
                            "data.std: [0.247, 0.2435, 0.2616] -> [0.5, 0.5, 0.5]")]:
-        code, _, err = finish(cli_train([*run, "resume=auto", change]))
-        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
-        assert "Traceback" not in err
+        with pytest.raises(UserError, match=re.escape(words)):
+            train(load_config(None, [*run, "resume=auto", change]))
     assert (run_dir / "config.yaml").read_text() == first_config
-    train(load_config(None, [*run, "resume=auto", "train.epochs=2", "train.log_every=5"]))
+    # More epochs, and another per-pass batch: the run's global batch of 4 stays (one pass).
+    train(load_config(None, [*run, "resume=auto", "train.epochs=2", "train.log_every=5",
+                             "data.batch_size=6"]))
     assert (run_dir / "config.yaml").read_text() == first_config  # the first config stays
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # the schedule follows the new length: epoch 2 trains at a real rate, not the old end's 0
-    lr = {m["step"]: m["lr"] for m in map(json.loads,
-                                          (run_dir / "metrics.jsonl").read_text().splitlines())
-          if m["kind"] == "train"}
+    lr = {m["step"]: m["lr"] for m in records if m["kind"] == "train"}
     assert lr[10] > 0.001, lr  # cosine over 18 steps: 0.0032 at step 10
     [resumed] = (run_dir / "resumes").glob("*.yaml")
     assert "epochs: 2" in resumed.read_text() and "step-00000009" in resumed.name
     assert CheckpointStore(str(run_dir / "checkpoints")).latest_valid().step == 18
+
+
+@pytest.mark.slow
+def test_a_moved_and_renamed_run_folder_resumes_where_it_stopped(image_folder, tmp_path):
+    first = train(load_config(None, tiny(image_folder, tmp_path / "a", "train.epochs=1")))
+    (tmp_path / "a" / "tiny").rename(tmp_path / "renamed")  # out_dir and name both change
+    run = [*tiny(image_folder, tmp_path, "train.epochs=2", "resume=auto"), "name=renamed"]
+    started = time.perf_counter()
+    second = train(load_config(None, run))
+    elapsed = time.perf_counter() - started
+    store = CheckpointStore(str(tmp_path / "renamed" / "checkpoints"))
+    assert [i.step for i in store.list()][-2:] == [15, 18]  # went on from step 9, not 0
+    # results.json's seconds count both starts (RunClock, checkpointed): more than this one took
+    assert elapsed < second["seconds"] <= elapsed + first["seconds"]
+    # Where the checkpoints have a location of their own, a new name is how a new run starts:
+    # it must not continue the old name's checkpoints.
+    url = str(tmp_path / "shared-checkpoints")
+    train(load_config(None, tiny(image_folder, tmp_path, "train.epochs=1",
+                                 f"checkpoint.url={url}")))
+    with pytest.raises(UserError, match=r"checkpoint.url=.* holds run 'tiny'.*name='other'"):
+        train(load_config(None, [*tiny(image_folder, tmp_path, "train.epochs=1",
+                                       f"checkpoint.url={url}", "resume=auto"), "name=other"]))
 
 
 @pytest.mark.slow

@@ -149,8 +149,11 @@ def test_sbatch_two_tasks_requeued_on_one_go_on_where_they_stopped(
         slurm_cluster, reference_run, tiny_data, s3_server, bucket, tmp_path):
     finished_reference(slurm_cluster, reference_run)  # both CPUs of the node are needed here
     url = f"{bucket}/ddp"
-    job_id = sbatch_train(slurm_cluster, tmp_path, "ddp",
-                          overrides(tiny_data, tmp_path, "ddp", url, s3_server), "--ntasks=2")
+    # train.global_batch unset, as most configs leave it: the first start makes it BATCH
+    # (BATCH // 2 x 2 tasks), and the requeue onto one task keeps the run's own.
+    args = [a for a in overrides(tiny_data, tmp_path, "ddp", url, s3_server)
+            if not a.startswith("train.global_batch=")]
+    job_id = sbatch_train(slurm_cluster, tmp_path, "ddp", args, "--ntasks=2")
     log = tmp_path / f"ddp-{job_id}.out"
     wait_for_line(log, "step 10/")
     slurm_cluster.run("scancel", "--signal=USR1", job_id)

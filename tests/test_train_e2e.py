@@ -161,9 +161,3 @@ def test_bad_data_folders_fail_with_one_clear_line(tmp_path, fmnist, setup, mess
     assert proc.stderr.strip().count("\n") == 0
 
 
-def test_float16_images_need_mixed_precision(image_folder, tmp_path):
-    proc = cli("train", "--config", "configs/demo_fmnist_resnet_ann.yaml",
-               f"data.root={image_folder}", f"out_dir={tmp_path}", "data.backend=synthetic",
-               "data.dtype=float16", "train.amp=none")
-    assert proc.returncode == 2
-    assert "data.dtype=float16 needs mixed precision" in proc.stderr

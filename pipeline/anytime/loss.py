@@ -23,58 +23,26 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.anytime.weights import check_scheme, static_weights
+from pipeline.anytime.weights import static_weights
+from pipeline.config import LossConfig
 from pipeline.errors import UserError
-
-ALTERNATING_RULES = ("seed", "authors")
 
 
 class AnytimeLoss(nn.Module):
     """total = sum_i B_i * CE(logits_i, target), plus the ALTERNATING and ADALOSS extensions."""
 
-    def __init__(
-        self,
-        num_exits: int,
-        scheme: str = "sieve",
-        *,
-        opt_exit: int = 0,
-        alternating: bool = False,
-        alternating_rule: str = "seed",
-        sum_rand_ratio: float = 2.0,
-        seed: int = 0,
-        adaloss_update_every: int = 100,
-        adaloss_momentum: float = 0.9,
-        adaloss_gamma: float = 0.07,
-        adaloss_final_boost: float = 0.0,
-    ) -> None:
+    def __init__(self, num_exits: int, config: LossConfig | None = None, *, seed: int = 0):
+        """`config`: the loss section, checked when it was built (default: LossConfig()'s
+        SIEVE); `seed`: ALTERNATING's draws."""
         super().__init__()
-        check_scheme(scheme)
-        if alternating_rule not in ALTERNATING_RULES:
-            raise UserError(f"alternating_rule must be one of {', '.join(ALTERNATING_RULES)}, "
-                            f"got {alternating_rule!r}")
-        if not sum_rand_ratio > 0:
-            raise UserError(f"sum_rand_ratio must be > 0, got {sum_rand_ratio}")
-        if adaloss_update_every < 1:
-            raise UserError(f"adaloss_update_every must be >= 1, got {adaloss_update_every}")
-        if not 0.0 <= adaloss_momentum < 1.0:
-            raise UserError(f"adaloss_momentum must be in [0, 1), got {adaloss_momentum}")
-        if not 0.0 <= adaloss_gamma <= 1.0:
-            raise UserError(f"adaloss_gamma must be in [0, 1], got {adaloss_gamma}")
-        if adaloss_final_boost < 0.0:
-            raise UserError(f"adaloss_final_boost must be >= 0, got {adaloss_final_boost}")
+        config = config or LossConfig()
+        self.config = config
         self.num_exits = num_exits
-        self.scheme = scheme
-        self.opt_exit = opt_exit
-        self.alternating = alternating
-        self.alternating_rule = alternating_rule
-        self.sum_rand_ratio = sum_rand_ratio
-        self.seed = seed
-        self.update_every = adaloss_update_every
-        self.momentum = adaloss_momentum
-        self.gamma = adaloss_gamma
-        self.final_boost = adaloss_final_boost
+        self.scheme = config.scheme
+        self.alternating = config.alternating
+        self.alternating_rule = config.alternating_rule
 
-        init = static_weights(scheme, num_exits, opt_exit)
+        init = static_weights(config.scheme, num_exits, config.opt_exit)
         self.register_buffer("loss_weights", torch.tensor(init, dtype=torch.float32))
         self.register_buffer("loss_ema", torch.zeros(num_exits, dtype=torch.float32))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.int64))
@@ -141,9 +109,10 @@ class AnytimeLoss(nn.Module):
                 dist.all_reduce(losses)
                 losses /= dist.get_world_size()
             first = self.num_steps == 0
-            ema = self.momentum * self.loss_ema + (1.0 - self.momentum) * losses
+            momentum = self.config.adaloss_momentum
+            ema = momentum * self.loss_ema + (1.0 - momentum) * losses
             self.loss_ema.copy_(torch.where(first, losses, ema))
-            due = (self.num_steps + 1) % self.update_every == 0
+            due = (self.num_steps + 1) % self.config.adaloss_update_every == 0
             self.loss_weights.copy_(torch.where(due, self._adaloss_weights(), self.loss_weights))
         self.num_steps += 1
 
@@ -162,16 +131,17 @@ class AnytimeLoss(nn.Module):
     def _alternating_weight(self, w: Tensor) -> Tensor:
         """The drawn exit's extra weight: B_L (the seed's rule), sum(B) / sum_rand_ratio (the
         authors')."""
-        return w[-1] if self.alternating_rule == "seed" else w.sum() / self.sum_rand_ratio
+        return w[-1] if self.alternating_rule == "seed" else w.sum() / self.config.sum_rand_ratio
 
     def _adaloss_weights(self) -> Tensor:
         # A memorised exit can average a loss of exactly 0; 1/0 would turn every weight into NaN.
         w = 1.0 / self.loss_ema.clamp_min(1e-12)
         w = w / w.max()
-        if self.final_boost > 0:
-            w[-1] += self.final_boost
+        if self.config.adaloss_final_boost > 0:
+            w[-1] += self.config.adaloss_final_boost
             w = w / w.max()
-        return (1.0 - self.gamma) * w + self.gamma
+        gamma = self.config.adaloss_gamma
+        return (1.0 - gamma) * w + gamma
 
     def get_extra_state(self) -> dict[str, Any]:
         # Only tensors and plain types, so checkpoints load with torch.load(weights_only=True).

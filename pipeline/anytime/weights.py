@@ -6,12 +6,10 @@ Pure python on purpose: the weights are needed by configs and reports that shoul
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
+from pipeline.config import SCHEMES
 from pipeline.errors import UserError
-
-SCHEMES = ("const", "linear", "half_end", "opt", "sieve", "sieve_orig", "adaloss")
 
 
 def _const(num_exits: int, opt_exit: int) -> list[float]:
@@ -74,18 +72,6 @@ _SCHEME_FNS: dict[str, Callable[[int, int], list[float]]] = {
     # AdaLoss starts from CONST; its adaptive updates live in AnytimeLoss.
     "adaloss": _const,
 }
-assert tuple(_SCHEME_FNS) == SCHEMES
-
-
-def check_scheme(scheme: str) -> None:
-    """Raise UserError naming the valid schemes if ``scheme`` is not one of them."""
-    if scheme in _SCHEME_FNS:
-        return
-    close = difflib.get_close_matches(str(scheme), SCHEMES, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise UserError(
-        f"unknown loss weight scheme {scheme!r}{hint}; valid schemes: {', '.join(SCHEMES)}"
-    )
 
 
 def static_weights(scheme: str, num_exits: int, opt_exit: int = 0) -> list[float]:
@@ -94,12 +80,11 @@ def static_weights(scheme: str, num_exits: int, opt_exit: int = 0) -> list[float
     ``opt_exit`` is the 1-based exit of the "opt" scheme; 0 means the final exit. It is ignored by
     the other schemes but still range-checked so a typo in a config fails early.
     """
-    check_scheme(scheme)
+    if scheme not in SCHEMES:  # a user's value is checked with its config key (LossConfig)
+        raise ValueError(f"unknown loss weight scheme {scheme!r}; schemes: {', '.join(SCHEMES)}")
     if not isinstance(num_exits, int) or num_exits < 1:
         raise UserError(f"num_exits must be a positive integer, got {num_exits!r}")
     if not isinstance(opt_exit, int) or not 0 <= opt_exit <= num_exits:
-        raise UserError(
-            f"opt_exit must be between 1 and {num_exits} (or 0 for the final exit), "
-            f"got {opt_exit!r}"
-        )
+        raise UserError(f"loss.opt_exit={opt_exit!r} is not an exit of this model's {num_exits}; "
+                        f"use 1 to {num_exits} (0 = the final exit)")
     return _SCHEME_FNS[scheme](num_exits, opt_exit)

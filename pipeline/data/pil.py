@@ -214,9 +214,6 @@ class PilLoader(Loader):
 
     def __init__(self, cfg: DataConfig, index: SampleIndex | ShardIndex, *, train: bool,
                  rank: int = 0, world_size: int = 1, seed: int = 0, accumulation: int = 1):
-        if cfg.dtype != "float32" or cfg.channels_last:
-            raise UserError("data.dtype and data.channels_last apply to data.backend=dali or "
-                            "synthetic; leave them at float32 / false for data.backend=torch")
         shards = isinstance(index, ShardIndex)
         super().__init__(cfg, index.classes, len(index), source=str(index.split_dir),
                          train=train, rank=rank, world_size=world_size, seed=seed,

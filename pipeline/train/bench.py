@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.anytime.loss import AnytimeLoss
 from pipeline.config import Config
 from pipeline.data import build_loader
 from pipeline.job import amp_context, pick_device
 from pipeline.models import create_anytime_model
 from pipeline.train.step import TrainStep
-from pipeline.train.trainer import build_loss, build_optimizer
+from pipeline.train.trainer import build_optimizer
 
 # Dense (no 2:4 sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets;
 # the first name found in torch.cuda.get_device_name() wins, so variants come before families.
@@ -47,8 +48,8 @@ def bench_train(cfg: Config, steps: int = 30, warmup: int = 5, peak_tflops: floa
     model = model.to(device, memory_format=memory_format).train()
     size = cfg.data.image_size
     flops_per_image = train_flops_per_image(model, (3, size, size))
-    criterion = build_loss(cfg, model.num_exits).to(device).train()
-    optimizer = build_optimizer(cfg, model, global_batch=cfg.data.batch_size)
+    criterion = AnytimeLoss(model.num_exits, cfg.loss, seed=cfg.seed).to(device).train()
+    optimizer = build_optimizer(cfg.optim, model, global_batch=cfg.data.batch_size)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     autocast = amp_context(device, cfg.train.amp)
 

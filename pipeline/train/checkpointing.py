@@ -1,13 +1,15 @@
-"""When and how the trainer saves: a host-memory snapshot at a step boundary, written by one
-background thread so training goes on; synchronous when asked (preemption, the last save).
+"""When and how the trainer saves the run's state (`RunState`): at the end of every epoch (the
+last one synchronously), every checkpoint.every_steps steps within an epoch, and when asked
+(preemption, synchronously). A save is a host-memory snapshot at a step boundary, written by one
+background thread so training goes on.
 
 Storage outages are absorbed: a failed save is logged and the next one tries again. While a
 save is still being written (slow or failing storage, retrying) the next one due is skipped
 instead of waited for, so the training thread does not stall on storage; once
-`max_failed_saves` saves in a row were missed (failed or skipped), it waits for the one in
+checkpoint.max_failed_saves saves in a row were missed (failed or skipped), it waits for the one in
 flight, and if that failed too the run stops rather than train on without a safety net. A
 save that must land before the run goes on or ends (preemption, the last one) is tried up to
-`max_failed_saves` times.
+checkpoint.max_failed_saves times.
 
 Fencing: the writer checks that it still holds the run's lease (`pipeline.storage.lease`)
 before it moves anything and right before each commit, and at every log step; a writer whose
@@ -20,28 +22,34 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from pipeline.config import CheckpointConfig
 from pipeline.distributed import run_on_main
 from pipeline.errors import UserError
 from pipeline.storage.checkpoints import CheckpointStore
 from pipeline.storage.lease import LeaseLostError, RunLease
+from pipeline.train.state import RunState
 
 log = logging.getLogger("pipeline.train")
 
 
 class Checkpointer:
-    def __init__(self, store: CheckpointStore, *, writer: bool, lease: RunLease | None = None,
-                 async_save: bool = True, max_failed_saves: int = 3):
-        self.store = store
-        self.writer = writer  # only one rank writes; the others just take part in the schedule
+    def __init__(self, store: CheckpointStore, run: RunState, cfg: CheckpointConfig, *,
+                 writer: bool, lease: RunLease | None = None,
+                 before_save: Callable[[], None] = lambda: None):
+        """`writer`: this rank writes (one does; the others take part in each save's
+        collectives); `before_save`: runs on every rank before each save and may raise to stop
+        it (the trainer's check that the state is finite)."""
+        self.store, self.run, self.cfg = store, run, cfg
+        self.writer = writer
         self.lease = lease
+        self.before_save = before_save
         self.fenced: LeaseLostError | None = None
-        self.async_save = async_save
-        self.max_failed_saves = max_failed_saves
         self.failed_in_a_row = 0
         self.skipped_in_a_row = 0  # due while the one before was still being written
         self.last_error = ""
@@ -49,14 +57,27 @@ class Checkpointer:
                                         initializer=_lower_priority)
         self._in_flight: Future | None = None
 
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any],
-             blocking: bool = False) -> None:
-        """Snapshot `state` now; write it in the background, or before returning if `blocking`.
+    def after_step(self, epoch_ends: bool) -> None:
+        """Save when checkpoint.every_steps is due, unless the step ends the epoch (the epoch's
+        own save follows its validation)."""
+        every = self.cfg.every_steps
+        if every and self.run.step % every == 0 and not epoch_ends:
+            self.save(end_of_epoch=False)
+
+    def after_epoch(self, last: bool) -> None:
+        """The epoch's save; the run's last is written before the run goes on to its report."""
+        self.save(end_of_epoch=True, blocking=last)
+
+    def save(self, end_of_epoch: bool, blocking: bool = False) -> None:
+        """Snapshot the run's state now; write it in the background, or before returning if
+        `blocking`.
 
         Every rank calls it at the same steps. When the writer has to stop the run (saves keep
         failing, the lease was lost), every rank raises the same error: no rank is left waiting
         in a collective for one that has gone."""
-        run_on_main(lambda: self._save(step, state, meta, blocking))
+        self.before_save()
+        state, meta = self.run.state_dict(), self.run.meta(end_of_epoch)  # a collective
+        run_on_main(lambda: self._save(self.run.step, state, meta, blocking))
 
     def _save(self, step: int, state: dict[str, Any], meta: dict[str, Any],
               blocking: bool) -> None:
@@ -64,7 +85,7 @@ class Checkpointer:
             return
         if self.busy and not blocking:
             self.skipped_in_a_row += 1
-            if self.failed_in_a_row + self.skipped_in_a_row < self.max_failed_saves:
+            if self.failed_in_a_row + self.skipped_in_a_row < self.cfg.max_failed_saves:
                 log.warning("checkpoint step %d skipped: the save before it is still being "
                             "written to %s; training goes on", step, self.store.url)
                 return
@@ -73,11 +94,11 @@ class Checkpointer:
         self.wait()  # one save at a time: keeps memory bounded and checkpoints in step order
         snapshot = to_host(state)
         self._in_flight = self._pool.submit(self._write, step, snapshot, meta)
-        if blocking or not self.async_save:
+        if blocking or not self.cfg.async_save:
             self.wait()
             # A save that must land now (preemption, the run's last) is tried again while the
             # storage recovers, up to max_failed_saves in a row: its state is only in memory.
-            while 0 < self.failed_in_a_row < self.max_failed_saves and self.fenced is None:
+            while 0 < self.failed_in_a_row < self.cfg.max_failed_saves and self.fenced is None:
                 self._in_flight = self._pool.submit(self._write, step, snapshot, meta)
                 self.wait()
             if self.failed_in_a_row:
@@ -103,7 +124,7 @@ class Checkpointer:
         if self.fenced is not None:
             raise self.fenced
         missed = self.failed_in_a_row + self.skipped_in_a_row
-        if self.failed_in_a_row and missed >= self.max_failed_saves:
+        if self.failed_in_a_row and missed >= self.cfg.max_failed_saves:
             skipped = (f", {self.skipped_in_a_row} more skipped while they were retried"
                        if self.skipped_in_a_row else "")
             raise UserError(

@@ -142,3 +142,23 @@ class Progress:
             log.info("epoch %d/%d  step %d/%d  %s  %.0f img/s  eta %s", epoch + 1, epochs, step,
                      self.total_steps, shown, self.rate, format_duration(eta))
         self.last_time, self.last_step, self.images = now, step, 0
+
+
+class RunClock:
+    """The run's training time over all its starts (results.json's `seconds`): checkpointed, so
+    a resumed run adds its time to the time before; work redone after a preemption counts
+    once, the time lost with it not at all."""
+
+    def __init__(self) -> None:
+        self.before = 0.0
+        self.started = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def state_dict(self) -> dict[str, float]:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.before = float(state["seconds"])
