@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from launchers.ray_train import add_train_arguments, check_worker_counts, for_ray
 from pipeline.config import load_config
-from pipeline.errors import UserError
+from pipeline.errors import UserError, cli_main
 
 if TYPE_CHECKING:
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -121,19 +121,14 @@ def wait_for_end(client: JobSubmissionClient, job_id: str) -> JobStatus:
     return status
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         import ray.job_submission  # noqa: F401
-    except ImportError:
-        print("error: Ray Jobs is not installed: pip install 'anytime-pipeline[ray]'",
-              file=sys.stderr)
-        return 2
-    try:
-        client, job_id = submit(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ImportError as e:
+        raise UserError("Ray Jobs is not installed: pip install 'anytime-pipeline[ray]'") from e
+    client, job_id = submit(args)
     if args.no_wait:
         return 0
     try:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, config_from_dict, load_config
-from pipeline.errors import UserError
+from pipeline.errors import UserError, cli_main
 from pipeline.storage.checkpoints import CheckpointStore
 
 log = logging.getLogger("launchers.ray_train")
@@ -213,31 +213,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout)
     try:
         import ray
-    except ImportError:
-        print("error: Ray is not installed: pip install 'anytime-pipeline[ray]'", file=sys.stderr)
-        return 2
+    except ImportError as e:
+        raise UserError("Ray is not installed: pip install 'anytime-pipeline[ray]'") from e
+    cfg = for_ray(load_config(args.config, args.overrides))
     try:
-        cfg = for_ray(load_config(args.config, args.overrides))
-        try:
-            ray.init(address=args.address)
-        except ConnectionError as e:
-            raise UserError(f"no Ray cluster at --address {args.address} ({e}); start one with "
-                            "`ray start --head`, or leave --address out for a local one") from e
-        try:
-            run(cfg, num_workers=args.num_workers, use_gpu=args.gpus,
-                cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
-                storage_url=args.storage_path)
-        finally:
-            ray.shutdown()  # also lets the workers' last log lines through before ours
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        ray.init(address=args.address)
+    except ConnectionError as e:
+        raise UserError(f"no Ray cluster at --address {args.address} ({e}); start one with "
+                        "`ray start --head`, or leave --address out for a local one") from e
+    try:
+        run(cfg, num_workers=args.num_workers, use_gpu=args.gpus,
+            cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
+            storage_url=args.storage_path)
+    finally:
+        ray.shutdown()  # also lets the workers' last log lines through before ours
     store = CheckpointStore(cfg.checkpoint_url, endpoint_url=cfg.checkpoint.endpoint_url)
     final = store.latest_valid()
     where = f"{store.url}/{final.name} (epoch {final.meta.get('epoch')})" if final else "none"

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, cli_main
 
 try:  # an optional extra: the CLI says how to install it when it is missing
     from submitit.helpers import Checkpointable
@@ -137,6 +137,7 @@ def submit_training(config: str, overrides: list[str], *, folder: str | Path,
     return executor.submit(TrainJob(), str(Path(config).resolve()), list(overrides))
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launchers.submitit_train",
                                      description=__doc__,
@@ -157,14 +158,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="stay until the run ends (across requeues) and print its results")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides: data.root=...")
     args = parser.parse_args(argv)
-    try:
-        job = submit_training(args.config, args.overrides, folder=args.folder, nodes=args.nodes,
-                              gpus_per_node=args.gpus_per_node,
-                              cpus_per_task=args.cpus_per_task, partition=args.partition,
-                              timeout_min=args.timeout, signal_delay_s=args.signal_delay)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    job = submit_training(args.config, args.overrides, folder=args.folder, nodes=args.nodes,
+                          gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+                          partition=args.partition, timeout_min=args.timeout,
+                          signal_delay_s=args.signal_delay)
     print(f"submitted job {job.job_id}; log: {job.paths.stdout}")
     print(f"watch: squeue -j {job.job_id}; tail -f {job.paths.stdout}")
     if args.wait:

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, cli_main
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -50,6 +50,7 @@ def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     return convert
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,9 +199,6 @@ def main(argv: list[str] | None = None) -> int:
             return data(args)
         if args.verb == "export":
             return export(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C in any verb: one line and the shell's code, 130
         from pipeline.train.preemption import EXIT_INTERRUPTED  # no torch: a light import
 

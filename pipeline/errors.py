@@ -1,8 +1,17 @@
 """The exception types for mistakes a user can fix (bad config, missing data, bad checkpoint).
 
-The CLI prints their message on one line and exits with their `exit_code`; everything else is a
-bug and keeps its traceback.
+Every entry point (`cli_main`) prints their message on one line and exits with their
+`exit_code`; everything else is a bug and keeps its traceback.
 """
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import ParamSpec
+
+P = ParamSpec("P")
 
 
 class UserError(Exception):
@@ -16,3 +25,19 @@ class TrainingDiverged(UserError):
     requeue wrapper does not retry a run that would only diverge again."""
 
     exit_code = 3
+
+
+def cli_main(main: Callable[P, int]) -> Callable[P, int]:
+    """Every entry point's `main` (`python -m pipeline`, the launchers): a UserError becomes one
+    line on stderr, `error: <message>`, and its exit_code as main's return value, for
+    `sys.exit(main())`; anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+
+    return wrapper
