@@ -10,7 +10,7 @@
   judged when the upload completes, so a slow upload cannot replace a faster one.
 - Elsewhere (gcsfs, ...) a plain write: the store has no create-only that fsspec exposes.
 
-The run lease (lease.py) creates its local record with `link_new` and replaces it with
+The run lease (lease/local.py) creates its local record with `link_new` and replaces it with
 `write_temp` + `os.replace`; files of the run folder (config.yaml, results.json) are replaced
 with `write_atomically`.
 """
