@@ -13,7 +13,7 @@ SLURM. Every worker runs `pipeline.train.trainer.train(cfg)` with resume=auto; r
 verified checkpoints (every epoch, and every `checkpoint.every_steps` steps) to
 `checkpoint.url`. Ray's part is the worker group: TorchTrainer places the workers, sets
 RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR and initialises torch.distributed (which
-`pipeline.train.distributed` then finds initialised and joins), and on a worker failure
+`pipeline.distributed` then finds initialised and joins), and on a worker failure
 FailureConfig(max_failures) restarts the whole group, whose trainers resume from the newest
 valid checkpoint, mid-epoch and at the same data position. Ray checkpoints are not used: they
 would copy the same state a second time, resume only at report() boundaries (epoch ends), and
@@ -170,7 +170,8 @@ def run(cfg: Config, **trainer_options: Any) -> Any:
     except ray.train.TrainingFailedError as e:
         user_error = find_user_error(e)
         if user_error is not None:
-            raise UserError(f"{user_error} (on a Ray Train worker)") from e
+            # its own type: a diverged run exits 3 here too (a requeue must not retry it)
+            raise type(user_error)(f"{user_error} (on a Ray Train worker)") from e
         raise
 
 

@@ -1,7 +1,7 @@
 # Shared by the sbatch scripts in slurm/: `source`d, then `launch_training "$@"`.
 #
 # One process per GPU started by srun; rank, local rank and world size come from srun's
-# SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (pipeline/train/distributed.py), the rendezvous
+# SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (pipeline/distributed.py), the rendezvous
 # from MASTER_ADDR / MASTER_PORT set here from the job's node list and id.
 #
 # Preemption and time limits, one design:
