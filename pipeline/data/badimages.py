@@ -29,14 +29,13 @@ MIN_SEEN_FOR_BAD_CHECK = 100
 
 
 def decode_error(image: str | Path | bytes) -> str | None:
-    """None when `image` (a local path, a URL, or the file's bytes) decodes completely as an
-    image, else the error as one line."""
-    import fsspec  # opens URLs as well as paths
-
+    """None when `image` (a local path, or the file's bytes) decodes completely as an image,
+    else the error as one line. An image in object storage is read by its caller, with the
+    data's endpoint (verify.url_decode_error)."""
     try:
         # load() forces the full decode: a truncated file fails here, not just in its header
         # (PIL's LOAD_TRUNCATED_IMAGES stays off). PIL raises many exception types.
-        with (io.BytesIO(image) if isinstance(image, bytes) else fsspec.open(str(image), "rb")
+        with (io.BytesIO(image) if isinstance(image, bytes) else open(image, "rb")
               ) as f, Image.open(f) as im:
             im.load()
     except UnidentifiedImageError:  # its message names the file object, not the file
