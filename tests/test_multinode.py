@@ -231,6 +231,14 @@ def ray_two_nodes(network, s3, tmp_path_factory):
         yield cluster, worker
 
 
+def both_nodes_up(ray, node2) -> None:
+    """node2 back if a test before took it away for good (it is left so: bringing it back is
+    only worth its time to a test that needs it)."""
+    if node2.proc is None:
+        node2.start()
+    wait_until(lambda: len(alive_nodes(ray)) == 2, "two live Ray nodes", every=0.5)
+
+
 def submit_ray(ray, s3, data: str, name: str, workers: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "launchers.ray_submit", "--address", ray.dashboard,
@@ -254,6 +262,7 @@ def waiting_for_a_group(ray) -> bool:
 def test_ray_group_across_two_nodes_resumes_from_s3_when_a_node_is_lost(
         ray_two_nodes, s3, local_data, one_node_reference):
     ray, node2 = ray_two_nodes
+    both_nodes_up(ray, node2)
     proc = submit_ray(ray, s3, local_data, "ray", "2")
     store = CheckpointStore(f"{s3['bucket']}/ray", endpoint_url=s3["endpoint"])
     try:
@@ -287,17 +296,13 @@ def test_ray_group_across_two_nodes_resumes_from_s3_when_a_node_is_lost(
 def test_an_elastic_ray_group_goes_on_on_one_node_when_the_other_is_lost(
         ray_two_nodes, s3, local_data, one_node_reference):
     ray, node2 = ray_two_nodes
-    # the last test's node2 is back
-    wait_until(lambda: len(alive_nodes(ray)) == 2, "two live Ray nodes", every=0.5)
+    both_nodes_up(ray, node2)
     proc = submit_ray(ray, s3, local_data, "elastic", "1-2")
     store = CheckpointStore(f"{s3['bucket']}/elastic", endpoint_url=s3["endpoint"])
     try:
         wait_for_checkpoint(store, proc, 8)
-        try:
-            node2.stop()  # lost for good: the group goes on with what is left
-            output, _ = proc.communicate(timeout=600)
-        finally:
-            node2.start()
+        node2.stop()  # lost for good: the group goes on with what is left (both_nodes_up)
+        output, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
