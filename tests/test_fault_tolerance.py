@@ -39,23 +39,33 @@ def progress_step(line: str) -> int | None:
 
 def test_sigkill_then_resume_is_bitwise_identical(fmnist, tmp_path, s3_server, s3_bucket):
     whole_url, cut_url = f"{s3_bucket}/whole", f"{s3_bucket}/cut"
-    whole = subprocess.run(run_args(fmnist, tmp_path / "a", whole_url, s3_server),
-                           capture_output=True, text=True, timeout=600)
-    assert whole.returncode == 0, whole.stderr + whole.stdout
-
-    cut = run_args(fmnist, tmp_path / "b", cut_url, s3_server)
-    proc = subprocess.Popen(cut, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    step = wait_for_checkpoint(cut_url, proc, min_step=8, endpoint=s3_server)
-    # Killed once it has trained past that checkpoint (its next progress line): the steps since
-    # are lost and trained again; a save in flight then is cut short.
-    for line in proc.stdout:
-        if (trained := progress_step(line)) is not None and trained > step:
-            break
-    proc.kill()  # SIGKILL: no handler runs
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    resumed = subprocess.run([*cut, "resume=auto"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    # The uninterrupted run trains alongside the cut one (a process and a run folder of its own;
+    # only its final weights are compared), so that the test does not wait for it first.
+    whole_log = tmp_path / "whole.log"
+    with whole_log.open("w") as log:
+        whole = subprocess.Popen(run_args(fmnist, tmp_path / "a", whole_url, s3_server),
+                                 stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        cut = run_args(fmnist, tmp_path / "b", cut_url, s3_server)
+        proc = subprocess.Popen(cut, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        step = wait_for_checkpoint(cut_url, proc, min_step=8, endpoint=s3_server)
+        # Killed once it has trained past that checkpoint (its next progress line): the steps
+        # since are lost and trained again; a save in flight then is cut short.
+        for line in proc.stdout:
+            if (trained := progress_step(line)) is not None and trained > step:
+                break
+        proc.kill()  # SIGKILL: no handler runs
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        resumed = subprocess.run([*cut, "resume=auto"], capture_output=True, text=True,
+                                 timeout=600)
+        assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+        assert whole.wait(timeout=600) == 0, whole_log.read_text()
+    finally:
+        if whole.poll() is None:
+            whole.kill()
+            whole.wait()
     assert "resumed from" in resumed.stdout
     resumed_at = int(resumed.stdout.split("step ", 1)[1].split()[0].strip(","))
     assert 8 <= step <= resumed_at < 40
@@ -68,10 +78,12 @@ def test_sigkill_then_resume_is_bitwise_identical(fmnist, tmp_path, s3_server, s
 
 def test_sigusr1_saves_synchronously_and_exits_75(fmnist, tmp_path, s3_server, s3_bucket):
     url = f"{s3_bucket}/usr1"
-    args = run_args(fmnist, tmp_path, url, s3_server, "checkpoint.every_steps=0")
+    # One epoch of 20 steps: the signal comes at step 5, 15 steps before the end.
+    args = run_args(fmnist, tmp_path, url, s3_server, "checkpoint.every_steps=0",
+                    "train.epochs=1")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # wait until it is training
-        if "step 10/40" in line:
+        if "step 5/20" in line:
             break
     proc.send_signal(signal.SIGUSR1)
     proc.send_signal(signal.SIGUSR1)  # a second signal during the save changes nothing
@@ -80,11 +92,11 @@ def test_sigusr1_saves_synchronously_and_exits_75(fmnist, tmp_path, s3_server, s
     assert "SIGUSR1 received" in output
     store = CheckpointStore(url, endpoint_url=s3_server)
     latest = store.latest_valid()
-    assert latest is not None and 10 <= latest.step < 40 and not latest.meta["end_of_epoch"]
+    assert latest is not None and 5 <= latest.step < 20 and not latest.meta["end_of_epoch"]
     finished = subprocess.run([*args, "resume=auto"], capture_output=True, text=True,
                               timeout=600)
     assert finished.returncode == 0, finished.stderr + finished.stdout
-    assert store.latest_valid().step == 40
+    assert store.latest_valid().step == 20
 
 
 def test_training_rides_out_a_storage_outage(fmnist, tmp_path, s3_proxy, s3_bucket):
