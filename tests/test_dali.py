@@ -332,7 +332,9 @@ def test_s3_data_root_is_read_by_dali_directly(image_folder: Path, s3_server: st
                                                s3_bucket: str, monkeypatch) -> None:
     import s3fs
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "")  # the loader sets it; restored after the test
+    # DALI makes its S3 client with AWS_ENDPOINT_URL set, then restores it; this test restores
+    # it too, whatever the loader does
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "")
 
     truncate(image_folder / "train" / "cat" / "cat_004.JPEG")  # index 28
     s3fs.S3FileSystem(endpoint_url=s3_server).put(str(image_folder), f"{s3_bucket}/imagenet",
