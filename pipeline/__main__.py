@@ -298,7 +298,7 @@ def describe(args: argparse.Namespace) -> int:
     pretrained = pretrained_cfg(cfg.model.name)
     num_classes = (args.num_classes or cfg.model.num_classes
                    or (pretrained.num_classes if pretrained else 1000))
-    model = create_anytime_model(cfg, num_classes)
+    model = create_anytime_model(cfg.model.name, num_classes, **cfg.model.kwargs)
     if not hasattr(model, "num_exits"):
         anytime = timm.list_models("*ann*") + timm.list_models("msdnet*")
         raise UserError(f"{cfg.model.name} is a timm model but not an anytime network; "

@@ -92,7 +92,7 @@ def load_member(url: str, endpoint_url: str = "",
                         "it written by `python -m pipeline train`?")
     cfg = config_from_dict(info.meta["config"])
     num_classes = cfg.model.num_classes or _num_classes(state["model"])
-    model = create_anytime_model(cfg, num_classes)
+    model = create_anytime_model(cfg.model.name, num_classes, **cfg.model.kwargs)
     mismatch = weights_mismatch(model, state["model"])
     if mismatch:
         raise UserError(f"checkpoint {store.url}/{info.name} does not fit the model of its own "

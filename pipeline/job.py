@@ -2,7 +2,7 @@
 assembly: the device, mixed precision, the process group, one voice per job.
 
     with open_job(cfg.train.device, cfg.train.amp) as job:   # job.device, job.dist, job.autocast
-        model = create_anytime_model(cfg, num_classes).to(job.device)
+        model = model.to(job.device)
         with job.autocast:
             logits = model(x)
 

@@ -461,7 +461,7 @@ def test_read_only_storage_is_not_retried(small_mount, caplog):
 def test_eval_falls_back_from_a_broken_newest_and_names_a_broken_one(tmp_path, caplog):
     cfg = load_config("configs/demo_fmnist_resnet_ann.yaml",
                       ["model.name=resnet_ann_cifar", "model.kwargs={depth: 8, width: 8}"])
-    model = create_anytime_model(cfg, 10)
+    model = create_anytime_model(cfg.model.name, 10, **cfg.model.kwargs)
     run = tmp_path / "run"
     store = CheckpointStore(str(run / "checkpoints"), keep_last=0)
     for step in (1, 2):
@@ -483,8 +483,8 @@ def test_a_checkpoint_that_does_not_fit_its_own_config_is_one_line_naming_the_we
     wider = load_config("configs/demo_fmnist_resnet_ann.yaml",
                         ["model.name=resnet_ann_cifar", "model.kwargs={depth: 8, width: 16}"])
     store = CheckpointStore(str(tmp_path / "checkpoints"))
-    store.save(1, {"model": create_anytime_model(wider, 10).state_dict()},
-               meta={"config": cfg.to_dict()})
+    model = create_anytime_model(wider.model.name, 10, **wider.model.kwargs)
+    store.save(1, {"model": model.state_dict()}, meta={"config": cfg.to_dict()})
     with pytest.raises(UserError, match=r"does not fit the model of its own config "
                                         r"\(resnet_ann_cifar, .*\): \S+ is \[16, .*\] there "
                                         r"and \[8, .*\] here") as e:

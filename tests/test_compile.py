@@ -120,7 +120,7 @@ def latest_state(out: Path) -> dict:
 def test_the_single_tensor_view_is_refused_for_training():
     cfg = load_config("configs/demo_fmnist_resnet_ann.yaml", ["model.kwargs={output_exit: -1}"])
     with pytest.raises(UserError, match="model.kwargs.output_exit .* remove it"):
-        create_anytime_model(cfg, 10)
+        create_anytime_model(cfg.model.name, 10, **cfg.model.kwargs)
     model = timm.create_model("resnet_ann_cifar", depth=8, width=4, num_classes=10, output_exit=-1)
     criterion = AnytimeLoss(model.num_exits)
     with pytest.raises(ValueError, match="got one tensor .* set_output_exit\\(None\\)"):

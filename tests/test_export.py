@@ -71,7 +71,8 @@ def assembled(trained, tmp_path_factory) -> Path:
     cfg = load_member(str(run)).config
     cfg.model.kwargs = {"depth": 14, "width": 4}
     deeper = tmp_path_factory.mktemp("deeper") / "checkpoints"
-    CheckpointStore(str(deeper)).save(1, {"model": create_anytime_model(cfg, 3).state_dict()},
+    model = create_anytime_model(cfg.model.name, 3, **cfg.model.kwargs)
+    CheckpointStore(str(deeper)).save(1, {"model": model.state_dict()},
                                       meta={"config": cfg.to_dict()})
     out = tmp_path_factory.mktemp("eann") / "eann"
     assert main(["assemble", "--members", str(deeper), str(run), "--val", str(data), "--out",

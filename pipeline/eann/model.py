@@ -62,7 +62,8 @@ class EANN(nn.Module):
         tensors, info = read_artifact(url, endpoint_url)
         members = []
         for j, m in enumerate(info["members"]):
-            model = create_anytime_model(config_from_dict(m["config"]), m["num_classes"])
+            model_cfg = config_from_dict(m["config"]).model
+            model = create_anytime_model(model_cfg.name, m["num_classes"], **model_cfg.kwargs)
             prefix = f"members.{j}."
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             model.load_state_dict(state)

@@ -44,7 +44,7 @@ def bench_train(cfg: Config, steps: int = 30, warmup: int = 5, peak_tflops: floa
         steps = max(1, len(loader) - warmup)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     num_classes = cfg.model.num_classes or len(loader.classes)
-    model = create_anytime_model(cfg, num_classes)
+    model = create_anytime_model(cfg.model.name, num_classes, **cfg.model.kwargs)
     model = model.to(device, memory_format=memory_format).train()
     size = cfg.data.image_size
     flops_per_image = train_flops_per_image(model, (3, size, size))

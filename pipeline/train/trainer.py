@@ -94,7 +94,8 @@ def train(cfg: Config,
         run_on_main(lambda: record_config(cfg, saved))
         num_classes = cfg.model.num_classes or len(train_loader.classes)
 
-        model = create_anytime_model(cfg, num_classes).to(device)
+        model = create_anytime_model(cfg.model.name, num_classes,
+                                     **cfg.model.kwargs).to(device)
         memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         model = model.to(memory_format=memory_format)
         criterion = AnytimeLoss(model.num_exits, cfg.loss, seed=cfg.seed).to(device)
