@@ -224,9 +224,8 @@ class TrainConfig:
     # passes of at most data.batch_size). 0 = the run's own on a resume (the checkpoint's),
     # data.batch_size x the number of processes on a new run.
     global_batch: int = 0
-    # Resume with another global batch than the checkpoint's: an explicit train.global_batch, or
-    # with it unset data.batch_size x the processes (the lr is scaled to the new batch; the
-    # schedule goes on by epochs). Without it such a resume is refused.
+    # Resume with an explicit train.global_batch other than the checkpoint's (the lr is scaled
+    # to the new batch; the schedule goes on by epochs). Without it such a resume is refused.
     allow_batch_change: bool = False
     # torch.compile the training step's forward + anytime loss, and so their backward
     # (pipeline/train/step.py). The first steps compile (seconds to minutes).

@@ -177,9 +177,8 @@ def test_a_changed_global_batch_is_refused_in_one_line_unless_allowed(data, whol
     assert "leave train.global_batch unset (0) to keep the run's own" in message
     assert "train.allow_batch_change=true" in message
 
-    # Unset with train.allow_batch_change: data.batch_size x processes, 6 images on 1 process
     with caplog.at_level(logging.WARNING, logger="pipeline.train"):
-        train(load_config(DEMO, [*overrides, "train.global_batch=0",
+        train(load_config(DEMO, [*overrides, "train.global_batch=6",
                                  "train.allow_batch_change=true"]))
     assert "with a global batch of 6 instead of 12 (train.allow_batch_change)" in caplog.text
     # Epoch 2 goes on from its position: 24 of 96 images consumed, 72 left in steps of 6.

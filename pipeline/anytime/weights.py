@@ -1,7 +1,7 @@
 """Static loss-weight schemes B_1..B_L for anytime networks (SPEC section 2).
 
 Exits are numbered 1..L in the SPEC; the returned lists are 0-based, so ``B[-1]`` is the final exit.
-Pure python on purpose: the weights are needed by configs and reports that should not import torch.
+Pure python on purpose: reports and plots need the weights without importing torch.
 """
 
 from __future__ import annotations

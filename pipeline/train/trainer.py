@@ -71,6 +71,8 @@ def train(cfg: Config,
         lease = run_on_main(lambda: take_run_lease(cfg, store))  # one writer, before all else
         if lease is not None:
             teardown.callback(lease.release)
+        # The store's and the lease's S3 clients are made and connected by now, before the
+        # loaders: DALI sets AWS_ENDPOINT_URL while it makes its own (pipeline/data/dali.py).
         saved = find_checkpoint(cfg, store, dist_info.world_size)  # SavedRun, or None
         global_batch = choose_global_batch(cfg, saved, dist_info.world_size)
         source = f"the run's global batch of {global_batch} (checkpoint {saved.where})" \
@@ -123,6 +125,7 @@ def train(cfg: Config,
                                 f"{new_run_hint(cfg)}")
             run.load(saved)
             log.info("resumed from %s at epoch %d, step %d", saved.where, run.epoch, run.step)
+            del saved  # its state is in the parts now: the memory of a second copy goes
         # The schedule goes by the epoch's progress (the same as the step count unless the
         # global batch changed), and is recomputed rather than restored: timm's scheduler keeps
         # its settings, which would undo an accepted change of train.epochs. It sets every
@@ -319,12 +322,13 @@ def new_run_hint(cfg: Config) -> str:
 def find_checkpoint(cfg: Config, store: CheckpointStore, world_size: int) -> SavedRun | None:
     """The checkpoint to resume from, or None. Refuses to mix two runs in one folder, and a
     resume whose config does not fit the checkpoint (RESUME_MAY_CHANGE says what may change;
-    the global batch and the data are checked once the loaders are known)."""
-    previous = store.list() or (cfg.run_dir / "metrics.jsonl").exists()
+    the global batch is chosen next, the data checked once the loaders are built)."""
+    checkpoints = store.list()
+    previous = checkpoints or (cfg.run_dir / "metrics.jsonl").exists()
     if cfg.resume == "never":
         if previous:
-            where = f"run folder {cfg.run_dir}" if not cfg.checkpoint.url else \
-                f"checkpoint.url={cfg.checkpoint.url}"
+            where = f"checkpoint.url={cfg.checkpoint.url}" if cfg.checkpoint.url and \
+                checkpoints else f"run folder {cfg.run_dir}"
             raise UserError(f"{where} already holds a run; pass resume=auto to continue it, or "
                             f"{new_run_hint(cfg)}")
         return None
@@ -355,15 +359,15 @@ def find_checkpoint(cfg: Config, store: CheckpointStore, world_size: int) -> Sav
 def choose_global_batch(cfg: Config, saved: SavedRun | None, world_size: int) -> int:
     """The run's global batch, part of its recipe: train.global_batch when set; unset, the
     checkpoint's when resuming (gradient accumulation makes it up on fewer processes), else
-    data.batch_size x processes. A resume with another one than the checkpoint's needs
-    train.allow_batch_change."""
-    own = cfg.train.global_batch or cfg.data.batch_size * world_size
+    data.batch_size x processes. An explicit one other than the checkpoint's needs
+    train.allow_batch_change (a flag left in a config never changes the batch by itself)."""
     before = saved.global_batch if saved is not None else None
+    if not cfg.train.global_batch:
+        return before or cfg.data.batch_size * world_size
+    own = cfg.train.global_batch
     if before is None or own == before:
         return own
     if not cfg.train.allow_batch_change:
-        if not cfg.train.global_batch:
-            return before
         raise UserError(f"checkpoint {saved.where} was trained with a global batch of {before}; "
                         f"train.global_batch={own} would change it: leave train.global_batch "
                         f"unset (0) to keep the run's own, or set train.allow_batch_change=true "
@@ -400,7 +404,7 @@ def check_same_data(cfg: Config, saved: SavedRun, data: DataIdentity) -> None:
                         f"are not the checkpoint's ({change}); labels are positions in the "
                         "sorted class list and would no longer mean what the model learned "
                         "(data.allow_sample_change cannot allow this): point data.root at the "
-                        "data set the run was trained on, or start a new run with name=NEW_NAME")
+                        f"data set the run was trained on, or {new_run_hint(cfg)}")
     change = data.sample_change(recorded)
     if change and not allow:
         raise UserError(f"cannot resume {where} on data.root={cfg.data.root}: its training "
