@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.index import SampleIndex
 from pipeline.errors import UserError
+from pipeline.storage.urls import open_url
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ MIN_SEEN_FOR_BAD_CHECK = 100
 def decode_error(image: str | Path | bytes) -> str | None:
     """None when `image` (a local path, or the file's bytes) decodes completely as an image,
     else the error as one line. An image in object storage is read by its caller, with the
-    data's endpoint (verify.url_decode_error)."""
+    data's endpoint (url_decode_error)."""
     try:
         # load() forces the full decode: a truncated file fails here, not just in its header
         # (PIL's LOAD_TRUNCATED_IMAGES stays off). PIL raises many exception types.
@@ -43,6 +44,17 @@ def decode_error(image: str | Path | bytes) -> str | None:
     except Exception as e:
         return f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")
     return None
+
+
+def url_decode_error(url: str, endpoint_url: str) -> str | None:
+    """decode_error of the object at `url`, read through a client with the data's endpoint (the
+    environment names none), and a failed read in the same one-line form."""
+    fs = open_url(url, endpoint_url, "data.root")[0]  # fsspec's cached client for these options
+    try:
+        data = fs.cat_file(url)
+    except Exception as e:  # FileNotFoundError, PermissionError, botocore's own
+        return f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")
+    return decode_error(data)
 
 
 def list_paths(lists_dir: Path, split: str) -> tuple[Path, Path]:

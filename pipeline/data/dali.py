@@ -47,13 +47,12 @@ import numpy as np
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data.badimages import decode_error
+from pipeline.data.badimages import decode_error, url_decode_error
 from pipeline.data.index import SampleIndex
 from pipeline.data.loader import Loader, RawBatch
 from pipeline.data.sampler import mix_seed
 from pipeline.data.shard_reader import BadSample, ShardReader, shard_blocks, start_prefetch
 from pipeline.data.shards import ShardIndex
-from pipeline.data.verify import url_decode_error
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)

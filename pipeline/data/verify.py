@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from pipeline.data.badimages import decode_error, list_paths
+from pipeline.data.badimages import decode_error, list_paths, url_decode_error
 from pipeline.data.listing import index_split, is_remote
 from pipeline.data.shards import ShardIndex, load_shard_index
 from pipeline.errors import UserError
@@ -40,17 +40,6 @@ _CHUNK = 256  # images per pool task: large enough to amortise the IPC, small fo
 def _check_chunk(paths: list[str], endpoint_url: str = "") -> list[str | None]:
     return [url_decode_error(p, endpoint_url) if is_remote(p) else decode_error(p)
             for p in paths]
-
-
-def url_decode_error(url: str, endpoint_url: str) -> str | None:
-    """decode_error of the object at `url`, read through a client with the data's endpoint (the
-    environment names none), and a failed read in the same one-line form."""
-    fs = open_url(url, endpoint_url, "data.root")[0]  # fsspec's cached client for these options
-    try:
-        data = fs.cat_file(url)
-    except Exception as e:  # FileNotFoundError, PermissionError, botocore's own
-        return f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")
-    return decode_error(data)
 
 
 @dataclass
