@@ -12,6 +12,7 @@ project's own CLI, one run after another, then writes a results table and plots:
 
     python benchmarks/reproduce_seed.py                 # about 70 min on 2 idle cores
     python benchmarks/reproduce_seed.py --quick         # a few minutes: tiny data, 1 epoch, 1 seed
+    python benchmarks/reproduce_seed.py --quick --jobs 2   # two trainings at a time
     python benchmarks/reproduce_seed.py --methods SIEVE SIEVE-AUTHORS   # OPT and these only
 
 Runs that finished already (results.json present) are not trained again, so an interrupted
@@ -22,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +57,8 @@ def units(depth: int) -> int:
     return (depth - 2) // 6
 
 
-def run_training(out: Path, name: str, overrides: list[str]) -> dict[str, Any]:
+def run_training(out: Path, name: str, overrides: list[str],
+                 env: dict[str, str] | None = None) -> dict[str, Any]:
     """Train one run through the CLI (or reuse a finished one); return its results.json."""
     results = out / name / "results.json"
     if not results.exists():
@@ -64,7 +68,7 @@ def run_training(out: Path, name: str, overrides: list[str]) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         log = out / f"{name}.log"
         with log.open("w") as f:
-            done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+            done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
         if done.returncode != 0:
             sys.exit(f"training {name} failed (exit {done.returncode}); see {log}")
     return json.loads(results.read_text())
@@ -78,35 +82,64 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def train_all(out: Path, depth: int, seeds: list[int], common: list[str],
-              methods: list[str]) -> dict[str, Any]:
-    """OPT and `methods` for every seed; returns {method: [per-seed results.json]}."""
-    runs: dict[str, list[dict[str, Any]]] = {"OPT": []}
-    model = [f"model.kwargs.depth={depth}"]
+def planned_runs(depth: int, seeds: list[int], common: list[str],
+                 methods: list[str]) -> dict[str, list[str]]:
+    """Every training the methods need, by run name: OPT-k for each exit, `methods`, the EANN's
+    members (the SIEVE run of depth d is one of them), for every seed."""
+    plan: dict[str, list[str]] = {}
     num_exits = 3 * units(depth)
     for seed in seeds:
-        opt_errors, opt_macs = [], []
+        at = [*common, f"model.kwargs.depth={depth}", f"seed={seed}"]
         for k in range(1, num_exits + 1):
-            r = run_training(out, f"d{depth}_opt{k}_s{seed}",
-                             [*common, *model, f"seed={seed}", "loss.scheme=opt",
-                              f"loss.opt_exit={k}"])
-            opt_errors.append(errors(r)[k - 1])
-            opt_macs.append(r["exits"][k - 1]["macs_own_head"])  # a plain net: its head only
-        runs["OPT"].append({"top1": opt_errors, "macs": opt_macs})
+            plan[f"d{depth}_opt{k}_s{seed}"] = [*at, "loss.scheme=opt", f"loss.opt_exit={k}"]
         for method, loss in SCHEMES.items():
-            if method not in methods:
-                continue
-            r = run_training(out, f"d{depth}_{method.lower()}_s{seed}",
-                             [*common, *model, f"seed={seed}", *loss])
+            if method in methods:
+                plan[f"d{depth}_{method.lower()}_s{seed}"] = [*at, *loss]
+        if "CONST-2d" in methods:
+            deep = 6 * 2 * units(depth) + 2
+            plan[f"d{deep}_const_s{seed}"] = [*common, f"model.kwargs.depth={deep}",
+                                              f"seed={seed}", *SCHEMES["CONST"]]
+    if "EANN" in methods:
+        for d in eann_depths(depth):
+            plan[f"d{d}_sieve_s0"] = [*common, f"model.kwargs.depth={d}", "seed=0",
+                                      *SCHEMES["SIEVE"]]
+    return plan
+
+
+def train_planned(out: Path, plan: dict[str, list[str]], jobs: int) -> dict[str, dict[str, Any]]:
+    """Each planned run's results.json, `jobs` trainings at a time (finished runs are reused);
+    the first failure stops the ones not started."""
+    env = None
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # The trainings share the cores: each with all of them as threads, they contend (the
+        # quick mode on 2 cores with --jobs 2: 82 s with torch's default threads, 65 s so).
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {name: pool.submit(run_training, out, name, overrides, env)
+                   for name, overrides in plan.items()}
+        try:
+            return {name: future.result() for name, future in futures.items()}
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def per_method(results: dict[str, dict[str, Any]], depth: int, seeds: list[int],
+               methods: list[str]) -> dict[str, Any]:
+    """{method: [per-seed errors and MACs]} from the trained runs' results."""
+    runs: dict[str, list[dict[str, Any]]] = {"OPT": []}
+    num_exits = 3 * units(depth)
+    for seed in seeds:
+        opt = [results[f"d{depth}_opt{k}_s{seed}"] for k in range(1, num_exits + 1)]
+        runs["OPT"].append({"top1": [errors(r)[k] for k, r in enumerate(opt)],
+                            # a plain net: its own head only
+                            "macs": [r["exits"][k]["macs_own_head"] for k, r in enumerate(opt)]})
+        named = {m: f"d{depth}_{m.lower()}_s{seed}" for m in SCHEMES if m in methods}
+        if "CONST-2d" in methods:
+            named["CONST-2d"] = f"d{6 * 2 * units(depth) + 2}_const_s{seed}"
+        for method, name in named.items():
+            r = results[name]
             runs.setdefault(method, []).append({"top1": errors(r),
-                                                "macs": [e["macs"] for e in r["exits"]]})
-        if "CONST-2d" not in methods:
-            continue
-        deep = 6 * 2 * units(depth) + 2
-        r = run_training(out, f"d{deep}_const_s{seed}",
-                         [*common, f"model.kwargs.depth={deep}", f"seed={seed}",
-                          *SCHEMES["CONST"]])
-        runs.setdefault("CONST-2d", []).append({"top1": errors(r),
                                                 "macs": [e["macs"] for e in r["exits"]]})
     return runs
 
@@ -240,17 +273,17 @@ def eann_table(eann: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def assemble_eann(out: Path, depth: int, data: str, common: list[str]) -> dict[str, Any]:
-    """Members of m, 2m, 4m units per stage, m = max(1, n/2) (SIEVE, seed 0; depth d is one of
-    them), stitched by the project's assembly stage."""
+def eann_depths(depth: int) -> list[int]:
+    """The EANN members' depths: m, 2m, 4m units per stage, m = max(1, n/2)."""
     m = max(1, units(depth) // 2)
-    depths = [6 * m * f + 2 for f in (1, 2, 4)]
-    members = []
-    for d in depths:
-        name = f"d{d}_sieve_s0"
-        run_training(out, name, [*common, f"model.kwargs.depth={d}", "seed=0",
-                                 *SCHEMES["SIEVE"]])
-        members.append(str(out / name / "checkpoints"))
+    return [6 * m * f + 2 for f in (1, 2, 4)]
+
+
+def assemble_eann(out: Path, depth: int, data: str) -> dict[str, Any]:
+    """The trained SIEVE members (seed 0, eann_depths) stitched by the project's assembly
+    stage."""
+    depths = eann_depths(depth)
+    members = [str(out / f"d{d}_sieve_s0" / "checkpoints") for d in depths]
     eann_out = out / "eann"
     summary = eann_out / "summary.json"
     if not summary.exists():
@@ -278,12 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=[*SCHEMES, *EXTRAS],
                         default=[*SCHEMES, *EXTRAS],
                         help="what to train besides OPT (default: everything)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="trainings run at once (each is one process; on a small machine "
+                             "the quick mode's runs are mostly start-up, so 2 halves its time)")
     parser.add_argument("--quick", action="store_true",
                         help="CI size (the plumbing, not the claims): 300 images, 1 epoch (2 "
                              "steps, so alternating weights take both turns), 1 seed, depth 8")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.depth, args.limit, args.epochs = [0], 8, 300, 1
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if (args.depth - 2) % 6 or args.depth < 8:
         parser.error(f"--depth must be 6n+2 with n >= 1, got {args.depth}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -295,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"preparing {data} failed (exit {prepared.returncode}); see the lines above")
     common = [f"data.root={data}", f"train.epochs={args.epochs}"]
     start = time.time()
-    runs = train_all(args.out, args.depth, args.seeds, common, args.methods)
+    plan = planned_runs(args.depth, args.seeds, common, args.methods)
+    results = train_planned(args.out, plan, args.jobs)
+    runs = per_method(results, args.depth, args.seeds, args.methods)
     summary = summarise(runs)
     title = (f"ResNet-ANN depth {args.depth} on Fashion-MNIST ({args.limit} train images, "
              f"{args.epochs} epochs, {len(args.seeds)} seeds)")
@@ -307,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
              *verdicts(summary), ""]
     eann = None
     if "EANN" in args.methods:
-        eann = assemble_eann(args.out, args.depth, str(data), common)
+        eann = assemble_eann(args.out, args.depth, str(data))
         ratio = eann["cost_ratio"]
         lines += ["## EANN", "",
                   f"Members: SIEVE ResNet-ANNs of depths {eann['depths']}, full-cost growth "

@@ -16,11 +16,22 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_describe_json_matches_the_model():
-    proc = cli("describe", "--model", "resnet_ann_cifar20", "--scheme", "sieve",
-               "--image-size", "32", "--num-classes", "10", "--json")
-    assert proc.returncode == 0, proc.stderr
-    info = json.loads(proc.stdout)
+def in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """`python -m pipeline ARGS` as main(ARGS) in this process: exit code, stdout, stderr.
+    Each subprocess pays torch's import (~5 s on CI); the command line itself is tested by the
+    tests that use cli()."""
+    from pipeline.__main__ import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_describe_json_matches_the_model(capsys):
+    code, out, err = in_process(capsys, "describe", "--model", "resnet_ann_cifar20", "--scheme",
+                                "sieve", "--image-size", "32", "--num-classes", "10", "--json")
+    assert code == 0, err
+    info = json.loads(out)
     exits = info["exits"]
     assert len(exits) == 9
     assert [e["weight"] for e in exits] == static_weights("sieve", 9)
@@ -30,27 +41,26 @@ def test_describe_json_matches_the_model():
     assert all(e["flops"] == 2 * e["macs"] for e in exits)
 
 
-def test_describe_takes_input_size_and_classes_from_the_model():
+def test_describe_takes_input_size_and_classes_from_the_model(capsys):
     # No --image-size, --num-classes or config: the model's own (timm's pretrained cfg), here a
     # CIFAR model's 32x32 and 10 classes. (The ImageNet models' 224 and 1000: test_msdnet.py,
     # test_resnet_ann_imagenet.py; every model's data defaults: test_config.py.)
-    proc = cli("describe", "--model", "msdnet_cifar", "--json")
-    assert proc.returncode == 0, proc.stderr
-    info = json.loads(proc.stdout)
+    code, out, err = in_process(capsys, "describe", "--model", "msdnet_cifar", "--json")
+    assert code == 0, err
+    info = json.loads(out)
     assert (info["image_size"], info["num_classes"], len(info["exits"])) == (32, 10, 7)
-    proc = cli("describe", "--model", "resnet_ann_cifar20")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("resnet_ann_cifar20 at 32x32, 10 classes, sieve weights.")
+    code, out, err = in_process(capsys, "describe", "--model", "resnet_ann_cifar20")
+    assert code == 0, err
+    assert out.startswith("resnet_ann_cifar20 at 32x32, 10 classes, sieve weights.")
 
 
 def test_describe_prints_every_anytime_model(capsys):
-    from pipeline.__main__ import main
-
     names = timm.list_models("*_ann*") + timm.list_models("*_opt") + timm.list_models("msdnet*")
     assert {"msdnet26", "msdnet_cifar", "resnet50_opt", "resnet_ann_cifar110"} <= set(names)
     for name in names:
-        assert main(["describe", "--model", name, "--json"]) == 0
-        info = json.loads(capsys.readouterr().out)
+        code, out, err = in_process(capsys, "describe", "--model", name, "--json")
+        assert code == 0, err
+        info = json.loads(out)
         cfg = timm.models.get_pretrained_cfg(name)
         assert (info["image_size"], info["num_classes"]) == (cfg.input_size[-1], cfg.num_classes)
         assert len(info["exits"]) == len(cfg.classifier), name  # one row per exit head
@@ -66,15 +76,15 @@ def test_describe_table_from_config():
     assert len(lines) == 3 + 9  # title, header, rule, one row per exit
 
 
-def test_describe_errors_are_one_line():
+def test_describe_errors_are_one_line(capsys):
     for args, words in [(["--model", "resnet_ann_cifar21"], "resnet_ann_cifar"),
                         (["--model", "resnet_ann_cifar20", "--scheme", "seive"], "sieve"),
                         (["--model", "resnet18"], "not an anytime network"),
                         (["--model", "resnet_ann_cifar20.x"], "no pretrained tag 'x'"),
                         (["--model", "resnet_ann_cifar", "model.kwargs={depth: 21}"], "6n+2")]:
-        proc = cli("describe", *args)
-        assert proc.returncode == 2, proc.stderr
-        assert words in proc.stderr and "Traceback" not in proc.stderr
+        code, _, err = in_process(capsys, "describe", *args)
+        assert code == 2 and words in err, err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
 
 
 def test_prepare_digits_cli(tmp_path):

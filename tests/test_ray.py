@@ -147,16 +147,37 @@ def submit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
 
 
-def test_submit_checks_the_config_before_contacting_the_cluster(tmp_path):
-    proc = submit("--address", "http://127.0.0.1:1", "--config", DEMO, "train.epochz=3")
-    assert proc.returncode == 2 and "did you mean train.epochs?" in proc.stderr
+def submit_here(capsys, monkeypatch, *args: str) -> tuple[int, str]:
+    """launchers.ray_submit's main(ARGS) in this process (a subprocess pays torch's and Ray's
+    imports, ~5 s on CI, for each refusal): its exit code and stderr. The command line itself
+    runs in the tests above and below."""
+    try:
+        import ray.job_submission  # noqa: F401
+    except ImportError as e:
+        unavailable(f"Ray is not installed ({e}): pip install 'anytime-pipeline[ray]'")
+    from launchers.ray_submit import main
+
+    monkeypatch.chdir(REPO)
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's own usage errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_submit_checks_the_config_before_contacting_the_cluster(tmp_path, capsys, monkeypatch):
+    code, err = submit_here(capsys, monkeypatch, "--address", "http://127.0.0.1:1",
+                            "--config", DEMO, "train.epochz=3")
+    assert code == 2 and "did you mean train.epochs?" in err, err
     outside = tmp_path / "elsewhere.yaml"
     shutil.copy(REPO / DEMO, outside)
-    proc = submit("--address", "http://127.0.0.1:1", "--config", str(outside))
-    assert proc.returncode == 2 and "outside --working-dir" in proc.stderr
-    proc = submit("--address", "http://127.0.0.1:1", "--config", DEMO)  # nobody listens
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error: cannot reach the Ray cluster at http://127.0.0.1:1")
+    code, err = submit_here(capsys, monkeypatch, "--address", "http://127.0.0.1:1",
+                            "--config", str(outside))
+    assert code == 2 and "outside --working-dir" in err, err
+    code, err = submit_here(capsys, monkeypatch, "--address", "http://127.0.0.1:1",
+                            "--config", DEMO)  # nobody listens
+    assert code == 2
+    assert err.startswith("error: cannot reach the Ray cluster at http://127.0.0.1:1"), err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -167,21 +188,17 @@ def test_submit_checks_the_config_before_contacting_the_cluster(tmp_path):
     (["--num-workers", "3-1"], "'3-1': need 1 <= MIN <= MAX"),
     (["--num-workers", "two"], "'two': give N or MIN-MAX, e.g. 2 or 1-4"),
 ])
-def test_submit_refuses_an_elastic_group_that_would_change_the_batch(args, message):
-    proc = submit("--address", "http://127.0.0.1:1", "--config", DEMO, *args)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+def test_submit_refuses_an_elastic_group_that_would_change_the_batch(args, message, capsys,
+                                                                     monkeypatch):
+    code, err = submit_here(capsys, monkeypatch, "--address", "http://127.0.0.1:1",
+                            "--config", DEMO, *args)
+    assert code == 2 and message in err, err
 
 
 def test_submit_refuses_a_bad_value_before_contacting_the_cluster(capsys, monkeypatch):
-    try:
-        import ray.job_submission  # noqa: F401
-    except ImportError as e:
-        unavailable(f"Ray is not installed ({e}): pip install 'anytime-pipeline[ray]'")
-    from launchers.ray_submit import main
-
-    monkeypatch.chdir(REPO)
-    assert main(["--address", "http://127.0.0.1:1", "--config", DEMO, "optim.lr=-0.1"]) == 2
-    err = capsys.readouterr().err
+    code, err = submit_here(capsys, monkeypatch, "--address", "http://127.0.0.1:1",
+                            "--config", DEMO, "optim.lr=-0.1")
+    assert code == 2
     assert err.startswith("error: optim.lr=-0.1 must be a finite number > 0"), err
     assert err.count("\n") == 1
 

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_reproduce_quick(tmp_path: Path, fmnist: Path) -> None:  # fmnist: the data set exists
     out = tmp_path / "reproduce"
     done = subprocess.run(
-        [sys.executable, "benchmarks/reproduce_seed.py", "--quick", "--out", str(out),
-         "--data-dir", str(tmp_path / "data")],
+        # Two at a time: the quick runs are mostly a process's start-up.
+        [sys.executable, "benchmarks/reproduce_seed.py", "--quick", "--jobs", "2", "--out",
+         str(out), "--data-dir", str(tmp_path / "data")],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
