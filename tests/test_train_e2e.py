@@ -109,8 +109,8 @@ def test_ddp_resume_restores_each_ranks_random_state(fmnist, tmp_path):
     def run(out: Path, *extra: str) -> None:
         proc = subprocess.run(
             [*TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "pipeline",
-             *small_run(fmnist, out, "train.epochs=2", "model.name=resnet18_ann",
-                        "model.kwargs={drop_rate: 0.5}", "data.workers=0", *extra)],
+             *small_run(fmnist, out, "train.epochs=2", "model.kwargs={drop_rate: 0.5}",
+                        "data.workers=0", *extra)],
             capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr + proc.stdout
 
