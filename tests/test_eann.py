@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import zipfile
@@ -64,9 +65,12 @@ def digits(tmp_path_factory) -> Path:
 def members(digits, tmp_path_factory) -> list[Path]:
     """Checkpoint folders of the three members, trained side by side by the real CLI."""
     out = tmp_path_factory.mktemp("members")
+    # One thread each: three trainings with a thread per core each contend for the cores
+    # (38 s -> 19 s for this fixture on 2 cores).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--config", DEMO,
                                *member_overrides(digits, out, d)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for d in DEPTHS]
     for p in procs:
         log = p.communicate(timeout=600)[0]
