@@ -27,9 +27,10 @@ from torch import nn
 from pipeline.anytime.budgeted import budgeted_curve
 from pipeline.anytime.metrics import ExitErrors
 from pipeline.config import Config, config_from_dict, with_overrides
-from pipeline.data.index import DataIdentity, class_difference
+from pipeline.data.index import class_difference
 from pipeline.errors import UserError
 from pipeline.report import format_duration
+from pipeline.saved_run import SavedRun
 from pipeline.storage.atomic import write_atomically
 from pipeline.storage.checkpoints import CheckpointStore
 
@@ -87,31 +88,30 @@ def load_member(url: str, endpoint_url: str = "",
                             "(runs/NAME/checkpoints, s3://bucket/prefix) or one checkpoint "
                             "(.../step-00000468)")
     info, state = found
-    if "config" not in info.meta or "model" not in state:
-        raise UserError(f"checkpoint {store.url}/{info.name} has no config or model state; was "
-                        "it written by `python -m pipeline train`?")
-    cfg = config_from_dict(info.meta["config"])
-    num_classes = cfg.model.num_classes or _num_classes(state["model"])
+    saved = SavedRun.of(store, info, state)
+    if saved.config is None or "model" not in saved.state:
+        raise UserError(f"checkpoint {saved.where} has no config or model state; was it written "
+                        "by `python -m pipeline train`?")
+    cfg = config_from_dict(saved.config)
+    num_classes = cfg.model.num_classes or _num_classes(saved.state["model"])
     model = create_anytime_model(cfg.model.name, num_classes, **cfg.model.kwargs)
-    mismatch = weights_mismatch(model, state["model"])
+    mismatch = weights_mismatch(model, saved.state["model"])
     if mismatch:
-        raise UserError(f"checkpoint {store.url}/{info.name} does not fit the model of its own "
-                        f"config ({cfg.model.name}, {cfg.model.kwargs}): {mismatch}")
-    model.load_state_dict(state["model"])
+        raise UserError(f"checkpoint {saved.where} does not fit the model of its own config "
+                        f"({cfg.model.name}, {cfg.model.kwargs}): {mismatch}")
+    model.load_state_dict(saved.state["model"])
     model.eval()
-    source = f"{store.url}/{info.name}"
-    return Member(model, cfg, num_classes, source, info.step, _saved_classes(info.meta, source))
+    return Member(model, cfg, num_classes, saved.where, info.step, _trained_classes(saved))
 
 
-def _saved_classes(meta: dict[str, Any], source: str) -> tuple[str, ...] | None:
-    if "dataset" not in meta:
-        return None
+def _trained_classes(saved: SavedRun) -> tuple[str, ...] | None:
     try:
-        return DataIdentity.from_meta(meta["dataset"]).classes
+        dataset = saved.dataset
     except ValueError as e:
         log.warning("checkpoint %s records its data set in a form this code does not read "
-                    "(meta.dataset %s): only the number of classes is checked", source, e)
+                    "(meta.dataset %s): only the number of classes is checked", saved.where, e)
         return None
+    return None if dataset is None else dataset.classes
 
 
 def _num_classes(model_state: dict[str, torch.Tensor]) -> int:

@@ -36,13 +36,14 @@ from pipeline.errors import TrainingDiverged, UserError
 from pipeline.job import open_job
 from pipeline.models import create_anytime_model, exit_costs, weights_mismatch
 from pipeline.report import format_duration, format_table, plot_anytime_curve
+from pipeline.saved_run import SavedRun
 from pipeline.storage.atomic import write_atomically
 from pipeline.storage.checkpoints import CheckpointStore
 from pipeline.storage.lease import LeaseUnsupportedError, RunLease
 from pipeline.train.checkpointing import Checkpointer
 from pipeline.train.preemption import watch_preemption
 from pipeline.train.progress import MetricsWriter, Progress, RunClock
-from pipeline.train.state import RunState, SavedRun, seed_everything
+from pipeline.train.state import RunState, seed_everything
 from pipeline.train.step import TrainStep
 
 log = logging.getLogger("pipeline.train")
@@ -383,12 +384,8 @@ def check_same_data(cfg: Config, saved: SavedRun, data: DataIdentity) -> None:
     images unless data.allow_sample_change. Checkpoints of older versions record none."""
     allow = cfg.data.allow_sample_change
     where = saved.where
-    if "dataset" not in saved.meta:
-        log.warning("checkpoint %s records no data set (an older version wrote it): resuming "
-                    "without checking that data.root holds the data it was trained on", where)
-        return
     try:
-        recorded = DataIdentity.from_meta(saved.meta["dataset"])
+        recorded = saved.dataset
     except ValueError as e:
         unreadable = f"checkpoint {where} records its data set in a form this code does not " \
                      f"read (meta.dataset {e})"
@@ -397,6 +394,10 @@ def check_same_data(cfg: Config, saved: SavedRun, data: DataIdentity) -> None:
                             f"without checking its data, or {new_run_hint(cfg)}") from e
         log.warning("%s: resuming without checking its data (data.allow_sample_change)",
                     unreadable)
+        return
+    if recorded is None:
+        log.warning("checkpoint %s records no data set (an older version wrote it): resuming "
+                    "without checking that data.root holds the data it was trained on", where)
         return
     change = data.class_change(recorded)
     if change:
