@@ -82,10 +82,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def twice_as_deep(depth: int) -> int:
+    """2d in the seed's sense: twice the residual units per stage (6 * 2n + 2)."""
+    return 6 * 2 * units(depth) + 2
+
+
 def planned_runs(depth: int, seeds: list[int], common: list[str],
                  methods: list[str]) -> dict[str, list[str]]:
-    """Every training the methods need, by run name: OPT-k for each exit, `methods`, the EANN's
-    members (the SIEVE run of depth d is one of them), for every seed."""
+    """Every training the methods need, by run name: OPT-k for each exit, `methods`, CONST at
+    depth 2d, for every seed; the EANN's members (seed 0; a SIEVE run of the same depth and
+    seed is the same run, trained once)."""
     plan: dict[str, list[str]] = {}
     num_exits = 3 * units(depth)
     for seed in seeds:
@@ -96,7 +102,7 @@ def planned_runs(depth: int, seeds: list[int], common: list[str],
             if method in methods:
                 plan[f"d{depth}_{method.lower()}_s{seed}"] = [*at, *loss]
         if "CONST-2d" in methods:
-            deep = 6 * 2 * units(depth) + 2
+            deep = twice_as_deep(depth)
             plan[f"d{deep}_const_s{seed}"] = [*common, f"model.kwargs.depth={deep}",
                                               f"seed={seed}", *SCHEMES["CONST"]]
     if "EANN" in methods:
@@ -136,7 +142,7 @@ def per_method(results: dict[str, dict[str, Any]], depth: int, seeds: list[int],
                             "macs": [r["exits"][k]["macs_own_head"] for k, r in enumerate(opt)]})
         named = {m: f"d{depth}_{m.lower()}_s{seed}" for m in SCHEMES if m in methods}
         if "CONST-2d" in methods:
-            named["CONST-2d"] = f"d{6 * 2 * units(depth) + 2}_const_s{seed}"
+            named["CONST-2d"] = f"d{twice_as_deep(depth)}_const_s{seed}"
         for method, name in named.items():
             r = results[name]
             runs.setdefault(method, []).append({"top1": errors(r),
