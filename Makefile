@@ -34,14 +34,21 @@ demo: install
 lint:
 	$(PYTHON) -m ruff check pipeline tests launchers benchmarks
 
-# The 25 slowest tests close the report, so that a test that grew slow shows in every CI run.
+# Two tests at a time, whole files to each worker (a file's clusters and fixtures stay in one
+# process; tests/conftest.py starts the longest files first): the suite spends much of its time
+# waiting on processes and daemons, which the other worker fills (2 cores: 1266 s one at a time,
+# 819 s so, 2026-12-06). The 25 slowest tests close the report, so that a test that grew slow
+# shows in every CI run.
+TEST_WORKERS ?= 2
+PYTEST = $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: install-dev lint
-	$(PYTHON) -m pytest -q --durations=25
+	$(PYTEST) --durations=25
 
 # The inner loop, in a few minutes: no install, and no test marked slow (those train: in
 # process, through the CLI, on SLURM or on Ray). `make test` runs everything.
 test-fast: lint
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Re-resolve every dependency to its newest allowed release in a throwaway venv and pin the
 # result. Run it, then `make test`, and commit constraints.txt with the fixes the tests asked for.

@@ -14,14 +14,34 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
+# One torch thread per process, here and in every process a test starts (they inherit it), set
+# before anything imports torch. `make test` runs two tests at a time on 2 cores, and most tests
+# start several trainers besides: with a thread per core each, they wait on each other's threads
+# (the suite on 2 cores, two workers: 1077 s with torch's default, 845 s with one, 2026-12-06).
+# A test that needs more threads sets its own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from pipeline.storage.local_s3 import free_port, local_s3_server
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline.storage.local_s3 import free_port, local_s3_server  # noqa: E402
 
 # torchrun of this interpreter's torch: tests also run from a venv that is not activated
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
+
+
+# The files that take longest, longest first (`--durations` of a two-worker run on 2 cores,
+# 2026-12-06). `make test` hands whole files to two workers (`--dist loadfile`) in collection
+# order: started first, these no longer leave one worker running alone at the end of the run.
+LONGEST_FILES = ("test_multinode.py", "test_ray.py", "test_run_integrity.py", "test_train_e2e.py",
+                 "test_slurm.py", "test_fault_tolerance.py", "test_reproduce.py",
+                 "test_timm_contract.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest in order
 
 
 def unavailable(reason: str, module_level: bool = False) -> None:

@@ -95,6 +95,7 @@ def test_prepare_digits_cli(tmp_path):
     assert len(list((tmp_path / "digits" / "val").glob("*/*.JPEG"))) == summary["counts"]["val"]
 
 
+@pytest.mark.slow
 def test_bench_train_compares_full_and_bare_steps(fmnist, tmp_path):
     proc = cli("bench", "train", "--config", "configs/demo_fmnist_resnet_ann.yaml",
                f"data.root={fmnist}", "data.batch_size=32", "--steps", "4", "--warmup", "2",
@@ -124,6 +125,7 @@ def test_bench_train_counts_forward_and_backward_flops():
     assert 2.9 * forward < train_flops_per_image(model, (3, 28, 28)) < 3.0 * forward
 
 
+@pytest.mark.slow
 def test_bench_train_json_reports_mfu_against_the_given_peak(fmnist):
     proc = cli("bench", "train", "--config", "configs/demo_fmnist_resnet_ann.yaml",
                f"data.root={fmnist}", "data.batch_size=32", "--steps", "2", "--warmup", "1",

@@ -87,6 +87,7 @@ def test_the_compiled_step_gives_the_eager_losses(name):
     assert_same_weights(compiled.model.state_dict(), eager.model.state_dict())
 
 
+@pytest.mark.slow
 def test_a_compiled_runs_checkpoint_resumes_compiled_or_eager_alike(fmnist, tmp_path):
     def config(out, epochs, *extra):
         return load_config("configs/demo_fmnist_resnet_ann.yaml", [

@@ -65,12 +65,10 @@ def digits(tmp_path_factory) -> Path:
 def members(digits, tmp_path_factory) -> list[Path]:
     """Checkpoint folders of the three members, trained side by side by the real CLI."""
     out = tmp_path_factory.mktemp("members")
-    # One thread each: three trainings with a thread per core each contend for the cores
-    # (38 s -> 19 s for this fixture on 2 cores).
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # One thread each (conftest's OMP_NUM_THREADS): three trainings side by side.
     procs = [subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--config", DEMO,
                                *member_overrides(digits, out, d)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for d in DEPTHS]
     for p in procs:
         log = p.communicate(timeout=600)[0]
@@ -405,8 +403,6 @@ def test_bad_input_is_one_line(members, digits, make_image_folder, tmp_path, cap
 @pytest.mark.slow  # uses the trained members
 def test_slurm_script_runs_the_assembly(members, digits, tmp_path):
     """The sbatch script itself, run as a plain shell script (outside SLURM it skips srun)."""
-    import os
-
     env = {**os.environ, "MEMBERS": f"{members[0]} {members[1]}", "VAL_DIR": str(digits),
            "OUT_URL": str(tmp_path / "eann"), "BUDGETED": "0", "PYTHON": sys.executable}
     env.pop("SLURM_JOB_ID", None)

@@ -111,6 +111,7 @@ def test_channels_last_and_bf16_autocast():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     torch.manual_seed(0)
     model = small_cifar().eval()

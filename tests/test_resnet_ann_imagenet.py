@@ -98,6 +98,7 @@ def test_channels_last_bf16_forward_backward():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     # Inductor on the CPU costs ~25 s cold (C++ toolchain), so it compiles the smallest model that
     # runs the shared ResNetANN forward; the ImageNet model is traced whole (fullgraph, forward and
