@@ -378,9 +378,8 @@ def bench_loader(args: argparse.Namespace) -> int:
 
 
 def data(args: argparse.Namespace) -> int:
-    from pipeline.data.listing import is_remote
-    from pipeline.data.shards import is_manifest
     from pipeline.data.verify import verify_split
+    from pipeline.storage.urls import is_manifest, is_remote
 
     if is_manifest(args.root):
         return verify_shard_splits(args)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import UserError
+from pipeline.storage.urls import is_manifest, is_remote
 
 # The loss-weight schemes (SPEC section 2; pipeline/anytime/weights.py computes them).
 SCHEMES = ("const", "linear", "half_end", "opt", "sieve", "sieve_orig", "adaloss")
@@ -111,6 +112,12 @@ class DataConfig:
         if self.backend == "torch" and self.channels_last:
             c.fail("channels_last", "applies to data.backend=dali or synthetic; with "
                    "data.backend=torch set train.channels_last=true instead", "false")
+        if self.backend == "torch" and is_remote(self.root) and not is_manifest(self.root):
+            shards = self.root.rstrip("/") + "-shards"
+            c.fail("root", "is an image folder in object storage, which only data.backend=dali "
+                   "reads (one request per image); convert it to tar shards, which both back "
+                   f"ends read from there: python -m pipeline prepare shards {self.root} --out "
+                   f"{shards}", f"{shards}/shards.json")
 
 
 @dataclass

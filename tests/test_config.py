@@ -153,6 +153,9 @@ def refusal(override: str) -> str:
     ("checkpoint.keep_last=-1", [">= 0 (0 = keep all)"]),
     ("loss.alternating_rule=author", ["seed", "authors"]),
     ("data.channels_last=true", ["data.backend=torch", "set train.channels_last=true instead"]),
+    ("data.root=s3://b/imagenet", ["only data.backend=dali reads", "prepare shards s3://b/imagenet "
+                                   "--out s3://b/imagenet-shards;", "s3://b/imagenet-shards/"
+                                   "shards.json"]),
 ])
 def test_value_messages_give_the_range_and_the_fix(override, words):
     with pytest.raises(UserError) as err:
@@ -165,6 +168,7 @@ def test_value_messages_give_the_range_and_the_fix(override, words):
     "optim.name=lookahead_sgd", "optim.name=AdamW", "optim.name=momentum", "optim.lr=1e-4",
     "checkpoint.keep_last=0", "checkpoint.lease_ttl=0.5", "schedule.decay_epochs=[]",
     "data.backend=synthetic", "data.crop_scale=[1,1]", "optim.momentum=0",
+    "data.root=s3://b/imagenet-shards/shards.json", "data.root=file:///data/imagenet",
 ])
 def test_edge_values_are_accepted(override):
     load_config(None, [override, *(["data.root="] if "synthetic" in override else [])])

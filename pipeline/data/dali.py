@@ -185,8 +185,6 @@ def build_pipeline(cfg: DataConfig, files: list[str] | Iterator, labels: list[in
 class DaliLoader(Loader):
     """Batches (NCHW images, int64 labels) of one split for one rank from DALI pipelines."""
 
-    reads_urls = True
-
     def __init__(self, cfg: DataConfig, index: SampleIndex | ShardIndex, *, train: bool,
                  rank: int = 0, world_size: int = 1, seed: int = 0, accumulation: int = 1):
         import_dali()

@@ -9,10 +9,11 @@ from pathlib import Path
 from pipeline.config import DataConfig
 from pipeline.data.badimages import apply_file_lists
 from pipeline.data.index import SampleIndex
-from pipeline.data.listing import compare_classes, index_split, is_remote, list_split_classes
+from pipeline.data.listing import compare_classes, index_split, list_split_classes
 from pipeline.data.loader import Loader
-from pipeline.data.shards import is_manifest, load_shard_index
+from pipeline.data.shards import load_shard_index
 from pipeline.errors import UserError
+from pipeline.storage.urls import is_manifest, is_remote
 
 # data.backend -> the module and class of its Loader, imported when used (torchvision's and
 # DALI's imports take seconds that the other back ends need not pay).
@@ -42,12 +43,7 @@ def build_loader(cfg: DataConfig, split: str, *, train: bool, rank: int = 0,
                               seed=seed, accumulation=accumulation)
         loader.identity = shards.identity()
         return loader
-    if is_remote(cfg.root) and not loader_class.reads_urls:
-        raise UserError(f"data.root={cfg.root} is in object storage, which only "
-                        f"data.backend=dali reads, one request per image; convert it to tar "
-                        f"shards, which both back ends read from there (`python -m pipeline "
-                        f"prepare shards {cfg.root} --out {cfg.root.rstrip('/')}-shards`, then "
-                        f"data.root={cfg.root.rstrip('/')}-shards/shards.json)")
+    # an image folder: on this machine, or in object storage for DALI only (DataConfig checks)
     index = index_split(cfg.root, split, cfg.endpoint_url)
     check_classes_match_train(cfg, index)
     identity = index.identity()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.data.index import SampleIndex, class_difference
 from pipeline.errors import UserError
-from pipeline.storage.urls import open_url
+from pipeline.storage.urls import is_remote, open_url
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")  # compared lower-case: .JPEG (ImageNet) matches
 
@@ -49,11 +49,6 @@ def list_classes(root: str | Path, split: str) -> list[str]:
             f"folder: {split_dir}/<class>/<image>.JPEG"
         )
     return classes
-
-
-def is_remote(root: str | Path) -> bool:
-    """Whether a data root is a URL of object storage rather than a local folder."""
-    return "://" in str(root) and not str(root).startswith("file://")
 
 
 def index_split(root: str | Path, split: str, endpoint_url: str = "") -> SampleIndex:

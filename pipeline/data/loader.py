@@ -15,8 +15,8 @@ exactly the samples not yet consumed (pipeline/data/sampler.py). A checkpoint th
 loader state (written before there was any) gets it from its step: `position_from_step` in
 pipeline/data/sampler.py.
 
-A back end is one file: a subclass that sets `reads_urls` and implements `_load`, registered by
-name in pipeline/data/factory.py.
+A back end is one file: a subclass that implements `_load`, registered by name in
+pipeline/data/factory.py (and in DataConfig's `backend`, which says what it reads).
 
 Epoch ends. Training: whole global batches only, so every rank runs the same number of steps, and
 an epoch has num_samples // global batch steps whatever the number of ranks; the samples of a last
@@ -51,7 +51,6 @@ RawBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[str, str]]
 class Loader(ABC):
     """Batches of (images N x 3 x H x W, int64 labels) of one split for one rank, resumable."""
 
-    reads_urls = False  # whether the back end reads a data root in object storage itself
     # The split as listed in data.root, before `data verify`'s lists leave images out (so that a
     # verify between two starts of a run is no other data set); set by build_loader, None for
     # synthetic data. A checkpoint records the training split's (pipeline/train/trainer.py).

@@ -37,13 +37,13 @@ import numpy as np
 
 from pipeline.data.badimages import decode_error
 from pipeline.data.index import SampleIndex
-from pipeline.data.listing import index_split, is_remote, list_split_classes
+from pipeline.data.listing import index_split, list_split_classes
 from pipeline.data.prepare import usable_cpus
 from pipeline.data.shards import FORMAT, MANIFEST, MAX_SHARD_BYTES, TABLE, shard_name, shard_sizes
 from pipeline.errors import UserError
 from pipeline.report import format_duration
 from pipeline.storage.atomic import is_local, write_atomically
-from pipeline.storage.urls import open_url
+from pipeline.storage.urls import is_remote, open_url
 
 log = logging.getLogger(__name__)
 

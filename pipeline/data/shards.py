@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline.data.index import DataIdentity
 from pipeline.errors import UserError
-from pipeline.storage.urls import open_url
+from pipeline.storage.urls import is_remote, open_url
 
 FORMAT = "anytime-pipeline-shards/1"
 MANIFEST = "shards.json"
@@ -42,11 +42,6 @@ TAR_BLOCK = 512  # a tar header: a sample's header block lies right before its d
 
 def shard_name(split: str, number: int) -> str:
     return f"{split}/shard-{number:06d}.tar"
-
-
-def is_manifest(root: str) -> bool:
-    """Whether data.root names a shard manifest rather than an ImageNet-layout folder."""
-    return str(root).rstrip("/").endswith(".json")
 
 
 @dataclass(frozen=True)
@@ -85,7 +80,7 @@ class ShardIndex:
 
     @property
     def is_remote(self) -> bool:
-        return "://" in self.base and not self.base.startswith("file://")
+        return is_remote(self.base)
 
     @property
     def split_dir(self) -> str:

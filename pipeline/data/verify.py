@@ -27,10 +27,10 @@ from functools import partial
 from pathlib import Path
 
 from pipeline.data.badimages import decode_error, list_paths, url_decode_error
-from pipeline.data.listing import index_split, is_remote
+from pipeline.data.listing import index_split
 from pipeline.data.shards import ShardIndex, load_shard_index
 from pipeline.errors import UserError
-from pipeline.storage.urls import open_url
+from pipeline.storage.urls import is_remote, open_url
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,25 @@
-"""Opening a URL (or a local path) as an fsspec file system, with a clear error: the one place
-that does, so that every client gets its own endpoint and the same message."""
+"""URLs and local paths: what one names (object storage or this machine; a shard manifest or a
+folder), and opening one as an fsspec file system with a clear error, the one place that does,
+so that every client gets its own endpoint and the same message."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+
+
+def is_remote(root: str | Path) -> bool:
+    """Whether a path or URL is in object storage (any fsspec protocol but file://) rather than
+    on this machine's file system."""
+    return "://" in str(root) and not str(root).startswith("file://")
+
+
+def is_manifest(root: str | Path) -> bool:
+    """Whether data.root names the manifest of tar shards (shards.json) rather than an
+    ImageNet-layout folder."""
+    return str(root).rstrip("/").endswith(".json")
 
 
 def open_url(url: str, endpoint_url: str = "", what: str = "URL", *,
