@@ -260,19 +260,24 @@ def train(args: argparse.Namespace) -> int:
 
     # first: a SIGUSR1/SIGTERM while starting up still exits 75, a Ctrl-C 130
     preemption = watch_preemption()
-    from pipeline.config import load_config
+    # The handlers go however this ends (the trainer removes them too), a refused config
+    # included: in a process that lives on (tests, a notebook) they would outlive the run, and
+    # the forked workers of a later process pool would ignore Pool.terminate's SIGTERM.
+    try:
+        from pipeline.config import load_config
 
-    cfg = load_config(args.config, args.overrides)  # before the trainer and data set-up: fail fast
-    if preemption.signal_name:
-        logging.getLogger("pipeline.train").warning(
-            "%s (%s) before the first step: nothing to save; exiting", preemption.stopped_as,
-            preemption.signal_name)
-        preemption.restore()  # as the trainer does when it returns
-        return preemption.exit_code
-    from pipeline.train.trainer import train as run_training
+        cfg = load_config(args.config, args.overrides)  # before any set-up: fail fast
+        if preemption.signal_name:
+            logging.getLogger("pipeline.train").warning(
+                "%s (%s) before the first step: nothing to save; exiting", preemption.stopped_as,
+                preemption.signal_name)
+            return preemption.exit_code
+        from pipeline.train.trainer import train as run_training
 
-    results = run_training(cfg)
-    return preemption.exit_code if results.get("signal") else 0
+        results = run_training(cfg)
+        return preemption.exit_code if results.get("signal") else 0
+    finally:
+        preemption.restore()
 
 
 def describe(args: argparse.Namespace) -> int:

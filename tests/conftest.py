@@ -113,6 +113,17 @@ def wait_for_checkpoint(store, proc: subprocess.Popen, min_step: int = 1, *, end
                          f"(exit code {proc.returncode}); its output ends:\n{output[-5000:]}")
 
 
+def in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """`python -m pipeline ARGS` as main(ARGS) in this process: exit code, stdout, stderr. A
+    subprocess pays torch's import (~5 s on CI) for each command; the command line itself is
+    tested by the tests that run `python -m pipeline` (test_cli.py's cli(), test_config.py)."""
+    from pipeline.__main__ import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def assert_same_weights(a: dict, b: dict) -> None:
     """Two state dicts hold the same tensors, bit for bit, under the same names."""
     import torch

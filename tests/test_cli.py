@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import timm
+from conftest import in_process
 
 from pipeline.anytime.weights import static_weights
 from pipeline.models import exit_costs
@@ -14,17 +15,6 @@ from pipeline.train.bench import train_flops_per_image
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True,
                           text=True, timeout=300)
-
-
-def in_process(capsys, *args: str) -> tuple[int, str, str]:
-    """`python -m pipeline ARGS` as main(ARGS) in this process: exit code, stdout, stderr.
-    Each subprocess pays torch's import (~5 s on CI); the command line itself is tested by the
-    tests that use cli()."""
-    from pipeline.__main__ import main
-
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_describe_json_matches_the_model(capsys):

@@ -1,8 +1,10 @@
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import in_process
 
 from pipeline.config import (
     RESUME_MAY_CHANGE,
@@ -190,12 +192,15 @@ def test_defaults_are_valid_and_checks_run_on_direct_construction():
         DataConfig(backend="ffcv")
 
 
-def test_cli_bad_value_is_one_line_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", "--config", DEMO,
-                           "optim.lr=-0.1"], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert proc.stderr.startswith("error: optim.lr=-0.1 must be a finite number > 0")
+def test_cli_bad_value_is_one_line_exit_2(capsys):
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    code, _, err = in_process(capsys, "train", "--config", DEMO, "optim.lr=-0.1")
+    assert code == 2
+    assert err.strip().count("\n") == 0, err
+    assert err.startswith("error: optim.lr=-0.1 must be a finite number > 0")
+    # and it leaves no preemption handler behind in this process (a process pool forked later
+    # would ignore its own termination: the suite once hung there)
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
 
 
 # --- what a resume may change ---------------------------------------------------------------------

@@ -1,11 +1,10 @@
 import io
 import json
-import subprocess
-import sys
 
 import pytest
 import timm
 import torch
+from conftest import in_process
 from torch import nn
 
 import pipeline.models  # noqa: F401
@@ -133,10 +132,10 @@ def test_state_dict_round_trip_weights_only():
     torch.testing.assert_close(model(x)[-1], other(x)[-1])
 
 
-def test_describe_cli_gives_the_reference_costs():
-    done = subprocess.run([sys.executable, "-m", "pipeline", "describe", "--model", "msdnet26",
-                           "--json"], capture_output=True, text=True, check=True)
-    table = json.loads(done.stdout)
+def test_describe_cli_gives_the_reference_costs(capsys):
+    code, out, err = in_process(capsys, "describe", "--model", "msdnet26", "--json")
+    assert code == 0, err
+    table = json.loads(out)
     macs = [row["macs"] / 1e6 for row in table["exits"]]
     assert macs == pytest.approx(REFERENCE["msdnet26"][0], rel=0.03)
     assert table["total_params"] / 1e6 == pytest.approx(REFERENCE["msdnet26"][1], rel=0.01)

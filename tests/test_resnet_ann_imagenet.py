@@ -2,20 +2,17 @@
 
 import io
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
+from conftest import in_process
 from torch.utils.flop_counter import FlopCounterMode
 
 import pipeline.models  # noqa: F401
 from pipeline.models import AnytimeNet, exit_costs
 from pipeline.models.resnet_ann import IMAGENET_LAYOUTS
 
-ROOT = Path(__file__).resolve().parents[1]
 DEPTHS = sorted(IMAGENET_LAYOUTS)
 
 
@@ -137,12 +134,10 @@ def test_checkpoint_round_trip_weights_only():
             torch.testing.assert_close(a, b)
 
 
-def test_describe_json():
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "describe", "--model", "resnet50_ann", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 0, result.stderr
-    table = json.loads(result.stdout)
+def test_describe_json(capsys):
+    code, out, err = in_process(capsys, "describe", "--model", "resnet50_ann", "--json")
+    assert code == 0, err
+    table = json.loads(out)
     assert table["image_size"] == 224 and table["num_classes"] == 1000
     assert [e["position"] for e in table["exits"]][-1] == "layer4.block3"
     assert len(table["exits"]) == 8
