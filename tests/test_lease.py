@@ -264,10 +264,13 @@ start, folders = float(sys.argv[1]), sys.argv[2:]
 for i, folder in enumerate(folders):
     time.sleep(max(0.0, start + 0.05 * i - time.time()))
     try:
-        RunLease(folder, ttl=60, fs=open_url(folder)[0], root=folder).acquire()  # held until exit
+        RunLease(folder, ttl=60, fs=open_url(folder)[0], root=folder).acquire()
         print(i, flush=True)
     except LeaseHeldError:
         pass
+print("done", flush=True)
+sys.stdin.read()  # hold every lease won until all racers are done: a holder that has exited is
+                  # provably gone, and a late racer would rightly take its lease over
 """
 
 
@@ -285,9 +288,20 @@ def test_processes_taking_over_expired_local_leases_exactly_one_wins_each(tmp_pa
     start = time.time() + 3  # after every process has started and imported
     procs = [subprocess.Popen([sys.executable, "-c", RACER, str(start), *folders], cwd=REPO,
                               env={**os.environ, "PYTHONPATH": str(REPO)},
-                              stdout=subprocess.PIPE, text=True) for _ in range(6)]
-    wins = [int(line) for proc in procs for line in proc.communicate(timeout=60)[0].split()]
-    assert all(proc.returncode == 0 for proc in procs)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    wins = []
+    try:
+        for proc in procs:
+            for line in proc.stdout:  # until the racer is done; it still holds its leases
+                if line.strip() == "done":
+                    break
+                wins.append(int(line))
+    finally:
+        for proc in procs:
+            proc.stdin.close()
+        returncodes = [proc.wait(timeout=60) for proc in procs]
+    assert returncodes == [0] * 6
     assert sorted(wins) == list(range(30))
 
 
