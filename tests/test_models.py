@@ -5,6 +5,7 @@ import timm
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.flop_counter import FlopCounterMode
 
 import pipeline.models  # noqa: F401
 from pipeline.models import AnytimeNet, exit_costs
@@ -50,6 +51,26 @@ def test_protocol_until_matches_full_forward_and_costs_grow(name, size):
     macs = [c.macs for c in costs]
     assert all(a < b for a, b in zip(macs, macs[1:]))
     assert costs[-1].params == sum(p.numel() for p in model.parameters())
+    # exit_costs reads every exit off one forward; each equals a forward that stops there.
+    assert [(c.macs, c.params) for c in costs] == costs_until_each_exit(model, (3, size, size))
+
+
+def costs_until_each_exit(model, input_size):
+    """(multiply-adds, parameters) of `model(x, until=k)` for each k, counted separately."""
+    x = torch.zeros(1, *input_size)
+    ran = set()
+    hooks = [m.register_forward_pre_hook(lambda m, _: ran.add(m)) for m in model.modules()]
+    counts = []
+    for k in range(1, model.num_exits + 1):
+        ran.clear()
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(x, until=k)
+        counts.append((counter.get_total_flops() // 2,
+                       sum(p.numel() for m in ran for p in m.parameters(recurse=False))))
+    for h in hooks:
+        h.remove()
+    return counts
 
 
 def test_exit_costs_grow_and_match_a_hand_count():

@@ -270,6 +270,10 @@ def exit_costs(model: nn.Module, input_size: tuple[int, int, int]) -> list[ExitC
     Multiply-adds are torch's FLOP counter over matmuls and convolutions, halved; element-wise
     work (norms, activations, pooling) is not counted. Parameters are those of every module that
     ran, found with forward hooks, so a model needs nothing beyond the protocol.
+
+    One forward counts every exit: a hook on each head reads the running totals when the head
+    finishes. That equals a forward `until` that exit because an anytime network computes exit k
+    before any work that only later exits need (test_models checks it against `until=k`).
     """
     assert isinstance(model, AnytimeNet), f"{type(model).__name__} is not an AnytimeNet"
     was_training = model.training
@@ -278,24 +282,28 @@ def exit_costs(model: nn.Module, input_size: tuple[int, int, int]) -> list[ExitC
     x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
     names = {m: f"{type(model).__name__}.{n}" if n else type(model).__name__
              for n, m in model.named_modules()}
+    counter = FlopCounterMode(display=False)
     ran: set[nn.Module] = set()
-    hooks = [m.register_forward_pre_hook(lambda m, _: ran.add(m)) for m in model.modules()]
     costs: list[ExitCost] = []
     earlier_heads = 0
+
+    def head_done(head: nn.Module, _args: Any, _out: Any) -> None:
+        nonlocal earlier_heads
+        k = len(costs) + 1
+        macs = counter.get_total_flops() // 2
+        params = sum(p.numel() for m in ran for p in m.parameters(recurse=False))
+        costs.append(ExitCost(k, model.exit_positions[k - 1], macs, macs - earlier_heads,
+                              params))
+        earlier_heads += sum(counter.get_flop_counts().get(names[head], {}).values()) // 2
+
+    hooks = [m.register_forward_pre_hook(lambda m, _: ran.add(m)) for m in model.modules()]
+    hooks += [head.register_forward_hook(head_done) for head in model.exits]
     try:
-        with torch.no_grad():
-            for k in range(1, model.num_exits + 1):
-                counter = FlopCounterMode(display=False)
-                with counter:
-                    model(x, until=k)
-                macs = counter.get_total_flops() // 2
-                head = counter.get_flop_counts().get(names[model.exits[k - 1]], {})
-                params = sum(p.numel() for m in ran for p in m.parameters(recurse=False))
-                position = model.exit_positions[k - 1]
-                costs.append(ExitCost(k, position, macs, macs - earlier_heads, params))
-                earlier_heads += sum(head.values()) // 2
+        with torch.no_grad(), counter:
+            model(x, until=model.num_exits)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
+    assert len(costs) == model.num_exits, f"{len(costs)} exit heads ran, not {model.num_exits}"
     return costs
