@@ -57,10 +57,11 @@ def test_describe_prints_every_anytime_model(capsys):
         assert all(a["macs"] < b["macs"] for a, b in zip(info["exits"], info["exits"][1:]))
 
 
-def test_describe_table_from_config():
-    proc = cli("describe", "--config", "configs/demo_fmnist_resnet_ann.yaml")
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+def test_describe_table_from_config(capsys):
+    code, out, err = in_process(capsys, "describe", "--config",
+                                "configs/demo_fmnist_resnet_ann.yaml")
+    assert code == 0, err
+    lines = out.splitlines()
     assert "28x28" in lines[0] and "sieve" in lines[0]
     assert lines[1].split()[:3] == ["exit", "position", "MMACs"]
     assert len(lines) == 3 + 9  # title, header, rule, one row per exit
