@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import re
 import signal
@@ -42,6 +43,31 @@ LONGEST_FILES = ("test_multinode.py", "test_ray.py", "test_run_integrity.py", "t
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest in order
+
+
+# A test that hangs ends its process after this long, every thread's stack printed, instead of
+# running until CI's limit: pytest-xdist then reports that test as failed ("worker crashed") and
+# goes on in a new worker. The longest test takes about 80 s (two workers on 2 cores).
+TEST_TIMEOUT = float(os.environ.get("TEST_TIMEOUT", 600))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The real stderr, taken while pytest's capture is suspended: output captured for a test is
+    # lost with its process.
+    config.stash[_STDERR] = os.dup(2)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    # "Timeout (0:10:00)!", then each thread's stack, the hung test's function in it
+    faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=True, file=item.config.stash[_STDERR])
+    try:
+        return (yield)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+_STDERR = pytest.StashKey[int]()
 
 
 def unavailable(reason: str, module_level: bool = False) -> None:
