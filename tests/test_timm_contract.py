@@ -272,7 +272,7 @@ def assert_device_dtype(model: nn.Module, device: str, dtype: torch.dtype) -> No
     assert placed == {(device, dtype)}
 
 
-@pytest.mark.parametrize("name", [*FAST, *SLOW])
+@pytest.mark.parametrize("name", ALL)
 def test_timm_model_tests_on_the_single_tensor_view(name):
     """timm 1.0.30's tests/test_models.py checks, on the single-tensor view (`output_exit=-1`).
 
