@@ -45,26 +45,45 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest in order
 
 
-# A test that hangs ends its process after this long, every thread's stack printed, instead of
-# running until CI's limit: pytest-xdist then reports that test as failed ("worker crashed") and
-# goes on in a new worker. The longest test takes about 80 s (two workers on 2 cores).
+# A test still running after this long (setup and teardown included) fails where it is, with
+# every thread's stack printed, and the run goes on with its teardown and the next test: a hang
+# costs 10 minutes, not CI's whole limit. The longest test takes about 80 s (two workers on 2
+# cores). A SIGALRM, so that the failure is an exception in the test (pytest-timeout's "signal"
+# method, without the dependency): ending the process instead would skip the fixtures' teardown,
+# and pytest-xdist would run the hung test again in each new worker. Code that never returns to
+# the interpreter (a C call holding the GIL) is not stopped. TEST_TIMEOUT=0: no bound.
 TEST_TIMEOUT = float(os.environ.get("TEST_TIMEOUT", 600))
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # The real stderr, taken while pytest's capture is suspended: output captured for a test is
-    # lost with its process.
+    # The real stderr, taken while pytest's capture is suspended: what is written to the
+    # captured one shows only with the test's report, and the stacks should show at once.
     config.stash[_STDERR] = os.dup(2)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    os.close(config.stash[_STDERR])
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    # "Timeout (0:10:00)!", then each thread's stack, the hung test's function in it
-    faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=True, file=item.config.stash[_STDERR])
+    if TEST_TIMEOUT <= 0:
+        return (yield)
+
+    def timed_out(signum: int, frame: object) -> None:
+        stderr = item.config.stash[_STDERR]
+        os.write(stderr, f"\n{item.nodeid}: still running after {TEST_TIMEOUT:.0f} s; its "
+                         "threads:\n".encode())
+        faulthandler.dump_traceback(file=stderr)
+        pytest.fail(f"still running after {TEST_TIMEOUT:.0f} s (TEST_TIMEOUT)", pytrace=True)
+
+    previous = signal.signal(signal.SIGALRM, timed_out)
+    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT)
     try:
         return (yield)
     finally:
-        faulthandler.cancel_dump_traceback_later()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 _STDERR = pytest.StashKey[int]()

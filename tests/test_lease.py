@@ -291,6 +291,8 @@ def test_processes_taking_over_expired_local_leases_exactly_one_wins_each(tmp_pa
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(6)]
     wins = []
+    stuck = threading.Timer(60, lambda: [proc.kill() for proc in procs])  # ends the reads below
+    stuck.start()
     try:
         for proc in procs:
             for line in proc.stdout:  # until the racer is done; it still holds its leases
@@ -298,10 +300,11 @@ def test_processes_taking_over_expired_local_leases_exactly_one_wins_each(tmp_pa
                     break
                 wins.append(int(line))
     finally:
+        stuck.cancel()
         for proc in procs:
             proc.stdin.close()
         returncodes = [proc.wait(timeout=60) for proc in procs]
-    assert returncodes == [0] * 6
+    assert returncodes == [0] * 6  # -9: a racer was still running after 60 s
     assert sorted(wins) == list(range(30))
 
 

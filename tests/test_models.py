@@ -55,6 +55,26 @@ def test_protocol_until_matches_full_forward_and_costs_grow(name, size):
     assert [(c.macs, c.params) for c in costs] == costs_until_each_exit(model, (3, size, size))
 
 
+class HeadsLastToFirst(torch.nn.Module):
+    """Not anytime: its forward runs the last exit's head first."""
+
+    num_exits, exit_positions = 2, ["a", "b"]
+
+    def __init__(self):
+        super().__init__()
+        self.exits = torch.nn.ModuleList([torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)])
+
+    def forward(self, x, until=None):
+        x = x.flatten(1)
+        last = self.exits[1](x)
+        return [self.exits[0](x), last]
+
+
+def test_exit_costs_refuse_heads_that_run_out_of_order():
+    with pytest.raises(ValueError, match="exit 2's where exit 1's was due"):
+        exit_costs(HeadsLastToFirst(), (1, 2, 2))
+
+
 def costs_until_each_exit(model, input_size):
     """(multiply-adds, parameters) of `model(x, until=k)` for each k, counted separately."""
     x = torch.zeros(1, *input_size)

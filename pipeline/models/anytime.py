@@ -1,9 +1,11 @@
 """The protocol every anytime network follows, and the cost of each of its exits.
 
 An anytime network is a plain `nn.Module` whose `forward(x, until=None)` returns the logits of its
-exits, first to last, computing only what exit `until` (1-based) needs when it is given. It also
-names where each exit sits (`exit_positions`) and keeps its heads in `exits`, which is all that
-`exit_costs` and `describe` need.
+exits, first to last, computing only what exit `until` (1-based) needs when it is given, and
+running exit k's head before any work that only later exits need (what makes it anytime: exit k's
+answer is there before the rest is computed). It also names where each exit sits
+(`exit_positions`) and keeps its heads in `exits`, which is all that `exit_costs` and `describe`
+need.
 
 The registered families also share `AnytimeModel` (timm's model methods, each acting on every
 exit, and the single-tensor view for timm's tools: see its docstring and docs/models.md), the one
@@ -272,7 +274,7 @@ def exit_costs(model: nn.Module, input_size: tuple[int, int, int]) -> list[ExitC
     ran, found with forward hooks, so a model needs nothing beyond the protocol.
 
     One forward counts every exit: a hook on each head reads the running totals when the head
-    finishes. That equals a forward `until` that exit because an anytime network computes exit k
+    finishes. That equals a forward `until` that exit because the protocol runs exit k's head
     before any work that only later exits need (test_models checks it against `until=k`).
     """
     assert isinstance(model, AnytimeNet), f"{type(model).__name__} is not an AnytimeNet"
@@ -286,10 +288,15 @@ def exit_costs(model: nn.Module, input_size: tuple[int, int, int]) -> list[ExitC
     ran: set[nn.Module] = set()
     costs: list[ExitCost] = []
     earlier_heads = 0
+    exit_of = {head: k for k, head in enumerate(model.exits, 1)}
 
     def head_done(head: nn.Module, _args: Any, _out: Any) -> None:
         nonlocal earlier_heads
-        k = len(costs) + 1
+        k = exit_of[head]
+        if k != len(costs) + 1:
+            raise ValueError(f"{type(model).__name__}: its exit heads ran out of order (exit "
+                             f"{k}'s where exit {len(costs) + 1}'s was due); an anytime "
+                             "network runs them first to last, once each")
         macs = counter.get_total_flops() // 2
         params = sum(p.numel() for m in ran for p in m.parameters(recurse=False))
         costs.append(ExitCost(k, model.exit_positions[k - 1], macs, macs - earlier_heads,
@@ -305,5 +312,7 @@ def exit_costs(model: nn.Module, input_size: tuple[int, int, int]) -> list[ExitC
         for h in hooks:
             h.remove()
         model.train(was_training)
-    assert len(costs) == model.num_exits, f"{len(costs)} exit heads ran, not {model.num_exits}"
+    if len(costs) != model.num_exits:
+        raise ValueError(f"{type(model).__name__}: {len(costs)} exit heads ran, not "
+                         f"{model.num_exits}")
     return costs
