@@ -45,9 +45,9 @@ PYTEST = $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscop
 test: install-dev lint
 	$(PYTEST) --durations=25
 
-# The inner loop, in under 3 minutes (152 to 161 s on 2 cores, 2026-12-06): no install, and no test marked slow (those train: in
-# process, through the CLI, on SLURM or on Ray; or compile with inductor). `make test` runs
-# everything.
+# The inner loop, in under 3 minutes (152 to 161 s on 2 cores, 2026-12-06): no install, and no
+# test marked slow (those train: in process, through the CLI, on SLURM or on Ray; or compile with
+# inductor). `make test` runs everything.
 test-fast: lint
 	$(PYTEST) -m "not slow"
 
