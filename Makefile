@@ -36,9 +36,9 @@ lint:
 
 # Two tests at a time, whole files to each worker (a file's clusters and fixtures stay in one
 # process; tests/conftest.py starts the longest files first): the suite spends much of its time
-# waiting on processes and daemons, which the other worker fills (2 cores: 1266 s one at a time,
-# 819 s so, 2026-12-06). The 25 slowest tests close the report, so that a test that grew slow
-# shows in every CI run.
+# waiting on processes and daemons, which the other worker fills (2 cores, the same code: 1266 s
+# one at a time, 819 s so, 2026-12-06; 729 s since exit_costs counts in one forward). The 25
+# slowest tests close the report, so that a test that grew slow shows in every CI run.
 TEST_WORKERS ?= 2
 PYTEST = $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
